@@ -1,0 +1,1 @@
+"""Paged LoRA kernels (Triton) and their plain-torch references. Imports torch and triton only."""

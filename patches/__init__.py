@@ -1,0 +1,6 @@
+"""Every change this plugin makes to vLLM's own classes: one vLLM component per file.
+
+Each file states what it changes, the vLLM version it was written against (`VLLM_VERSION`) and
+the private names it relies on (`REQUIRES`, checked by `guard.enforce` before anything is
+patched), and exposes `apply()`, which is idempotent.
+"""

@@ -1,0 +1,75 @@
+"""Component: `vllm.engine.arg_utils.EngineArgs.create_engine_config`.
+
+The plugin's single switch lives in `additional_config["slora"]` (or the environment), which
+vLLM treats as opaque. This wrapper reads it in process 0, before the config is built, and when
+the plugin is on: runs the version guard, turns on LoRA with the settings the paged design
+needs, and writes the parsed settings back into `additional_config["slora"]` so that every other
+process (engine core, workers) reads the same validated values. When the switch is off the
+original method runs untouched.
+Written against vLLM 0.26.0.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from slora_plugin.config import ADDITIONAL_CONFIG_KEY, SLoRAConfig, SLoRAConfigError, load_config
+from slora_plugin.patches.guard import Requires
+
+VLLM_VERSION = "0.26.0"
+REQUIRES = (
+    Requires("vllm.engine.arg_utils:EngineArgs.create_engine_config", ("self", "usage_context", "headless")),
+    Requires("vllm.engine.arg_utils:EngineArgs.__dataclass_fields__"),
+    Requires("vllm.config.lora:LoRAConfig", ("max_lora_rank", "max_loras", "max_cpu_loras", "target_modules")),
+)
+#: EngineArgs fields this patch sets.
+FIELDS = ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank", "lora_target_modules",
+          "additional_config")
+#: Ranks vLLM's LoRAConfig accepts (`vllm.config.lora.MaxLoRARanks`).
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_rank(rank: int) -> int:
+    """The smallest rank vLLM's LoRAConfig accepts that is >= the plugin's maximum."""
+    for r in VLLM_RANKS:
+        if r >= rank:
+            return r
+    raise SLoRAConfigError(f"slora.max_lora_rank: {rank} is above vLLM's largest rank {VLLM_RANKS[-1]}")
+
+
+def configure_engine_args(args: Any, cfg: SLoRAConfig) -> None:
+    """Set the EngineArgs fields the plugin needs (called with the plugin on, before the config)."""
+    from slora_plugin.patches import guard, registry
+
+    guard.enforce(registry.patch_modules(), allow_untested_version=cfg.allow_untested_vllm)
+    missing = [f for f in FIELDS if f not in type(args).__dataclass_fields__]
+    if missing:
+        raise guard.UnsupportedVLLMError(f"EngineArgs lacks field(s) {missing}")
+    args.enable_lora = True
+    args.max_loras = cfg.max_adapters_per_step
+    args.max_cpu_loras = cfg.max_adapters_per_step
+    args.max_lora_rank = vllm_max_rank(cfg.max_lora_rank)
+    if cfg.target_modules is not None:
+        args.lora_target_modules = list(cfg.target_modules)
+    args.additional_config = dict(args.additional_config or {})
+    args.additional_config[ADDITIONAL_CONFIG_KEY] = cfg.to_dict()
+
+
+def apply() -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    original = EngineArgs.create_engine_config
+    if getattr(original, "_slora_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        cfg = load_config(self.additional_config)
+        if cfg is None:
+            return original(self, *args, **kwargs)
+        configure_engine_args(self, cfg)
+        return original(self, *args, **kwargs)
+
+    create_engine_config._slora_wrapped = True  # type: ignore[attr-defined]
+    EngineArgs.create_engine_config = create_engine_config

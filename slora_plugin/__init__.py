@@ -1,0 +1,24 @@
+"""slora-plugin: thousands of LoRA adapters served from vLLM's own KV pages.
+
+`register()` is the `vllm.general_plugins` entry point. vLLM calls it once in every process
+(front end, engine core, each worker), so it must be cheap, idempotent, and change nothing
+observable unless the plugin is switched on (see `slora_plugin.config`).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0.dev0"
+
+_registered = False
+
+
+def register() -> None:
+    """Register the plugin's environment variables and its engine-config hook."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from slora_plugin.patches import engine_args, envs
+
+    envs.apply()
+    engine_args.apply()

@@ -1,0 +1,1 @@
+"""Host side: the adapter directory, validation, the pinned host cache, and vLLM's resolver."""
