@@ -43,11 +43,20 @@ def tiny_model_dir(tmp_path) -> str:
     return write_model_config(str(tmp_path / "tiny-llama"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_dims() -> ModelDims:
     from types import SimpleNamespace
 
     return ModelDims.from_hf_config(SimpleNamespace(**TINY_LLAMA))
+
+
+@pytest.fixture
+def cpu_platform(monkeypatch):
+    """Let vLLM build engine configs on a machine without a GPU (its platform is 'unspecified')."""
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(current_platform, "device_type", "cpu", raising=False)
+    return current_platform
 
 
 def pytest_collection_modifyitems(config, items):
