@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# GPU run path (the H100 lent through the device tool). Run from the repository root:
+#   bash benchmarks/gpu_run.sh STEP [STEP...]
+# Steps:
+#   install      install this plugin (no deps) into /tmp/site, beside the vLLM staged there by
+#                ../shared/gpu/stage_vllm.sh (its remote_install.sh must have run first)
+#   tests        the pytest tests marked `gpu`
+#   smoke        dummy Llama-2-7B generation, plugin off then on (benchmarks/gpu_smoke.py)
+#   kernels      paged-kernel benchmark vs vLLM's LoRA kernels (benchmarks/bench_kernels.py)
+#   store        host store: pinned host -> GPU bandwidth (benchmarks/bench_store.py)
+#   correctness  token-for-token check vs merged weights (benchmarks/gpu_correctness.py)
+# Results go to benchmarks/results/ and, packed, to $OUT (what the device tool brings back).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" benchmarks/results
+DAY=$(date +%F)
+PY=python3
+status=0
+step() { echo; echo "=== $1 ($(date +%T))"; }
+for s in "$@"; do
+  case "$s" in
+    install)
+      step install
+      $PY -m pip install -q --no-deps --no-build-isolation --no-index --no-cache-dir --upgrade \
+          --target /tmp/site . 2>&1 | grep -v "^WARNING: Target directory" || true
+      $PY -c "import slora_plugin, slora_plugin.kernels, vllm; print('plugin', slora_plugin.__version__, 'vllm', vllm.__version__)" || status=1 ;;
+    tests)
+      step tests
+      $PY -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log"
+      cp "$OUT/gpu-tests.log" "benchmarks/results/gpu-tests-$DAY.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    smoke)
+      step smoke
+      res="benchmarks/results/gpu-smoke-$DAY.json"; rm -f "$res"
+      for mode in off on; do
+        $PY benchmarks/gpu_smoke.py --mode $mode --out "$res" --adapters /tmp/smoke-adapters \
+            > "$OUT/smoke-$mode.log" 2>&1 || { status=1; echo "smoke $mode FAILED"; }
+        tail -n 3 "$OUT/smoke-$mode.log"
+      done ;;
+    kernels)
+      step kernels
+      $PY benchmarks/bench_kernels.py 2>&1 | tee "$OUT/kernels.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    store)
+      step store
+      $PY benchmarks/bench_store.py 2>&1 | tee "$OUT/store.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    correctness)
+      step correctness
+      $PY benchmarks/gpu_correctness.py --run benchmarks/fixtures/correctness 2>&1 | tee "$OUT/correctness.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    *) echo "unknown step $s"; status=2 ;;
+  esac
+done
+tar -czf "$OUT/results.tar.gz" benchmarks/results
+echo; echo "=== done, status $status"
+exit $status

@@ -1,0 +1,95 @@
+"""`slora-plugin` console script: `doctor`, plus the `adapters` and `bench` command groups."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import sys
+from typing import Any, Callable
+
+#: Modules that contribute a sub-command through `add_subparser(subparsers)`.
+SUBCOMMAND_MODULES = ("slora_plugin.adapters.cli", "slora_plugin.bench_cli")
+
+
+def doctor_report(additional_config: dict[str, Any] | None) -> tuple[list[tuple[str, str]], bool]:
+    """(rows of (check, result), healthy). Never raises: every failure becomes a row."""
+    rows: list[tuple[str, str]] = []
+    ok = True
+    for pkg in ("vllm", "torch", "triton"):
+        try:
+            rows.append((pkg, importlib.metadata.version(pkg)))
+        except importlib.metadata.PackageNotFoundError:
+            rows.append((pkg, "NOT INSTALLED"))
+            ok = False
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU only)"
+    except Exception as e:  # noqa: BLE001 - report, don't crash
+        gpu = f"unknown ({e})"
+    rows.append(("GPU", gpu))
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    registered = any(ep.value == "slora_plugin:register" for ep in eps)
+    rows.append(("plugin registered (vllm.general_plugins)", "yes" if registered else "NO"))
+    ok &= registered
+    try:
+        from slora_plugin.patches import guard, registry
+
+        found = guard.problems(registry.patch_modules())
+        version = guard.installed_vllm_version()
+        if version != guard.SUPPORTED_VLLM:
+            found.insert(0, f"vLLM {version} installed, {guard.SUPPORTED_VLLM} supported")
+        rows.append(("version guard", "ok" if not found else "FAILED: " + "; ".join(found)))
+        ok &= not found
+    except Exception as e:  # noqa: BLE001
+        rows.append(("version guard", f"FAILED: {e}"))
+        ok = False
+    try:
+        from slora_plugin.config import load_config
+
+        cfg = load_config(additional_config)
+        rows.append(("plugin switch", "on" if cfg else "off (vLLM runs as stock)"))
+        if cfg:
+            rows.append(("effective config", json.dumps(cfg.to_dict(), sort_keys=True)))
+    except ValueError as e:
+        rows.append(("plugin switch", f"INVALID: {e}"))
+        ok = False
+    return rows, ok
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    extra = json.loads(args.additional_config) if args.additional_config else None
+    rows, ok = doctor_report(extra)
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slora-plugin", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    doctor = sub.add_parser("doctor", help="versions, GPU, registration, guard, effective config")
+    doctor.add_argument("--additional-config", help="JSON as given to vLLM's --additional-config")
+    doctor.set_defaults(func=_doctor)
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        add: Callable[[Any], None] = module.add_subparser
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
