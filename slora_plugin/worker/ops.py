@@ -1,0 +1,155 @@
+"""The `slora::lora_linear` custom op: paged LoRA for one vLLM linear layer.
+
+Why an op keyed by a string: torch.compile traces the model (and CUDA graphs are captured)
+while vLLM is still profiling memory, before the real KV cache -- and therefore the page pool --
+exists; V2's profile run even activates LoRA. So the op takes the layer's key and looks up the
+pool, the slot tables and the per-step segment metadata *when it runs*, the way vLLM's attention
+op looks up its KV cache. With no pool yet (or an empty one) it leaves `y` unchanged.
+
+One `PagedLoRARuntime` per process holds that state; the worker's LoRA model manager installs it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from slora_plugin.worker.tables import SlotTables
+
+#: Returns a layer's KV-cache tensor (whose storage is the pool), or None before it exists.
+KVSource = Callable[[], "torch.Tensor | None"]
+
+
+def pool_view(kv: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """The whole storage of a layer's KV tensor, flat, in `dtype` (None if there is none yet).
+
+    The storage, not the tensor's view, is the pool: blocks-first means block b is elements
+    [b * page_elems, (b + 1) * page_elems) of it, whatever shape the backend views it as.
+    """
+    if kv is None or not isinstance(kv, torch.Tensor) or kv.numel() == 0:
+        return None
+    storage = kv.untyped_storage()
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if storage.nbytes() == 0 or storage.nbytes() % itemsize:
+        return None
+    raw = torch.empty(0, dtype=torch.uint8, device=kv.device).set_(storage)
+    return raw.view(dtype)
+
+
+class PagedLoRARuntime:
+    """Everything the op needs, at fixed addresses: tables, per-step token->slot, pools.
+
+    `token_slot` holds, for the current step, the slot of each token (-1: no adapter; the tail
+    past the step's tokens is -1 too, so padded CUDA-graph tokens get nothing).
+    """
+
+    def __init__(self, num_slots: int, max_rank: int, max_tokens: int,
+                 device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.tables = SlotTables(num_slots, max_rank, self.device)
+        self.max_rank = max_rank
+        self.max_tokens = max_tokens
+        self.token_slot = torch.full((max_tokens,), -1, dtype=torch.int32, device=self.device)
+        self.num_tokens = 0
+        self.meta = None
+        if self.device.type == "cuda":
+            from slora_plugin.kernels.paged_lora import SegmentMeta
+
+            self.meta = SegmentMeta(max_tokens, num_slots, self.device)
+        self._sources: dict[str, KVSource] = {}
+        self._pools: dict[str, tuple[tuple[int, int, torch.dtype], torch.Tensor]] = {}
+        self._module_args: dict[tuple[int, ...], torch.Tensor] = {}
+
+    # -- wiring -------------------------------------------------------------------------
+    def bind_layer(self, layer_key: str, source: KVSource) -> None:
+        """Tell the op where layer `layer_key`'s pool comes from (resolved at every call)."""
+        self._sources[layer_key] = source
+        self._pools.pop(layer_key, None)
+
+    def bound_layers(self) -> list[str]:
+        return list(self._sources)
+
+    def pool(self, layer_key: str, dtype: torch.dtype) -> torch.Tensor | None:
+        source = self._sources.get(layer_key)
+        if source is None:
+            return None
+        kv = source()
+        if kv is None or kv.numel() == 0:
+            return None
+        key = (kv.untyped_storage().data_ptr(), kv.untyped_storage().nbytes(), dtype)
+        cached = self._pools.get(layer_key)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        pool = pool_view(kv, dtype)
+        if pool is not None:
+            self._pools[layer_key] = (key, pool)
+        return pool
+
+    # -- per step -----------------------------------------------------------------------
+    def set_token_slots(self, slots: torch.Tensor) -> None:
+        """Install this step's token -> slot map (once per step, not per layer)."""
+        n = int(slots.shape[0])
+        if n > self.max_tokens:
+            raise ValueError(f"{n} tokens in a step but the LoRA metadata holds {self.max_tokens}")
+        self.token_slot[:n].copy_(slots.to(torch.int32), non_blocking=True)
+        self.token_slot[n:].fill_(-1)
+        self.num_tokens = n
+        if self.meta is not None:
+            self.meta.update(self.token_slot)
+
+    # -- the op body --------------------------------------------------------------------
+    def _int_arg(self, values: tuple[int, ...]) -> torch.Tensor:
+        t = self._module_args.get(values)
+        if t is None:
+            t = torch.tensor(values, dtype=torch.int32, device=self.device)
+            self._module_args[values] = t
+        return t
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor, layer_key: str,
+              module_ids: list[int], slice_widths: list[int]) -> None:
+        pool = self.pool(layer_key, x.dtype)
+        if pool is None:
+            return
+        t = self.tables
+        mids = self._int_arg(tuple(module_ids))
+        widths = self._int_arg(tuple(slice_widths))
+        if self.meta is not None and x.is_cuda:
+            from slora_plugin.kernels.paged_lora import paged_lora_linear
+
+            paged_lora_linear(y, x, pool, self.meta, t.a_addr, t.b_addr, t.ranks, t.scales,
+                              mids, widths, self.max_rank)
+        else:
+            from slora_plugin.kernels.reference import lora_linear_ref
+
+            lora_linear_ref(y, x, pool, self.token_slot[: x.shape[0]], t.a_addr, t.b_addr,
+                            t.ranks, t.scales, mids, widths)
+
+
+_RUNTIME: PagedLoRARuntime | None = None
+
+
+def install(runtime: PagedLoRARuntime | None) -> None:
+    """Make `runtime` the one the op uses in this process (None: the op is a no-op)."""
+    global _RUNTIME
+    _RUNTIME = runtime
+
+
+def current() -> PagedLoRARuntime | None:
+    return _RUNTIME
+
+
+@torch.library.custom_op("slora::lora_linear", mutates_args=("y",))
+def lora_linear(y: torch.Tensor, x: torch.Tensor, layer_key: str, module_ids: list[int],
+                slice_widths: list[int]) -> None:
+    """y[:, off_i:off_i+w_i] += LoRA_i(x) for the adapter of each token, slice i = module_ids[i]."""
+    rt = _RUNTIME
+    if rt is None:
+        return
+    rt.apply(y, x, layer_key, module_ids, slice_widths)
+
+
+@lora_linear.register_fake
+def _lora_linear_fake(y: torch.Tensor, x: torch.Tensor, layer_key: str, module_ids: list[int],
+                      slice_widths: list[int]) -> None:
+    return None

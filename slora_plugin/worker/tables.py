@@ -1,0 +1,102 @@
+"""Per-slot row-address tables: what the paged kernels read to find an adapter's weights.
+
+vLLM's LoRA machinery still thinks in *slots* (`max_loras` adapters per step); the kernels
+index these tables by slot. Activating an adapter in a slot writes one row of each table
+(no weight copy: the weights already sit in the adapter's KV pages). The addresses are element
+offsets into a layer's pool viewed flat, and are the same in every layer (`layout.py`), so one
+set of tables serves the whole model.
+
+All four tables are allocated once, at a fixed address, so CUDA graphs captured with them stay
+valid; rows are only ever overwritten in place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from slora_plugin.layout import MODULE_INDEX, MODULES, PageLayout, physical_rows
+
+
+@dataclass(frozen=True)
+class SlotRows:
+    """One slot's rows, built on the host: a_addr/b_addr (M, R) int64, ranks (M,) int32,
+    scales (M,) float32."""
+
+    a_addr: torch.Tensor
+    b_addr: torch.Tensor
+    ranks: torch.Tensor
+    scales: torch.Tensor
+
+
+def slot_rows(layout: PageLayout, block_ids: Sequence[int], max_rank: int) -> SlotRows:
+    """The rows of an adapter laid out by `layout` and resident in KV blocks `block_ids`.
+
+    PEFT scaling is folded into B when packing, so every present module's scale is 1.0.
+    Unused entries (ranks beyond a module's rank, absent modules) are address 0 with rank 0:
+    the kernels never read them.
+    """
+    if len(block_ids) != layout.num_pages:
+        raise ValueError(f"the adapter needs {layout.num_pages} pages but got {len(block_ids)} "
+                         f"block ids {list(block_ids)}")
+    m = len(MODULES)
+    a = torch.zeros(m, max_rank, dtype=torch.int64)
+    b = torch.zeros(m, max_rank, dtype=torch.int64)
+    ranks = torch.zeros(m, dtype=torch.int32)
+    scales = torch.zeros(m, dtype=torch.float32)
+    for name, pl in layout.modules.items():
+        if pl.rank > max_rank:
+            raise ValueError(f"module {name} has rank {pl.rank}, above the plugin's "
+                             f"max_lora_rank {max_rank}")
+        i = MODULE_INDEX[name]
+        a[i, :pl.rank] = physical_rows(pl.a_rows, block_ids, layout.page_elems)
+        b[i, :pl.rank] = physical_rows(pl.b_rows, block_ids, layout.page_elems)
+        ranks[i] = pl.rank
+        scales[i] = 1.0
+    return SlotRows(a, b, ranks, scales)
+
+
+class SlotTables:
+    """The kernels' per-slot tables, as fixed-address tensors on `device`.
+
+    `a_addr[S, M, R]`, `b_addr[S, M, R]` int64, `ranks[S, M]` int32, `scales[S, M]` float32,
+    with S = slots, M = len(MODULES), R = max_rank. A cleared slot has rank 0 everywhere, so
+    a token mapped to it (vLLM's warm-up "dummy" adapters) adds nothing and reads nothing.
+    """
+
+    def __init__(self, num_slots: int, max_rank: int, device: torch.device | str) -> None:
+        if num_slots <= 0 or max_rank <= 0:
+            raise ValueError(f"need num_slots > 0 and max_rank > 0, got {num_slots}, {max_rank}")
+        m = len(MODULES)
+        self.num_slots = num_slots
+        self.max_rank = max_rank
+        self.a_addr = torch.zeros(num_slots, m, max_rank, dtype=torch.int64, device=device)
+        self.b_addr = torch.zeros(num_slots, m, max_rank, dtype=torch.int64, device=device)
+        self.ranks = torch.zeros(num_slots, m, dtype=torch.int32, device=device)
+        self.scales = torch.zeros(num_slots, m, dtype=torch.float32, device=device)
+
+    def write(self, slot: int, rows: SlotRows) -> None:
+        """Point `slot` at an adapter's rows (stream-ordered copies into the fixed tensors)."""
+        self._check(slot)
+        self.a_addr[slot].copy_(rows.a_addr, non_blocking=False)
+        self.b_addr[slot].copy_(rows.b_addr, non_blocking=False)
+        self.ranks[slot].copy_(rows.ranks, non_blocking=False)
+        self.scales[slot].copy_(rows.scales, non_blocking=False)
+
+    def clear(self, slot: int) -> None:
+        """Make `slot` a no-op adapter (rank 0 for every module)."""
+        self._check(slot)
+        self.ranks[slot].zero_()
+        self.scales[slot].zero_()
+        self.a_addr[slot].zero_()
+        self.b_addr[slot].zero_()
+
+    def clear_all(self) -> None:
+        for t in (self.a_addr, self.b_addr, self.ranks, self.scales):
+            t.zero_()
+
+    def _check(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.num_slots})")

@@ -1,0 +1,220 @@
+"""vLLM's LoRA layers, wrapped by the plugin, on CPU: base + merged adapter for a mixed batch.
+
+A toy `SupportsLoRA` model with Llama's four LoRA modules per layer goes through the plugin's
+model manager exactly as in the engine (vLLM's `from_layer`, slots, punica CPU metadata); the
+adapters sit in the layers' KV pools at scattered blocks, and every token's output must equal
+the base layer plus its own adapter's merged delta (different ranks, missing modules, no adapter).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+from torch import nn
+
+from slora_plugin.layout import MODULES, plan_layout, pack_layer
+
+vllm = pytest.importorskip("vllm")
+
+from vllm.config import LoRAConfig, VllmConfig, set_current_vllm_config  # noqa: E402
+from vllm.distributed import init_distributed_environment, initialize_model_parallel  # noqa: E402
+from vllm.lora.layers import LoRAMapping  # noqa: E402
+from vllm.model_executor.layers.linear import (  # noqa: E402
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.models.interfaces import SupportsLoRA  # noqa: E402
+
+from slora_plugin.worker import ops  # noqa: E402
+from slora_plugin.worker.lora_layers import PagedLoRALayer  # noqa: E402
+from slora_plugin.worker.lora_manager import AdapterNotResidentError, SLoRAModelManager  # noqa: E402
+
+PAGE = 512
+NUM_BLOCKS = 40
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_cpu():
+    import vllm.utils.torch_utils as tu
+
+    tu.PIN_MEMORY = False
+    from vllm.config import DeviceConfig
+
+    vc = VllmConfig(device_config=DeviceConfig(device="cpu"))
+    with set_current_vllm_config(vc):
+        init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 0, "gloo")
+        initialize_model_parallel(1, 1)
+        yield vc
+
+
+class _Attn(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        h, q, kv = d.hidden_size, d.num_attention_heads, d.num_key_value_heads
+        self.qkv_proj = QKVParallelLinear(h, d.head_dim, q, kv, bias=False, params_dtype=torch.float32)
+        self.o_proj = RowParallelLinear(q * d.head_dim, h, bias=False, params_dtype=torch.float32)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            d.hidden_size, [d.intermediate_size] * 2, bias=False, params_dtype=torch.float32)
+        self.down_proj = RowParallelLinear(d.intermediate_size, d.hidden_size, bias=False,
+                                           params_dtype=torch.float32)
+
+
+class _Layer(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.self_attn, self.mlp = _Attn(d), _Mlp(d)
+
+
+class ToyModel(nn.Module, SupportsLoRA):
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"],
+                              "gate_up_proj": ["gate_proj", "up_proj"]}
+    embedding_modules: dict = {}
+
+    def __init__(self, d):
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.config = SimpleNamespace()
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([_Layer(d) for _ in range(d.num_hidden_layers)])
+        for p in self.parameters():
+            nn.init.normal_(p, std=0.1)
+
+
+def _manager(vc, dims, monkeypatch, slots=3):
+    import vllm.lora.model_manager as mm
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    monkeypatch.setattr(mm, "get_punica_wrapper", lambda *a, **k: PunicaWrapperCPU(*a, **k))
+    model = ToyModel(dims)
+    base = {n: m.weight.detach().clone() for n, m in model.named_modules()
+            if hasattr(m, "weight") and n.count(".") >= 4}
+    lc = LoRAConfig(max_lora_rank=16, max_loras=slots, max_cpu_loras=slots)
+    lc.lora_dtype = torch.float32
+    mgr = SLoRAModelManager(model, 8, 64, 256, lc, torch.device("cpu"), vc)
+    return model, mgr, base
+
+
+def _layer_key_pools(mgr, dims):
+    pools = [torch.zeros(NUM_BLOCKS, PAGE) for _ in range(dims.num_hidden_layers)]
+    for name in mgr.modules:
+        layer = int(name.split("layers.")[1].split(".")[0])
+        mgr.runtime.bind_layer(name, lambda kv=pools[layer]: kv)
+    return pools
+
+
+def _install_adapter(mgr, pools, dims, lora_id, ranks, block_ids, g):
+    layout = plan_layout(ranks, dims, PAGE)
+    block_ids = tuple(block_ids[: layout.num_pages])
+    weights = []
+    for pool in pools:
+        w = {m: (torch.randn(pl.rank, pl.in_features, generator=g) * 0.1,
+                 torch.randn(pl.out_features, pl.rank, generator=g) * 0.1)
+             for m, pl in layout.modules.items()}
+        packed = torch.zeros(layout.num_pages, PAGE)
+        pack_layer(layout, w, packed)
+        pool[list(block_ids)] = packed
+        weights.append(w)
+    mgr.mark_resident(lora_id, layout, block_ids)
+    mgr.add_adapter(mgr.resident_model(lora_id))
+    mgr.activate_adapter(lora_id)
+    return weights
+
+
+def _delta(x, w, layer_module_suffix, dims):
+    slices = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",),
+              "gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+    outs = []
+    for m in slices[layer_module_suffix]:
+        fin, fout = dims.module_io(m)
+        if m in w:
+            a, b = w[m]
+            outs.append(x @ a.t() @ b.t())
+        else:
+            outs.append(torch.zeros(x.shape[0], fout))
+    return torch.cat(outs, dim=1)
+
+
+def test_mixed_batch_equals_base_plus_merged(vllm_cpu, tiny_dims, monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    model, mgr, base = _manager(vllm_cpu, tiny_dims, monkeypatch)
+    assert all(isinstance(m, PagedLoRALayer) for m in mgr.modules.values())
+    assert sorted(n.rsplit(".", 1)[1] for n in mgr.modules) == sorted(
+        ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"] * tiny_dims.num_hidden_layers)
+    for m in mgr.modules.values():  # no stacked buffers were allocated
+        assert all(t.device.type == "meta" for t in m.lora_a_stacked + m.lora_b_stacked)
+    pools = _layer_key_pools(mgr, tiny_dims)
+    free = torch.randperm(NUM_BLOCKS, generator=g).tolist()
+    w7 = _install_adapter(mgr, pools, tiny_dims, 7, {m: 8 for m in MODULES}, free[:20], g)
+    w9 = _install_adapter(mgr, pools, tiny_dims, 9,
+                          {"q_proj": 2, "v_proj": 5, "up_proj": 3, "down_proj": 16}, free[20:], g)
+    adapters = {7: w7, 9: w9}
+    # requests: lora 7 (3 tokens), none (2), lora 9 (4), lora 7 (1)
+    req = [(7, 3), (0, 2), (9, 4), (7, 1)]
+    token_map = tuple(i for i, n in req for _ in range(n))
+    mgr.set_adapter_mapping(LoRAMapping(token_map, tuple(i for i, _ in req), is_prefill=True))
+    x_in = {"qkv_proj": tiny_dims.hidden_size, "o_proj": 64, "gate_up_proj": tiny_dims.hidden_size,
+            "down_proj": tiny_dims.intermediate_size}
+    with set_current_vllm_config(vllm_cpu):
+        for name, module in mgr.modules.items():
+            layer = int(name.split("layers.")[1].split(".")[0])
+            suffix = name.rsplit(".", 1)[1]
+            x = torch.randn(len(token_map), x_in[suffix], generator=g)
+            y = module(x)
+            y = y[0] if isinstance(y, tuple) else y
+            expect = x @ base[name].t()
+            for t, lid in enumerate(token_map):
+                if lid:
+                    expect[t] += _delta(x[t:t + 1], adapters[lid][layer], suffix, tiny_dims)[0]
+            torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_slots_follow_activation_and_eviction(vllm_cpu, tiny_dims, monkeypatch):
+    g = torch.Generator().manual_seed(1)
+    _, mgr, _ = _manager(vllm_cpu, tiny_dims, monkeypatch, slots=2)
+    pools = _layer_key_pools(mgr, tiny_dims)
+    _install_adapter(mgr, pools, tiny_dims, 3, {"o_proj": 4}, list(range(1, 10)), g)
+    slot = mgr.lora_index_to_id.index(3)
+    assert mgr.runtime.tables.ranks[slot, MODULES.index("o_proj")] == 4
+    mgr.evict(3)
+    assert 3 not in mgr.lora_index_to_id and int(mgr.runtime.tables.ranks.sum()) == 0
+    assert not mgr.is_resident(3)
+    with pytest.raises(AdapterNotResidentError, match="id 3"):
+        mgr.resident_model(3)
+    # vLLM's warm-up adapters take slots with rank 0 everywhere
+    mgr.add_dummy(1, 8)
+    mgr.activate_adapter(1)
+    assert 1 in mgr.lora_index_to_id and int(mgr.runtime.tables.ranks.sum()) == 0
+    mgr.remove_all_adapters()
+    assert mgr.lora_index_to_id == [None, None]
+
+
+def test_op_without_pool_leaves_output_unchanged(vllm_cpu):
+    y = torch.randn(4, 8)
+    before = y.clone()
+    ops.install(None)
+    torch.ops.slora.lora_linear(y, torch.randn(4, 8), "model.layers.0.self_attn.o_proj", [3], [8])
+    assert torch.equal(y, before)
+    rt = ops.PagedLoRARuntime(num_slots=2, max_rank=4, max_tokens=16, device="cpu")
+    ops.install(rt)
+    try:
+        rt.bind_layer("k", lambda: torch.empty(0))  # KV cache not allocated yet
+        torch.ops.slora.lora_linear(y, torch.randn(4, 8), "k", [3], [8])
+        torch.ops.slora.lora_linear(y, torch.randn(4, 8), "unbound", [3], [8])
+        assert torch.equal(y, before)
+    finally:
+        ops.install(None)
