@@ -1,0 +1,230 @@
+"""Packed adapters in one pinned host buffer: LRU under a byte budget, loaded by a thread pool.
+
+The worker copies an adapter's pages to the GPU from here, so the bytes must be pinned (for an
+asynchronous, full-speed DMA) and already in page layout (one copy per layer, no reshuffling on
+the GPU). One buffer is pinned once (see `arena.py`); each adapter gets one contiguous block of
+it, viewed as (num_layers, num_pages, page_elems) in the serving dtype.
+
+Rules that keep a busy server healthy:
+  - concurrent requests for one adapter share one load (the others wait for it);
+  - `get()` returns a `Lease` that pins the entry until released: an adapter being copied to
+    the GPU is never evicted (eviction skips leased entries; a load that finds every byte
+    leased waits for a release);
+  - a bad adapter's error is remembered under its content key, so asking again fails at once
+    and never touches the disk, while a fixed file (new size/mtime) gets a fresh load.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from slora_plugin.adapters.arena import Arena
+from slora_plugin.adapters.errors import AdapterError, HostCacheFullError
+from slora_plugin.adapters.loader import read_packed
+from slora_plugin.adapters.spec import AdapterSpec
+from slora_plugin.layout import ModelDims
+
+Key = tuple[str, str]  # (real path, content_id)
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: Key
+    spec: AdapterSpec
+    offset: int
+    nbytes: int
+    pages: torch.Tensor
+    refs: int = 0
+
+
+class Lease:
+    """A packed adapter pinned in the host cache until `release()` (or the end of `with`)."""
+
+    def __init__(self, cache: "HostCache", entry: _Entry) -> None:
+        self._cache, self._entry = cache, entry
+        self.spec: AdapterSpec = entry.spec
+        #: (num_layers, num_pages, page_elems) in the serving dtype, pinned when CUDA is there.
+        self.pages: torch.Tensor = entry.pages
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._cache._release(self._entry)
+
+    def __enter__(self) -> "Lease":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def packed_bytes(spec: AdapterSpec, dims: ModelDims, dtype: torch.dtype) -> int:
+    return dims.num_hidden_layers * spec.num_pages * spec.layout.page_elems * dtype.itemsize
+
+
+class HostCache:
+    """The pinned arena, its LRU index and the loader threads."""
+
+    def __init__(self, dims: ModelDims, dtype: torch.dtype, capacity_bytes: int, loader_threads: int,
+                 wait_timeout_s: float = 60.0) -> None:
+        self.dims, self.dtype = dims, dtype
+        self.arena = Arena(capacity_bytes)
+        self.pinned = torch.cuda.is_available()
+        # One allocation for the whole budget; pinned only where there is a GPU to copy to.
+        self.buffer = torch.empty(self.arena.capacity, dtype=torch.uint8, pin_memory=self.pinned)
+        self.wait_timeout_s = wait_timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="slora-load")
+        self._cv = threading.Condition()
+        self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # LRU first
+        self._loading: dict[Key, Future] = {}
+        self._failed: dict[Key, AdapterError] = {}
+        self._closed = False
+        self._counters = dict(hits=0, misses=0, joins=0, prefetches=0, evictions=0, load_errors=0,
+                              loads=0, bytes_loaded=0, load_seconds_total=0.0, load_seconds_max=0.0)
+
+    # ---- public -------------------------------------------------------------------------------
+    def get(self, spec: AdapterSpec) -> Lease:
+        """The packed adapter, loading it (once, however many callers) if it is not cached."""
+        key = (spec.path, spec.content_id)
+        waited = False  # a call counts once: as a hit, a miss (it started the load) or a join
+        while True:
+            with self._cv:
+                self._check_open()
+                if key in self._failed:
+                    raise self._failed[key]
+                entry = self._entries.get(key)
+                if entry is not None:
+                    entry.refs += 1
+                    self._entries.move_to_end(key)
+                    self._counters["hits"] += 0 if waited else 1
+                    return Lease(self, entry)
+                future = self._loading.get(key)
+                if future is None:
+                    future = self._start(spec, key)
+                    self._counters["misses"] += 0 if waited else 1
+                elif not waited:
+                    self._counters["joins"] += 1
+                waited = True
+            future.result()  # raises the load's error; on success, loop to lease the entry
+
+    def prefetch(self, spec: AdapterSpec) -> None:
+        """Start loading `spec` in the background unless it is cached, loading or known bad."""
+        key = (spec.path, spec.content_id)
+        with self._cv:
+            self._check_open()
+            if key in self._entries or key in self._loading or key in self._failed:
+                return
+            self._start(spec, key)
+            self._counters["prefetches"] += 1
+
+    def failed(self, spec: AdapterSpec) -> AdapterError | None:
+        with self._cv:
+            return self._failed.get((spec.path, spec.content_id))
+
+    def stats(self) -> dict[str, float | int]:
+        with self._cv:
+            s: dict[str, float | int] = dict(self._counters)
+            s.update(entries=len(self._entries), loading=len(self._loading),
+                     leased=sum(1 for e in self._entries.values() if e.refs),
+                     known_bad=len(self._failed), bytes_used=self.arena.used_bytes,
+                     capacity_bytes=self.arena.capacity, pinned=int(self.pinned))
+            return s
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    # ---- internals ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the adapter host cache is closed")
+
+    def _start(self, spec: AdapterSpec, key: Key) -> Future:
+        future = self._pool.submit(self._load, spec, key)
+        self._loading[key] = future
+        return future
+
+    def _release(self, entry: _Entry) -> None:
+        with self._cv:
+            entry.refs -= 1
+            self._cv.notify_all()
+
+    def _load(self, spec: AdapterSpec, key: Key) -> None:
+        t0 = time.perf_counter()
+        nbytes = packed_bytes(spec, self.dims, self.dtype)
+        try:
+            if Arena.rounded(nbytes) > self.arena.capacity:
+                raise AdapterError(spec.name, None, f"needs {nbytes} bytes packed, more than the whole "
+                                                    f"host cache ({self.arena.capacity} bytes); raise "
+                                                    f"slora.host_cache_bytes")
+            with self._cv:
+                offset = self._allocate(spec, nbytes)
+            pages = self.buffer[offset:offset + nbytes].view(self.dtype).view(
+                self.dims.num_hidden_layers, spec.num_pages, spec.layout.page_elems)
+            try:
+                read_packed(spec, self.dims, pages)
+            except BaseException:
+                with self._cv:
+                    self.arena.free(offset)
+                raise
+        except BaseException as e:
+            with self._cv:
+                self._loading.pop(key, None)
+                if isinstance(e, AdapterError) and not isinstance(e, HostCacheFullError):
+                    self._forget_path(spec.path)
+                    self._failed[key] = e
+                    self._counters["load_errors"] += 1
+                self._cv.notify_all()
+            raise
+        dt = time.perf_counter() - t0
+        with self._cv:
+            self._forget_path(spec.path)  # older contents of the same directory are stale
+            self._entries[key] = _Entry(key, spec, offset, nbytes, pages)
+            self._loading.pop(key, None)
+            c = self._counters
+            c["loads"] += 1
+            c["bytes_loaded"] += nbytes
+            c["load_seconds_total"] += dt
+            c["load_seconds_max"] = max(c["load_seconds_max"], dt)
+            self._cv.notify_all()
+
+    def _allocate(self, spec: AdapterSpec, nbytes: int) -> int:
+        """A block of the arena, evicting least-recently-used unleased entries as needed; waits
+        (bounded) while everything that could make room is leased. Called with the lock held."""
+        deadline = time.monotonic() + self.wait_timeout_s
+        while True:
+            offset = self.arena.alloc(nbytes)
+            if offset is not None:
+                return offset
+            victim = next((e for e in self._entries.values() if e.refs == 0), None)
+            if victim is not None:
+                self._evict(victim)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0 or self._closed:
+                raise HostCacheFullError(
+                    spec.name, None, f"the host cache has no room for {nbytes} bytes: every cached "
+                                     f"adapter is leased ({self.arena.used_bytes} of "
+                                     f"{self.arena.capacity} bytes); raise slora.host_cache_bytes")
+            self._cv.wait(left)
+
+    def _evict(self, entry: _Entry) -> None:
+        del self._entries[entry.key]
+        self.arena.free(entry.offset)
+        self._counters["evictions"] += 1
+
+    def _forget_path(self, path: str) -> None:
+        """Drop unleased entries and remembered errors of an older content of `path`."""
+        for key in [k for k in self._failed if k[0] == path]:
+            del self._failed[key]
+        for entry in [e for e in self._entries.values() if e.key[0] == path and e.refs == 0]:
+            self._evict(entry)

@@ -1,0 +1,125 @@
+"""`AdapterStore`: the host adapter store's one entry point (names -> specs -> packed pages).
+
+Who uses what:
+  - the scheduler: `spec(name).num_pages` (config only, cheap, cached);
+  - the worker: `get(name)` -> a `Lease` whose `.pages` (num_layers, num_pages, page_elems) it
+    copies into the adapter's KV blocks, then releases; `prefetch(names)` for queued requests.
+A name is directory-relative (`org/name`), else a Hugging Face Hub id found in the local HF
+cache; an absolute path to an adapter directory (what `LoRARequest.lora_path` carries) is
+accepted too. Errors are `AdapterError`s, remembered until the files change.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Iterable
+
+import torch
+
+from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
+from slora_plugin.adapters.host_cache import HostCache, Lease
+from slora_plugin.adapters.hub import locate_hub
+from slora_plugin.adapters.index import AdapterIndex
+from slora_plugin.adapters.peft_format import CONFIG_NAME
+from slora_plugin.adapters.spec import AdapterSpec, build_spec, files_key
+from slora_plugin.layout import ModelDims
+
+__all__ = ["AdapterStore", "AdapterSpec", "AdapterError", "AdapterNotFoundError", "Lease"]
+
+
+class AdapterStore:
+    """Validated, packed, pinned adapters for one model, page size and serving dtype."""
+
+    def __init__(self, dims: ModelDims, page_elems: int, dtype: torch.dtype, *,
+                 adapter_dir: str | None, max_rank: int, host_cache_bytes: int, loader_threads: int,
+                 hf_cache_dir: str | None = None, hub_download: bool = False,
+                 wait_timeout_s: float = 60.0) -> None:
+        if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"serving dtype {dtype} is not supported (float16, bfloat16, float32)")
+        self.dims, self.page_elems, self.dtype, self.max_rank = dims, page_elems, dtype, max_rank
+        self.index = AdapterIndex(adapter_dir) if adapter_dir else None
+        self.hf_cache_dir, self.hub_download = hf_cache_dir, hub_download
+        self.cache = HostCache(dims, dtype, host_cache_bytes, loader_threads, wait_timeout_s)
+        self._specs: dict[str, tuple[tuple, AdapterSpec | AdapterError]] = {}
+        self._lock = threading.Lock()
+
+    # ---- names --------------------------------------------------------------------------------
+    def locate(self, name_or_path: str) -> tuple[str, str]:
+        """(display name, real directory path) of an adapter; AdapterNotFoundError if absent."""
+        if isinstance(name_or_path, str) and os.path.isabs(name_or_path):
+            path = os.path.realpath(name_or_path)
+            if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+                raise AdapterNotFoundError(name_or_path, CONFIG_NAME, f"not found in {path}")
+            name = (self.index.name_of(path) if self.index else None) or name_or_path
+            return name, path
+        not_found: AdapterNotFoundError | None = None
+        if self.index is not None:
+            try:
+                return name_or_path, self.index.locate(name_or_path)
+            except AdapterNotFoundError as e:
+                not_found = e
+        path = locate_hub(name_or_path, self.hf_cache_dir, self.hub_download)
+        if path is not None:
+            return name_or_path, path
+        raise not_found or AdapterNotFoundError(
+            str(name_or_path), None, "not found: no adapter directory is configured "
+                                     "(slora.adapter_dir) and it is not in the Hugging Face cache")
+
+    def lora_int_id(self, name: str) -> int:
+        """The stable id of a directory name (see AdapterIndex.lora_int_id)."""
+        if self.index is None:
+            raise AdapterError(name, None, "stable ids need an adapter directory (slora.adapter_dir)")
+        return self.index.lora_int_id(name)
+
+    # ---- specs --------------------------------------------------------------------------------
+    def spec(self, name_or_path: str) -> AdapterSpec:
+        """Config-level validation (no weights read); cached until either file changes."""
+        name, path = self.locate(name_or_path)
+        key = files_key(path)
+        with self._lock:
+            cached = self._specs.get(path)
+        if cached is None or cached[0] != key:
+            try:
+                result: AdapterSpec | AdapterError = build_spec(
+                    name, path, key, self.dims, self.page_elems, self.max_rank)
+            except AdapterError as e:
+                result = e
+            cached = (key, result)
+            with self._lock:
+                self._specs[path] = cached
+        result = cached[1]
+        if isinstance(result, AdapterError):
+            raise type(result)(result.adapter, result.file, result.reason)
+        return result
+
+    # ---- packed pages -------------------------------------------------------------------------
+    def get(self, name_or_path: str) -> Lease:
+        """The packed pinned pages (loaded once, however many callers); release the lease
+        (or use `with`) once they are copied to the GPU."""
+        return self.cache.get(self.spec(name_or_path))
+
+    def prefetch(self, names: Iterable[str]) -> None:
+        """Start loading each adapter in the background. Returns before any weights are read;
+        a bad or missing adapter is skipped here (its error is remembered for `get`)."""
+        for name in names:
+            try:
+                self.cache.prefetch(self.spec(name))
+            except AdapterError:
+                continue
+
+    def stats(self) -> dict[str, float | int]:
+        s = self.cache.stats()
+        with self._lock:
+            s["specs_cached"] = len(self._specs)
+            s["specs_bad"] = sum(1 for _, r in self._specs.values() if isinstance(r, AdapterError))
+        return s
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def __enter__(self) -> "AdapterStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
