@@ -55,7 +55,8 @@ class AdapterIndex:
         self.root = os.path.realpath(root)
         self._names: list[str] | None = None
         self._lock = threading.Lock()
-        self._ids = _IdRegistry(self.root)
+        #: Stable name -> id table, kept next to the adapters.
+        self.ids = IdRegistry(self.root)
 
     # ---- lookup -------------------------------------------------------------------------------
     def locate(self, name: str) -> str:
@@ -114,24 +115,19 @@ class AdapterIndex:
             names = self._names
         return list(names) if names is not None else self.scan()
 
-    # ---- ids ----------------------------------------------------------------------------------
-    def lora_int_id(self, name: str) -> int:
-        """A positive id for `name`, the same for the life of the directory (kept in IDS_FILE
-        when the directory is writable, else for the life of this process)."""
-        check_name(name)
-        return self._ids.get(name)
 
 
-class _IdRegistry:
+class IdRegistry:
     """Append-only name -> id table shared by every process through a locked file.
 
     Ids are handed out in order of first request, never reused and never derived from hash(),
     so a name keeps its id across restarts and processes (vLLM wants lora_int_id unique).
+    Kept in `root/IDS_FILE` when `root` is a writable directory, else for this process only.
     """
 
-    def __init__(self, root: str) -> None:
-        self.path = os.path.join(root, IDS_FILE)
-        self.persistent = os.access(root, os.W_OK)
+    def __init__(self, root: str | None) -> None:
+        self.path = os.path.join(root, IDS_FILE) if root else ""
+        self.persistent = bool(root) and os.access(root, os.W_OK)
         self._ids: dict[str, int] = {}
         self._lock = threading.Lock()
 

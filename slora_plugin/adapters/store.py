@@ -11,7 +11,6 @@ accepted too. Errors are `AdapterError`s, remembered until the files change.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Iterable
 
@@ -19,9 +18,7 @@ import torch
 
 from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
 from slora_plugin.adapters.host_cache import HostCache, Lease
-from slora_plugin.adapters.hub import locate_hub
-from slora_plugin.adapters.index import AdapterIndex
-from slora_plugin.adapters.peft_format import CONFIG_NAME
+from slora_plugin.adapters.sources import AdapterSources
 from slora_plugin.adapters.spec import AdapterSpec, build_spec, files_key
 from slora_plugin.layout import ModelDims
 
@@ -38,39 +35,20 @@ class AdapterStore:
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"serving dtype {dtype} is not supported (float16, bfloat16, float32)")
         self.dims, self.page_elems, self.dtype, self.max_rank = dims, page_elems, dtype, max_rank
-        self.index = AdapterIndex(adapter_dir) if adapter_dir else None
-        self.hf_cache_dir, self.hub_download = hf_cache_dir, hub_download
+        self.sources = AdapterSources(adapter_dir, hf_cache_dir, hub_download)
+        self.index = self.sources.index
         self.cache = HostCache(dims, dtype, host_cache_bytes, loader_threads, wait_timeout_s)
         self._specs: dict[str, tuple[tuple, AdapterSpec | AdapterError]] = {}
         self._lock = threading.Lock()
 
     # ---- names --------------------------------------------------------------------------------
     def locate(self, name_or_path: str) -> tuple[str, str]:
-        """(display name, real directory path) of an adapter; AdapterNotFoundError if absent."""
-        if isinstance(name_or_path, str) and os.path.isabs(name_or_path):
-            path = os.path.realpath(name_or_path)
-            if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-                raise AdapterNotFoundError(name_or_path, CONFIG_NAME, f"not found in {path}")
-            name = (self.index.name_of(path) if self.index else None) or name_or_path
-            return name, path
-        not_found: AdapterNotFoundError | None = None
-        if self.index is not None:
-            try:
-                return name_or_path, self.index.locate(name_or_path)
-            except AdapterNotFoundError as e:
-                not_found = e
-        path = locate_hub(name_or_path, self.hf_cache_dir, self.hub_download)
-        if path is not None:
-            return name_or_path, path
-        raise not_found or AdapterNotFoundError(
-            str(name_or_path), None, "not found: no adapter directory is configured "
-                                     "(slora.adapter_dir) and it is not in the Hugging Face cache")
+        """(name, real directory path) of an adapter; AdapterNotFoundError if absent."""
+        return self.sources.locate(name_or_path)
 
     def lora_int_id(self, name: str) -> int:
-        """The stable id of a directory name (see AdapterIndex.lora_int_id)."""
-        if self.index is None:
-            raise AdapterError(name, None, "stable ids need an adapter directory (slora.adapter_dir)")
-        return self.index.lora_int_id(name)
+        """The stable integer id of a name (persisted next to the adapters when writable)."""
+        return self.sources.lora_int_id(name)
 
     # ---- specs --------------------------------------------------------------------------------
     def spec(self, name_or_path: str) -> AdapterSpec:
