@@ -6,7 +6,7 @@ import importlib
 from types import ModuleType
 
 #: One entry per file in patches/ that touches vLLM (guard.py and this file excluded).
-PATCH_MODULES: tuple[str, ...] = ("envs", "engine_args")
+PATCH_MODULES: tuple[str, ...] = ("envs", "engine_args", "lora_resolver")
 
 
 def patch_modules() -> list[ModuleType]:
