@@ -1,0 +1,262 @@
+"""Throughput results: per-request records -> a row, result files -> tables and plots.
+
+The runner (`slora_plugin.bench_run`) measures; this module only computes and formats, so the
+report can be regenerated, and tested, on a machine without a GPU.
+
+A results file (`benchmarks/results/throughput-<system>-<stamp>.json`) is one object:
+`date`, `device`, `vllm_version`, `plugin_version`, `command`, `workload` (the list of trace
+specs the command ran) and `rows`. A row is one (system, trace): `system` (base, stock, plugin),
+`trace` (its label), `workload` (its spec), `n_adapters`, `ranks`, `requests`, `completed`, `duration_s`, `req_per_s`,
+`output_tok_per_s`, `total_tok_per_s`, `ttft_p50_s`, `ttft_p99_s`, `tpot_p50_s`, `tpot_p99_s`,
+`e2e_p50_s`, `e2e_p99_s`, `slo_ttft_s`, `slo_attainment`, `ttft_quantiles_s` and
+`e2e_quantiles_s` (101 percentiles, for CDF plots), `settings`, `init_s`, and what the runner
+knows of memory (`kv_cache_tokens`, `gpu_mem_used_peak_mib`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+ROW_KEYS = ("system", "trace", "workload", "n_adapters", "ranks", "req_per_s", "output_tok_per_s", "ttft_p50_s",
+            "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "settings", "init_s")
+TOP_KEYS = ("date", "device", "vllm_version", "plugin_version", "command", "workload", "rows")
+
+
+class ReportError(ValueError):
+    """A results file is missing or malformed; the message names the file."""
+
+
+def summarize(records: Sequence[Mapping[str, Any]], duration_s: float,
+              slo_ttft_s: float) -> dict[str, Any]:
+    """Row metrics from per-request records.
+
+    A record has `input_len`, `n_out` (tokens generated), `finished`, and for finished requests
+    `ttft_s`, `e2e_s` (from the request's arrival) and `tpot_s` (None with one output token).
+    Throughput counts finished requests over `duration_s`; SLO attainment is over *all*
+    requests, an unfinished one counting as a miss.
+    """
+    if duration_s <= 0:
+        raise ValueError(f"duration_s must be > 0, got {duration_s}")
+    done = [r for r in records if r["finished"]]
+    ttft = [r["ttft_s"] for r in done]
+    e2e = [r["e2e_s"] for r in done]
+    tpot = [r["tpot_s"] for r in done if r["tpot_s"] is not None]
+    out_tokens = sum(r["n_out"] for r in done)
+    in_tokens = sum(r["input_len"] for r in done)
+    return {
+        "requests": len(records),
+        "completed": len(done),
+        "duration_s": round(duration_s, 4),
+        "req_per_s": len(done) / duration_s,
+        "output_tok_per_s": out_tokens / duration_s,
+        "total_tok_per_s": (out_tokens + in_tokens) / duration_s,
+        "ttft_p50_s": _pct(ttft, 50), "ttft_p99_s": _pct(ttft, 99),
+        "tpot_p50_s": _pct(tpot, 50), "tpot_p99_s": _pct(tpot, 99),
+        "e2e_p50_s": _pct(e2e, 50), "e2e_p99_s": _pct(e2e, 99),
+        "slo_ttft_s": slo_ttft_s,
+        "slo_attainment": (sum(t <= slo_ttft_s for t in ttft) / len(records)) if records else None,
+        "ttft_quantiles_s": _quantiles(ttft),
+        "e2e_quantiles_s": _quantiles(e2e),
+    }
+
+
+def _pct(values: Sequence[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) if len(values) else None
+
+
+def _quantiles(values: Sequence[float]) -> list[float]:
+    if not len(values):
+        return []
+    return [round(float(v), 5) for v in np.percentile(values, np.arange(101))]
+
+
+def write_results(path: str, meta: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> str:
+    """Write (or rewrite, after every trace) one results file atomically."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({**meta, "rows": list(rows)}, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(paths: Iterable[str]) -> list[dict[str, Any]]:
+    """Read results files; every row gets `_file` (the file's base name) for the table."""
+    out = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ReportError(f"results {path}: cannot read ({e})") from None
+        missing = [k for k in TOP_KEYS if k not in data]
+        if missing:
+            raise ReportError(f"results {path}: missing top-level key(s) {missing}")
+        for i, row in enumerate(data["rows"]):
+            lacking = [k for k in ROW_KEYS if k not in row]
+            if lacking:
+                raise ReportError(f"results {path}: row {i} lacks {lacking}")
+        data["_file"] = os.path.basename(path)
+        out.append(data)
+    return out
+
+
+def shape_key(workload: Mapping[str, Any]) -> str:
+    """What makes two rows comparable: the trace without its adapter count and popularity."""
+    how = {"all": "all-at-once", "closed": f"closed-{workload.get('concurrency')}",
+           "gamma": f"gamma rate {workload.get('rate'):g} cv {workload.get('cv'):g}"}
+    i, o = workload["input_len"], workload["output_len"]
+    lens = lambda r: f"{r[0]}" if r[0] == r[1] else f"{r[0]}-{r[1]}"  # noqa: E731
+    return (f"{how.get(workload['arrival'], workload['arrival'])}, {workload['num_requests']} req, "
+            f"in {lens(i)} / out {lens(o)}")
+
+
+def all_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of every file, with `_shape` (see shape_key) and the file's device and date."""
+    rows = []
+    for res in results:
+        for row in res["rows"]:
+            rows.append({**row, "_shape": shape_key(row["workload"]), "_device": res["device"],
+                         "_date": res["date"], "_file": res["_file"]})
+    return rows
+
+
+_SYSTEM_ORDER = {"base": 0, "stock": 1, "plugin": 2}
+
+
+def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """One table over all files, grouped by trace shape; 'vs base' divides output tok/s by the
+    base row of the same shape (if any)."""
+    rows = sorted(all_rows(results), key=lambda r: (r["_shape"], _SYSTEM_ORDER.get(r["system"], 9),
+                                                    r["n_adapters"]))
+    base = {r["_shape"]: r["output_tok_per_s"] for r in rows if r["system"] == "base"}
+    head = ["trace", "system", "adapters", "done/req", "req/s", "out tok/s", "vs base",
+            "TTFT p50/p99 s", "TPOT p50/p99 ms", "SLO TTFT", "KV tokens", "init s", "settings"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ref = base.get(r["_shape"])
+        slo = r.get("slo_attainment")
+        cells = [
+            r["_shape"], r["system"], f"{r['n_adapters']:,}",
+            f"{r.get('completed', '?')}/{r.get('requests', '?')}" + (" (cut)" if r.get("truncated") else ""),
+            _num(r["req_per_s"], 2), _num(r["output_tok_per_s"], 1),
+            _num(r["output_tok_per_s"] / ref, 3) if ref else "-",
+            f"{_num(r['ttft_p50_s'], 2)} / {_num(r['ttft_p99_s'], 2)}",
+            f"{_ms(r['tpot_p50_s'])} / {_ms(r['tpot_p99_s'])}",
+            "-" if slo is None else f"{100 * slo:.1f}% <= {r.get('slo_ttft_s'):g} s",
+            _num(r.get("kv_cache_tokens"), 0), _num(r["init_s"], 1), _settings(r["settings"]),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    devices = sorted({r["_device"] for r in rows})
+    lines.append("")
+    lines.append(f"Device(s): {', '.join(devices)}. Files: "
+                 f"{', '.join(sorted({r['_file'] for r in rows}))}.")
+    return "\n".join(lines)
+
+
+def _num(v: Any, digits: int) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{1000 * v:.1f}"
+
+
+def _settings(s: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in s.items() if k != "additional_config") or "-"
+
+
+def plot_throughput(results: Sequence[Mapping[str, Any]], path: str) -> str:
+    """Output tok/s against the number of adapters, one panel per trace shape, one line per
+    system; the base model (no adapters) is a dashed horizontal line."""
+    plt = _pyplot()
+    rows = all_rows(results)
+    shapes = sorted({r["_shape"] for r in rows})
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
+    for ax, shape in zip(axes[0], shapes):
+        here = [r for r in rows if r["_shape"] == shape]
+        for system in sorted({r["system"] for r in here}, key=lambda s: _SYSTEM_ORDER.get(s, 9)):
+            pts = sorted((r["n_adapters"], r["output_tok_per_s"]) for r in here if r["system"] == system)
+            if system == "base" or all(n == 0 for n, _ in pts):
+                for _, y in pts:
+                    ax.axhline(y, linestyle="--", color="gray", label=f"{system} (no LoRA)")
+                continue
+            ax.plot([n for n, _ in pts], [y for _, y in pts], marker="o", label=system)
+        ax.set_xscale("log")
+        ax.set_xlabel("adapters in the trace")
+        ax.set_ylabel("output tokens / s")
+        ax.set_title(shape, fontsize=9)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def plot_latency_cdf(results: Sequence[Mapping[str, Any]], path: str,
+                     which: str = "ttft_quantiles_s") -> str:
+    """CDF of time to first token (or `e2e_quantiles_s`), one panel per trace shape, one line
+    per (system, adapters); the SLO is a vertical line."""
+    plt = _pyplot()
+    rows = [r for r in all_rows(results) if r.get(which)]
+    shapes = sorted({r["_shape"] for r in rows})
+    if not shapes:
+        raise ReportError(f"no row has {which}; nothing to plot")
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
+    frac = np.arange(101) / 100
+    for ax, shape in zip(axes[0], shapes):
+        here = sorted((r for r in rows if r["_shape"] == shape),
+                      key=lambda r: (_SYSTEM_ORDER.get(r["system"], 9), r["n_adapters"]))
+        for r in here:
+            ax.plot(r[which], frac, label=f"{r['system']} N={r['n_adapters']}")
+        slos = {r["slo_ttft_s"] for r in here if r.get("slo_ttft_s") is not None}
+        if which == "ttft_quantiles_s":
+            for s in slos:
+                ax.axvline(s, color="red", linestyle=":", label=f"SLO {s:g} s")
+        ax.set_xscale("log")
+        ax.set_xlabel("time to first token (s)" if which == "ttft_quantiles_s" else "end-to-end latency (s)")
+        ax.set_ylabel("fraction of requests")
+        ax.set_title(shape, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, plt, path: str) -> str:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(paths: Sequence[str], out_dir: str, name: str = "throughput") -> dict[str, str]:
+    """The whole report: `<name>.md` (table), `<name>-vs-adapters.png`, `<name>-ttft-cdf.png`."""
+    results = load_results(paths)
+    if not any(res["rows"] for res in results):
+        raise ReportError(f"no rows in {list(paths)}")
+    md = os.path.join(out_dir, f"{name}.md")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(md, "w", encoding="utf-8") as f:
+        f.write(markdown_table(results) + "\n")
+    return {
+        "table": md,
+        "throughput_plot": plot_throughput(results, os.path.join(out_dir, f"{name}-vs-adapters.png")),
+        "ttft_cdf_plot": plot_latency_cdf(results, os.path.join(out_dir, f"{name}-ttft-cdf.png")),
+    }

@@ -1,0 +1,382 @@
+"""GPU runner of the throughput harness: one system, one engine, several traces.
+
+Engine start-up costs 1-2 minutes, so one process serves every trace of a command with one
+`LLM`: the base model (no LoRA), stock vLLM multi-LoRA, or the plugin (stock vLLM plus
+`additional_config={"slora": {...}}`; the runner only passes the config). Only public vLLM API
+is used (`LLM`, `LLM.enqueue`, `LLM.llm_engine.step/abort_request/list_loras/remove_lora`,
+`RequestOutput.metrics`), so nothing here belongs in `patches/`.
+
+Timing. Requests are enqueued when their arrival time comes (all at t=0, closed loop, or Gamma
+arrivals) and the engine is stepped in this loop. `disable_log_stats=False` makes vLLM attach
+`RequestOutput.metrics`: the first token's wall time is `metrics.arrival_time +
+metrics.first_token_latency`, TPOT comes from the engine core's first/last token timestamps.
+TTFT and end-to-end latency are measured from the *scheduled* arrival, so they include the
+time a due request waited while this loop was blocked in `step()` (at most one engine step;
+`client_lag_max_s` in the row says how much).
+
+Cold traces. Each trace uses its own adapter names and LoRA ids (adapter j of trace k is entry
+`offset_k + j` of the adapter directory), so no trace finds adapters cached by an earlier one,
+as in a fresh process; stock's host cache is emptied after each trace (`remove_lora`). Adapter
+directories are hard links to a few distinct random files per rank, so thousands fit in
+/dev/shm.
+
+Memory. The KV cache size is what vLLM allocated (`num_gpu_blocks * block_size` tokens, read
+from the engine's config). `gpu_mem_used_peak_mib` polls `nvidia-smi` for the whole device: vLLM
+reserves its KV cache up front, so this shows the reservation (about gpu_memory_utilization of
+the GPU), not the working set; torch's peak counters live in the engine-core process and are
+not visible here.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from tqdm import tqdm
+
+from slora_plugin.bench_report import summarize, write_results
+from slora_plugin.plan import ModelMemory, load_model_config, write_model_config
+from slora_plugin.workload import Trace, prompt_tokens
+
+SYSTEMS = ("base", "stock", "plugin")
+WARMUP_REQUESTS = 8
+
+
+class BenchError(RuntimeError):
+    """The benchmark cannot run as asked; the message says why."""
+
+
+@dataclass
+class RunOptions:
+    """One command's worth of work: one system over `traces`."""
+
+    system: str
+    traces: list[Trace]
+    model: str = "llama-2-7b"
+    work_dir: str = "/dev/shm/slora-bench"
+    out_dir: str = "benchmarks/results"
+    adapter_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    distinct: int = 2
+    max_loras: int = 128
+    max_cpu_loras: int | None = None
+    max_lora_rank: int | None = None
+    lora_target_modules: tuple[str, ...] | None = ("qkv_proj", "o_proj")
+    slora_config: dict[str, Any] = field(default_factory=dict)
+    engine_args: dict[str, Any] = field(default_factory=dict)
+    slo_ttft_s: float = 6.0
+    deadline_s: float = 500.0
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        if self.system not in SYSTEMS:
+            raise BenchError(f"system must be one of {SYSTEMS}, got {self.system!r}")
+        if not self.traces:
+            raise BenchError("no traces to run")
+        if self.distinct < 1:
+            raise BenchError(f"distinct must be >= 1, got {self.distinct}")
+
+
+# ----------------------------------------------------------------------------- adapters
+
+def adapter_name(global_id: int) -> str:
+    return f"adapter-{global_id:05d}"
+
+
+def trace_offsets(traces: Sequence[Trace]) -> list[int]:
+    """First global adapter id of each trace; ids 0..WARMUP_REQUESTS-1 are the warm-up's."""
+    offsets, nxt = [], WARMUP_REQUESTS
+    for t in traces:
+        offsets.append(nxt)
+        nxt += t.spec.n_adapters
+    return offsets
+
+
+def adapter_plan(traces: Sequence[Trace]) -> dict[int, tuple[int, int]]:
+    """global id -> (rank, variant): every adapter entry the command needs."""
+    ranks0 = traces[0].spec
+    plan = {g: (ranks0.rank_of(g), g // len(ranks0.ranks)) for g in range(WARMUP_REQUESTS)}
+    for t, off in zip(traces, trace_offsets(traces)):
+        for j in range(t.spec.n_adapters):
+            plan[off + j] = (t.spec.rank_of(j), j // len(t.spec.ranks))
+    return plan
+
+
+def prepare_adapters(root: str, plan: dict[int, tuple[int, int]], model_cfg: dict[str, Any],
+                     modules: Sequence[str], distinct: int) -> str:
+    """Write `distinct` random PEFT adapters per rank under root/variants and one directory
+    per global id under root/adapters, made of hard links to its variant. Reuses what exists
+    (checking the rank); returns the adapter directory."""
+    from slora_plugin.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, write_random_adapter
+
+    dims = ModelMemory.from_config(model_cfg).dims
+    adir, vdir = os.path.join(root, "adapters"), os.path.join(root, "variants")
+    os.makedirs(adir, exist_ok=True)
+    wanted = sorted({(rank, v % distinct) for rank, v in plan.values()})
+    t0 = time.time()
+    for rank, v in tqdm(wanted, desc="adapter variants", leave=False):
+        path = os.path.join(vdir, f"r{rank}-v{v}")
+        if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
+            write_random_adapter(path, dims, rank, list(modules), seed=1000 * rank + v)
+    for g, (rank, v) in plan.items():
+        dst = os.path.join(adir, adapter_name(g))
+        src = os.path.join(vdir, f"r{rank}-v{v % distinct}")
+        cfg_path = os.path.join(dst, CONFIG_NAME)
+        if os.path.isfile(cfg_path):
+            with open(cfg_path, encoding="utf-8") as f:
+                have = json.load(f).get("r")
+            if have != rank:
+                raise BenchError(f"{dst} has rank {have}, this run needs {rank}: "
+                                 f"remove {root} (left by a run with another rank mix)")
+            continue
+        os.makedirs(dst, exist_ok=True)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            os.link(os.path.join(src, name), os.path.join(dst, name))
+    print(f"[bench] {len(plan)} adapters in {adir} from {len(wanted)} files "
+          f"({time.time() - t0:.1f} s)", flush=True)
+    return adir
+
+
+# ----------------------------------------------------------------------------- device
+
+def _nvidia_smi(query: str) -> list[str]:
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader,nounits",
+                              "-i", gpu], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [s.strip() for s in out.stdout.strip().split(",")]
+
+
+def device_description() -> str:
+    f = _nvidia_smi("name,memory.total,driver_version")
+    return f"{f[0]} ({f[1]} MiB, driver {f[2]})" if len(f) == 3 else "unknown (nvidia-smi unavailable)"
+
+
+class GpuMemoryPoller:
+    """Peak `memory.used` of the device (all processes) while the context is open."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s = interval_s
+        self.peak_mib: int | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            f = _nvidia_smi("memory.used")
+            if f and f[0].isdigit():
+                self.peak_mib = max(self.peak_mib or 0, int(f[0]))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> "GpuMemoryPoller":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# ----------------------------------------------------------------------------- engine
+
+def engine_kwargs(opts: RunOptions, model_dir: str, adapter_dir: str | None) -> dict[str, Any]:
+    """`LLM(...)` arguments: the baseline's offline setup plus the system's LoRA settings."""
+    kw: dict[str, Any] = dict(
+        model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="float16",
+        max_model_len=1024, gpu_memory_utilization=0.9, seed=0, disable_log_stats=False)
+    max_rank = opts.max_lora_rank or max(max(t.spec.ranks) for t in opts.traces)
+    if opts.system == "stock":
+        largest = max(t.spec.n_adapters for t in opts.traces)
+        kw.update(enable_lora=True, max_loras=opts.max_loras, max_lora_rank=max_rank,
+                  max_cpu_loras=opts.max_cpu_loras or max(opts.max_loras, largest),
+                  lora_target_modules=list(opts.lora_target_modules) if opts.lora_target_modules else None)
+    elif opts.system == "plugin":
+        kw["additional_config"] = {"slora": {"adapter_dir": adapter_dir, "max_lora_rank": max_rank,
+                                             **opts.slora_config}}
+    kw.update(opts.engine_args)
+    return kw
+
+
+def _settings(kw: dict[str, Any]) -> dict[str, Any]:
+    keys = ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank", "lora_target_modules",
+            "additional_config")
+    s = {k: kw[k] for k in keys if k in kw}
+    s.update({k: v for k, v in kw.items() if k not in s and k not in (
+        "model", "load_format", "skip_tokenizer_init", "dtype", "max_model_len",
+        "gpu_memory_utilization", "seed", "disable_log_stats")})
+    return s
+
+
+def _lora(opts: RunOptions, adapter_dir: str | None, global_id: int):
+    from vllm.lora.request import LoRARequest
+
+    if opts.system == "base":
+        return None
+    name = adapter_name(global_id)
+    return LoRARequest(name, global_id + 1, os.path.join(adapter_dir, name))
+
+
+def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir: str | None,
+              vocab_size: int, deadline: float) -> tuple[dict[str, Any], bool]:
+    """Serve one trace; returns (row metrics, whether the deadline cut it)."""
+    from vllm import SamplingParams
+
+    spec, reqs = trace.spec, trace.requests
+    engine = llm.llm_engine
+    prompts = [{"prompt_token_ids": prompt_tokens(spec, r, vocab_size)} for r in reqs]
+    params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0,
+                             detokenize=False) for r in reqs]
+    loras = [_lora(opts, adapter_dir, offset + r.adapter) if r.adapter >= 0 else None for r in reqs]
+    records = [{"index": r.index, "adapter": r.adapter, "input_len": r.input_len, "n_out": 0,
+                "finished": False, "ttft_s": None, "e2e_s": None, "tpot_s": None} for r in reqs]
+    arrival = [0.0] * len(reqs)      # scheduled arrival, seconds after t0
+    by_id: dict[str, int] = {}       # vLLM's external request id -> index
+    internal: dict[int, str] = {}    # index -> internal id (for abort)
+    lag, last_finish = 0.0, 0.0
+    nxt, inflight, cut = 0, 0, False
+    bar = tqdm(total=len(reqs), desc=f"{opts.system} {spec.label}", dynamic_ncols=True)
+    t0 = time.time()
+    while True:
+        now = time.time() - t0
+        if time.time() > deadline:
+            unfinished = [internal[i] for i in internal if not records[i]["finished"]]
+            if unfinished:
+                engine.abort_request(unfinished, internal=True)
+            cut = nxt < len(reqs) or bool(unfinished)
+            break
+        due: list[int] = []
+        if spec.arrival == "all":
+            due = list(range(nxt, len(reqs)))
+        elif spec.arrival == "gamma":
+            while nxt + len(due) < len(reqs) and reqs[nxt + len(due)].arrival_s <= now:
+                due.append(nxt + len(due))
+        else:  # closed loop: keep `concurrency` requests outstanding
+            due = list(range(nxt, min(len(reqs), nxt + spec.concurrency - inflight)))
+        if due:
+            ids = llm.enqueue([prompts[i] for i in due], [params[i] for i in due],
+                              lora_request=[loras[i] for i in due], use_tqdm=False)
+            for i, rid in zip(due, ids):
+                internal[i] = rid
+                by_id[rid.split("-")[0]] = i
+                arrival[i] = reqs[i].arrival_s if spec.arrival == "gamma" else now
+                lag = max(lag, now - arrival[i])
+            nxt += len(due)
+            inflight += len(due)
+        if engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    i = by_id[out.request_id]
+                    last_finish = time.time()
+                    _record(records[i], out, t0 + arrival[i], last_finish)
+                    inflight -= 1
+                    bar.update(1)
+        elif nxt >= len(reqs):
+            break
+        else:
+            time.sleep(max(0.0, min(0.05, reqs[nxt].arrival_s - (time.time() - t0))))
+    bar.close()
+    end = last_finish if last_finish else time.time()
+    row = summarize(records, max(end - t0, 1e-9), opts.slo_ttft_s)
+    row["client_lag_max_s"] = round(lag, 4)
+    row["distinct_adapters"] = trace.distinct_adapters
+    return row, cut
+
+
+def _record(rec: dict[str, Any], out: Any, arrival_wall: float, finish_wall: float) -> None:
+    m = out.metrics
+    if m is None:
+        raise BenchError("RequestOutput.metrics is None: the engine was started with "
+                         "disable_log_stats=True (do not override it with --engine-arg)")
+    n_out = len(out.outputs[0].token_ids)
+    rec.update(finished=True, n_out=n_out,
+               ttft_s=m.arrival_time + m.first_token_latency - arrival_wall,
+               e2e_s=finish_wall - arrival_wall,
+               tpot_s=(m.last_token_ts - m.first_token_ts) / (n_out - 1) if n_out > 1 else None)
+
+
+def run(opts: RunOptions) -> str:
+    """Start one engine, warm it up, run every trace, write rows after each; returns the path."""
+    start = time.time()
+    deadline = start + opts.deadline_s
+    import vllm
+    from vllm import LLM, SamplingParams
+
+    import slora_plugin
+
+    model_cfg = load_model_config(opts.model)
+    if os.path.isdir(opts.model):
+        model_dir = opts.model
+    else:
+        model_dir = write_model_config(os.path.join(opts.work_dir, "model"), model_cfg)
+    adapter_dir = None
+    if opts.system != "base":
+        adapter_dir = prepare_adapters(opts.work_dir, adapter_plan(opts.traces), model_cfg,
+                                       opts.adapter_modules, opts.distinct)
+    kw = engine_kwargs(opts, model_dir, adapter_dir)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(opts.out_dir, f"throughput-{opts.system}-{stamp}.json")
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_description(),
+        "vllm_version": vllm.__version__,
+        "plugin_version": slora_plugin.__version__,
+        "command": opts.command,
+        "workload": [t.spec.to_dict() for t in opts.traces],
+        "engine_kwargs": {k: v for k, v in kw.items() if k != "model"},
+    }
+    t = time.time()
+    llm = LLM(**kw)
+    init_s = time.time() - t
+    cache = llm.llm_engine.vllm_config.cache_config
+    kv_tokens = (cache.num_gpu_blocks or 0) * cache.block_size
+    print(f"[bench] engine up in {init_s:.1f} s; KV cache {kv_tokens:,} tokens", flush=True)
+
+    t = time.time()
+    llm.generate([{"prompt_token_ids": [3 + (7 * k) % 1000 for k in range(256)]}] * WARMUP_REQUESTS,
+                 SamplingParams(max_tokens=16, ignore_eos=True, temperature=0, detokenize=False),
+                 lora_request=[_lora(opts, adapter_dir, g) for g in range(WARMUP_REQUESTS)],
+                 use_tqdm=False)
+    warmup_s = time.time() - t
+
+    rows: list[dict[str, Any]] = []
+    vocab = int(model_cfg["vocab_size"])
+    for trace, offset in zip(opts.traces, trace_offsets(opts.traces)):
+        if time.time() > deadline:
+            print(f"[bench] deadline reached: skipping {trace.spec.label}", flush=True)
+            continue
+        with GpuMemoryPoller() as mem:
+            metrics, cut = run_trace(llm, opts, trace, offset, adapter_dir, vocab, deadline)
+        row = {"system": opts.system, "trace": trace.spec.label, "workload": trace.spec.to_dict(),
+               "n_adapters": 0 if opts.system == "base" else trace.spec.n_adapters,
+               "ranks": [] if opts.system == "base" else list(trace.spec.ranks),
+               **metrics, "truncated": cut, "settings": _settings(kw),
+               "init_s": round(init_s, 2), "warmup_s": round(warmup_s, 2),
+               "kv_cache_tokens": kv_tokens, "gpu_mem_used_peak_mib": mem.peak_mib}
+        rows.append(row)
+        write_results(path, meta, rows)
+        print(f"[bench] {opts.system} {trace.spec.label}: {row['req_per_s']:.2f} req/s, "
+              f"{row['output_tok_per_s']:.1f} out tok/s, TTFT p50 {row['ttft_p50_s']} s"
+              + (" (cut by the deadline)" if cut else ""), flush=True)
+        if opts.system == "stock":
+            for lora_id in list(llm.llm_engine.list_loras()):
+                llm.llm_engine.remove_lora(lora_id)
+    write_results(path, meta, rows)
+    print(f"[bench] wrote {path} ({time.time() - start:.0f} s in all)", flush=True)
+    return path
+
+
+def command_line() -> str:
+    """The exact command, with the environment variables that change vLLM's behaviour."""
+    env = " ".join(f"{k}={shlex.quote(os.environ[k])}" for k in
+                   ("PYTHONPATH", "VLLM_USE_FLASHINFER_SAMPLER", "CUDA_VISIBLE_DEVICES")
+                   if k in os.environ)
+    return (env + " " if env else "") + " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv)
