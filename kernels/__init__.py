@@ -1,1 +1,27 @@
 """Paged LoRA kernels (Triton) and their plain-torch references. Imports torch and triton only."""
+
+from slora_plugin.kernels.paged_lora import (
+    KernelConfig,
+    SegmentMeta,
+    choose_config,
+    decode_config,
+    paged_lora_expand,
+    paged_lora_linear,
+    paged_lora_shrink,
+    prefill_config,
+    shrink_buffer,
+)
+from slora_plugin.kernels.reference import lora_linear_ref
+
+__all__ = [
+    "KernelConfig",
+    "SegmentMeta",
+    "choose_config",
+    "decode_config",
+    "lora_linear_ref",
+    "paged_lora_expand",
+    "paged_lora_linear",
+    "paged_lora_shrink",
+    "prefill_config",
+    "shrink_buffer",
+]

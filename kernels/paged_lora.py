@@ -1,0 +1,404 @@
+"""Triton kernels that apply a different LoRA adapter (and rank) per token, reading the weights
+through row-address tables out of a layer's KV page pool (S-LoRA / Punica design).
+
+Two launches per layer, `shrink` then `expand`:
+
+- shrink: h[t, i, :r] = x[t] @ A_{s,m_i}^T            (fp32 accumulation, K optionally split)
+- expand: y[t, off_i:off_i+w_i] += scale * h[t, i, :r] @ B_{s,m_i}^T
+
+Decode is memory-bound on the adapter weights, so tokens are grouped by slot into *segments* on
+the device (`SegmentMeta.update`, once per engine step, shared by all layers) and each
+(segment, token tile) is one *work item*: every distinct adapter's rows are read once per tile,
+not once per token. The work list has a static upper bound (`SegmentMeta.work_bound`), so every
+grid depends only on the padded token count and static configuration; work items, rank tiles and
+output tiles past the real ones exit on the device. Nothing in the per-step path synchronises with
+the host, so the launches can be captured in CUDA graphs.
+
+The prefill and decode variants are the same kernels with different tiles (`decode_config`,
+`prefill_config`, picked from the static token count by `choose_config`): decode uses 16-token
+tiles, small rank tiles and a split K so that few segments still fill the GPU; prefill uses
+64-token tiles and larger rank tiles for reuse of A/B across tokens.
+
+`triton` is imported directly: vLLM swaps it for placeholders when no GPU driver is active, and
+the kernels must also run under TRITON_INTERPRET=1 on CPU tensors (where a bf16 `tl.dot` is
+not supported, so bf16 tiles are upcast there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from slora_plugin.layout import MODULES
+
+#: Token tile sizes for which `SegmentMeta` builds a work list (a config's `block_m` is one of them).
+TILE_M: tuple[int, ...] = (16, 64)
+#: At most this many slices per call (qkv_proj has 3).
+MAX_SLICES = 3
+_ACT_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes of one call; tuning knobs, none of them changes the result beyond rounding."""
+
+    block_m: int      # tokens per work item (one of TILE_M)
+    split_k: int      # shrink: K split across programs (partial h summed by expand)
+    block_r: int      # shrink: rank rows per program
+    block_k: int      # shrink: K elements per loop step
+    block_n: int      # expand: output columns per program
+    block_kr: int     # expand: rank rows per loop step
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.block_m not in TILE_M:
+            raise ValueError(f"block_m must be one of {TILE_M}, got {self.block_m}")
+        for name in ("block_r", "block_k", "block_n", "block_kr"):
+            v = getattr(self, name)
+            if v < 16 or v & (v - 1):
+                raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {v}")
+        if self.split_k < 1:
+            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+
+
+def decode_config(num_tokens: int, in_features: int) -> KernelConfig:
+    """Few tokens, many adapters: small tiles, K split so that one adapter still fills the GPU."""
+    split = 16 if num_tokens <= 16 else 8 if num_tokens <= 64 else 4
+    block_k = 128
+    split = max(1, min(split, triton.cdiv(in_features, 2 * block_k)))
+    return KernelConfig(block_m=16, split_k=split, block_r=16, block_k=block_k, block_n=128, block_kr=16)
+
+
+def prefill_config(num_tokens: int, in_features: int) -> KernelConfig:
+    """Long segments: 64-token tiles so each A/B tile is reused across tokens."""
+    return KernelConfig(block_m=64, split_k=1, block_r=64, block_k=64, block_n=128, block_kr=32)
+
+
+def choose_config(num_tokens: int, in_features: int) -> KernelConfig:
+    """The variant for a (padded, hence static) token count."""
+    if num_tokens <= 512:
+        return decode_config(num_tokens, in_features)
+    return prefill_config(num_tokens, in_features)
+
+
+class SegmentMeta:
+    """Per-step metadata in fixed-address device buffers, shared by every layer of one step.
+
+    After `update(token_slot)`:
+      - `sorted_tokens[:T]`: token indices grouped by slot (stable);
+      - `work[bm]` int32 [3, work_bound(max_tokens, bm)]: rows (slot, first position in
+        `sorted_tokens`, token count) of each work item, count 0 past the real items.
+    Slots outside [0, max_slots) are treated as -1 (no adapter): the check would need a host sync,
+    and this way a bad slot can never index past the tables.
+    """
+
+    def __init__(self, max_tokens: int, max_slots: int, device: torch.device | str) -> None:
+        if max_tokens < 1 or max_slots < 1:
+            raise ValueError(f"SegmentMeta needs max_tokens >= 1 and max_slots >= 1, got {max_tokens}, {max_slots}")
+        self.max_tokens = max_tokens
+        self.max_slots = max_slots
+        self.max_segments = min(max_tokens, max_slots)
+        self.device = torch.device(device)
+        self.num_tokens = 0  # T of the last update, for host-side shape checks only
+        i32 = dict(dtype=torch.int32, device=self.device)
+        i64 = dict(dtype=torch.int64, device=self.device)
+        self.sorted_tokens = torch.zeros(max_tokens, **i32)
+        # one extra trailing entry: the scatter target of tokens that do not start a segment
+        self.seg_slot = torch.zeros(self.max_segments + 1, **i64)
+        self.seg_start = torch.zeros(self.max_segments + 1, **i64)
+        self.seg_len = torch.zeros(self.max_segments + 1, **i64)
+        self.work = {bm: torch.zeros((3, self.work_bound(max_tokens, bm)), **i32) for bm in TILE_M}
+        self._positions = torch.arange(max_tokens, **i64)
+        self._work_index = {bm: torch.arange(self.work_bound(max_tokens, bm), **i64) for bm in TILE_M}
+
+    def work_bound(self, num_tokens: int, block_m: int) -> int:
+        """Static upper bound on the work items of `num_tokens` tokens in tiles of `block_m`:
+        sum over segments of ceil(len / bm) <= T / bm + (number of segments)."""
+        return triton.cdiv(num_tokens, block_m) + min(num_tokens, self.max_segments)
+
+    def update(self, token_slot: torch.Tensor) -> None:
+        """Group the step's tokens by slot. Device ops only, fixed shapes for a given T."""
+        if token_slot.dim() != 1 or token_slot.dtype != torch.int32:
+            raise ValueError(f"token_slot must be a 1-D int32 tensor, got {token_slot.dtype} {tuple(token_slot.shape)}")
+        if token_slot.device != self.device:
+            raise ValueError(f"token_slot is on {token_slot.device}, SegmentMeta on {self.device}")
+        t = token_slot.numel()
+        if t > self.max_tokens:
+            raise ValueError(f"{t} tokens exceed SegmentMeta.max_tokens={self.max_tokens}")
+        self.num_tokens = t
+        num_slots, trash = self.max_slots, self.max_segments
+        slot = token_slot.to(torch.int64)
+        key = torch.where((slot >= 0) & (slot < num_slots), slot, num_slots)
+        skey, order = torch.sort(key, stable=True)
+        self.sorted_tokens[:t].copy_(order)
+        valid = skey < num_slots
+        is_start = valid.clone()
+        is_start[1:] &= skey[1:] != skey[:-1]
+        seg_idx = torch.cumsum(is_start, 0) - 1
+        dst = torch.where(is_start, seg_idx, trash)
+        self.seg_start.zero_().scatter_(0, dst, self._positions[:t])
+        self.seg_slot.zero_().scatter_(0, dst, skey)
+        self.seg_len.zero_().scatter_add_(0, torch.where(valid, seg_idx, trash), valid.to(torch.int64))
+        lens = self.seg_len[:trash]
+        for bm, work in self.work.items():
+            tiles = (lens + bm - 1) // bm
+            ends = torch.cumsum(tiles, 0)
+            w = self._work_index[bm]
+            seg = torch.searchsorted(ends, w, right=True)
+            live = seg < trash
+            seg.clamp_(max=trash - 1)
+            tile = w - (ends[seg] - tiles[seg])
+            work[0].copy_(torch.where(live, self.seg_slot[seg], 0))
+            work[1].copy_(self.seg_start[seg] + tile * bm)
+            work[2].copy_(torch.where(live, (self.seg_len[seg] - tile * bm).clamp(0, bm), 0))
+
+
+@triton.jit
+def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, sorted_ptr, a_addr_ptr, ranks_ptr,
+                   m0, m1, m2, K, max_rank, k_per_split,
+                   stride_xm, stride_xk, stride_as, stride_am, stride_rs,
+                   stride_hs, stride_ht, stride_hi,
+                   BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                   NUM_RANK_TILES: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (work item, slice x rank tile, K split): h[split, tokens, slice, rank tile]."""
+    w = tl.program_id(0)
+    n_tok = tl.load(work_ptr + 2 * work_stride + w)
+    if n_tok == 0:
+        return
+    sl = tl.program_id(1) // NUM_RANK_TILES
+    r0 = (tl.program_id(1) % NUM_RANK_TILES) * BLOCK_R
+    sp = tl.program_id(2)
+    slot = tl.load(work_ptr + w).to(tl.int64)
+    m = tl.where(sl == 0, m0, tl.where(sl == 1, m1, m2))
+    r = tl.minimum(tl.load(ranks_ptr + slot * stride_rs + m), max_rank)
+    if r0 >= r:
+        return
+    start = tl.load(work_ptr + work_stride + w)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n_tok
+    tok = tl.load(sorted_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < r
+    rows = tl.load(a_addr_ptr + slot * stride_as + m * stride_am + offs_r, mask=r_mask, other=0)
+    k_lo = sp * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < k_hi
+        xt = tl.load(x_ptr + tok[:, None] * stride_xm + kk[None, :] * stride_xk,
+                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(pool_ptr + rows[:, None] + kk[None, :],
+                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST:
+            acc += tl.dot(xt.to(tl.float32), tl.trans(at.to(tl.float32)))
+        else:
+            acc += tl.dot(xt, tl.trans(at))
+    h_ptrs = h_ptr + sp * stride_hs + tok[:, None] * stride_ht + sl * stride_hi + offs_r[None, :]
+    tl.store(h_ptrs, acc, mask=m_mask[:, None])
+
+
+@triton.jit
+def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, sorted_ptr, b_addr_ptr, ranks_ptr,
+                   scales_ptr, m0, m1, m2, w0, w1, w2, max_rank,
+                   stride_ym, stride_yn, stride_bs, stride_bm, stride_rs,
+                   stride_hs, stride_ht, stride_hi,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLIT_K: tl.constexpr):
+    """Program (work item, output tile over all slices): y[tokens, tile] += scale * h @ B^T."""
+    w = tl.program_id(0)
+    n_tok = tl.load(work_ptr + 2 * work_stride + w)
+    if n_tok == 0:
+        return
+    nt = tl.program_id(1)
+    t0 = tl.cdiv(w0, BLOCK_N)
+    t01 = t0 + tl.cdiv(w1, BLOCK_N)
+    sl = tl.where(nt < t0, 0, tl.where(nt < t01, 1, 2))
+    m = tl.where(sl == 0, m0, tl.where(sl == 1, m1, m2))
+    width = tl.where(sl == 0, w0, tl.where(sl == 1, w1, w2))
+    col0 = tl.where(sl == 0, 0, tl.where(sl == 1, w0, w0 + w1))
+    n0 = (nt - tl.where(sl == 0, 0, tl.where(sl == 1, t0, t01))) * BLOCK_N
+    slot = tl.load(work_ptr + w).to(tl.int64)
+    r = tl.minimum(tl.load(ranks_ptr + slot * stride_rs + m), max_rank)
+    if r == 0:
+        return
+    start = tl.load(work_ptr + work_stride + w)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n_tok
+    tok = tl.load(sorted_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < width
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, r, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < r
+        rows = tl.load(b_addr_ptr + slot * stride_bs + m * stride_bm + kk, mask=k_mask, other=0)
+        bt = tl.load(pool_ptr + rows[:, None] + offs_n[None, :],
+                     mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        hk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for sp in tl.static_range(SPLIT_K):
+            hk += tl.load(h_ptr + sp * stride_hs + tok[:, None] * stride_ht + sl * stride_hi + kk[None, :],
+                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += tl.dot(hk, bt, input_precision="tf32")
+    scale = tl.load(scales_ptr + slot * stride_rs + m)
+    y_ptrs = y_ptr + tok[:, None] * stride_ym + (col0 + offs_n)[None, :] * stride_yn
+    y_mask = m_mask[:, None] & n_mask[None, :]
+    y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+    tl.store(y_ptrs, (y_old.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
+
+
+def shrink_buffer(num_tokens: int, num_slices: int, max_rank: int, config: KernelConfig,
+                  device: torch.device | str) -> torch.Tensor:
+    """The fp32 h buffer [split_k, T, slices, max_rank rounded up to block_r] shrink writes.
+
+    It needs no clearing: expand reads only (token, slice, rank) entries shrink wrote this call.
+    """
+    return torch.empty((config.split_k, num_tokens, num_slices, _padded_rank(max_rank, config)),
+                       dtype=torch.float32, device=device)
+
+
+def _padded_rank(max_rank: int, config: KernelConfig) -> int:
+    return triton.cdiv(max_rank, config.block_r) * config.block_r
+
+
+def _check_tables(name: str, addr: torch.Tensor, ranks: torch.Tensor, meta: SegmentMeta,
+                  max_rank: int, device: torch.device) -> None:
+    if addr.dtype != torch.int64 or addr.dim() != 3 or addr.shape[1] != len(MODULES) or addr.stride(2) != 1:
+        raise ValueError(f"{name} must be int64 [S, {len(MODULES)}, R] with unit row stride, "
+                         f"got {addr.dtype} {tuple(addr.shape)}")
+    if addr.shape[0] < meta.max_slots:
+        raise ValueError(f"{name} has {addr.shape[0]} slots, fewer than SegmentMeta.max_slots={meta.max_slots}")
+    if not 1 <= max_rank <= addr.shape[2]:
+        raise ValueError(f"max_rank must be in 1..{addr.shape[2]} (the rows of {name}), got {max_rank}")
+    if ranks.dtype != torch.int32 or ranks.shape != addr.shape[:2] or not ranks.is_contiguous():
+        raise ValueError(f"ranks must be contiguous int32 {tuple(addr.shape[:2])}, got {ranks.dtype} {tuple(ranks.shape)}")
+    for t_name, t in ((name, addr), ("ranks", ranks), ("SegmentMeta", meta.sorted_tokens)):
+        if t.device != device:
+            raise ValueError(f"{t_name} is on {t.device}, the activations on {device}")
+
+
+def _check_modules(module_ids: Sequence[int]) -> None:
+    if not 1 <= len(module_ids) <= MAX_SLICES:
+        raise ValueError(f"1..{MAX_SLICES} module ids per call, got {tuple(module_ids)}")
+    if any(not 0 <= m < len(MODULES) for m in module_ids):
+        raise ValueError(f"module ids must index layout.MODULES (0..{len(MODULES) - 1}), got {tuple(module_ids)}")
+
+
+def _check_slices(y: torch.Tensor, module_ids: Sequence[int], slice_widths: Sequence[int]) -> None:
+    if len(slice_widths) != len(module_ids) or any(w < 1 for w in slice_widths):
+        raise ValueError(f"slice_widths {tuple(slice_widths)} must be positive, one per module id {tuple(module_ids)}")
+    if y.dim() != 2 or y.shape[1] != sum(slice_widths):
+        raise ValueError(f"y must be [T, {sum(slice_widths)}] (sum of slice_widths), got {tuple(y.shape)}")
+
+
+def _check_pool(pool: torch.Tensor, act: torch.Tensor) -> None:
+    if act.dtype not in _ACT_DTYPES:
+        raise ValueError(f"activations must be float16 or bfloat16, got {act.dtype}")
+    if pool.dim() != 1 or pool.dtype != act.dtype or pool.device != act.device:
+        raise ValueError(f"pool must be a 1-D {act.dtype} tensor on {act.device}, got {pool.dtype} "
+                         f"{tuple(pool.shape)} on {pool.device}")
+
+
+def _pad3(values: Sequence[int], fill: int) -> list[int]:
+    return list(values) + [fill] * (MAX_SLICES - len(values))
+
+
+def paged_lora_shrink(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
+                      a_addr: torch.Tensor, ranks: torch.Tensor, module_ids: Sequence[int],
+                      max_rank: int, config: KernelConfig | None = None) -> None:
+    """h[sp, t, i, :r] = partial (over K split sp) of x[t] @ A^T, for tokens in segments."""
+    t, k_in = x.shape
+    config = config or choose_config(t, k_in)
+    _check_modules(module_ids)
+    _check_pool(pool, x)
+    _check_tables("a_addr", a_addr, ranks, meta, max_rank, x.device)
+    _check_tokens(t, meta)
+    padded = _padded_rank(max_rank, config)
+    if h.dtype != torch.float32 or h.dim() != 4 or h.shape[0] != config.split_k or h.shape[1] < t \
+            or h.shape[2:] != (len(module_ids), padded) or h.stride(3) != 1 or h.device != x.device:
+        raise ValueError(f"h must be fp32 [{config.split_k}, >={t}, {len(module_ids)}, {padded}] with unit last "
+                         f"stride on {x.device} (see shrink_buffer), got {h.dtype} {tuple(h.shape)} on {h.device}")
+    if t == 0:
+        return
+    num_rank_tiles = padded // config.block_r
+    k_per_split = triton.cdiv(triton.cdiv(k_in, config.split_k), config.block_k) * config.block_k
+    work = meta.work[config.block_m]
+    grid = (meta.work_bound(t, config.block_m), len(module_ids) * num_rank_tiles, config.split_k)
+    m0, m1, m2 = _pad3(module_ids, module_ids[0])
+    _shrink_kernel[grid](
+        x, pool, h, work, work.stride(0), meta.sorted_tokens, a_addr, ranks,
+        m0, m1, m2, k_in, max_rank, k_per_split,
+        x.stride(0), x.stride(1), a_addr.stride(0), a_addr.stride(1), ranks.stride(0),
+        h.stride(0), h.stride(1), h.stride(2),
+        BLOCK_M=config.block_m, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
+        NUM_RANK_TILES=num_rank_tiles, UPCAST=x.device.type == "cpu" and x.dtype == torch.bfloat16,
+        num_warps=config.num_warps)
+
+
+def paged_lora_expand(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
+                      b_addr: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+                      module_ids: Sequence[int], slice_widths: Sequence[int], max_rank: int,
+                      config: KernelConfig | None = None) -> None:
+    """y[t, slice i] += scales[s, m_i] * (sum over splits of h[:, t, i, :r]) @ B^T."""
+    t = y.shape[0]
+    config = config or choose_config(t, 0)
+    _check_modules(module_ids)
+    _check_pool(pool, y)
+    _check_tables("b_addr", b_addr, ranks, meta, max_rank, y.device)
+    _check_tokens(t, meta)
+    _check_slices(y, module_ids, slice_widths)
+    if scales.dtype != torch.float32 or scales.shape != ranks.shape or not scales.is_contiguous() \
+            or scales.device != y.device:
+        raise ValueError(f"scales must be contiguous fp32 {tuple(ranks.shape)} on {y.device}, got "
+                         f"{scales.dtype} {tuple(scales.shape)} on {scales.device}")
+    if h.dtype != torch.float32 or h.dim() != 4 or h.shape[1] < t or h.shape[2] != len(module_ids) \
+            or h.shape[3] < max_rank or h.stride(3) != 1 or h.device != y.device:
+        raise ValueError(f"h must be the fp32 shrink buffer [split, >={t}, {len(module_ids)}, >={max_rank}] "
+                         f"on {y.device}, got {h.dtype} {tuple(h.shape)} on {h.device}")
+    if t == 0:
+        return
+    work = meta.work[config.block_m]
+    n_tiles = sum(triton.cdiv(w, config.block_n) for w in slice_widths)
+    grid = (meta.work_bound(t, config.block_m), n_tiles)
+    m0, m1, m2 = _pad3(module_ids, module_ids[0])
+    w0, w1, w2 = _pad3(slice_widths, 0)
+    _expand_kernel[grid](
+        y, h, pool, work, work.stride(0), meta.sorted_tokens, b_addr, ranks, scales,
+        m0, m1, m2, w0, w1, w2, max_rank,
+        y.stride(0), y.stride(1), b_addr.stride(0), b_addr.stride(1), ranks.stride(0),
+        h.stride(0), h.stride(1), h.stride(2),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_kr, SPLIT_K=h.shape[0],
+        num_warps=config.num_warps)
+
+
+def _check_tokens(t: int, meta: SegmentMeta) -> None:
+    if t > meta.max_tokens:
+        raise ValueError(f"{t} tokens exceed SegmentMeta.max_tokens={meta.max_tokens}")
+    if t < meta.num_tokens:
+        raise ValueError(f"the activations have {t} rows but SegmentMeta.update was given {meta.num_tokens} tokens")
+
+
+def paged_lora_linear(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
+                      a_addr: torch.Tensor, b_addr: torch.Tensor, ranks: torch.Tensor,
+                      scales: torch.Tensor, module_ids: tuple[int, ...], slice_widths: tuple[int, ...],
+                      max_rank: int, config: KernelConfig | None = None) -> None:
+    """y += LoRA(x) for rows whose slot (set by `meta.update`) is >= 0; other rows are untouched.
+
+    y [T, sum(widths)] may be a strided view of the layer output; x [T, K]; pool 1-D, x's dtype.
+    """
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x must be [T, K] and y [T, N] with the same T, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if y.dtype != x.dtype:
+        raise ValueError(f"y is {y.dtype} but x is {x.dtype}")
+    _check_modules(module_ids)
+    _check_slices(y, module_ids, slice_widths)
+    config = config or choose_config(x.shape[0], x.shape[1])
+    h = shrink_buffer(x.shape[0], len(module_ids), max_rank, config, x.device)
+    paged_lora_shrink(h, x, pool, meta, a_addr, ranks, module_ids, max_rank, config)
+    paged_lora_expand(y, h, pool, meta, b_addr, ranks, scales, module_ids, slice_widths, max_rank, config)

@@ -1,0 +1,210 @@
+"""Paged LoRA op: reference vs dense math (proves the layout contract), Triton kernels vs reference.
+
+On a machine without a GPU the kernels run on CPU tensors under TRITON_INTERPRET=1 (set in this
+folder's conftest); with a GPU the same tests run the compiled kernels on CUDA tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from slora_plugin.kernels import (
+    SegmentMeta,
+    decode_config,
+    lora_linear_ref,
+    paged_lora_expand,
+    paged_lora_linear,
+    paged_lora_shrink,
+    prefill_config,
+    shrink_buffer,
+)
+from slora_plugin.kernels.synthetic import SyntheticPool, build_synthetic_pool
+from slora_plugin.layout import MODULES, ModelDims
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: tests/conftest.py's TINY_LLAMA (GQA: 4 query heads, 2 KV heads of 16).
+DIMS = ModelDims(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                 intermediate_size=96, num_hidden_layers=2)
+MAX_RANK = 128
+#: vLLM's fused layers as (module ids, in_features, slice widths) of the tiny GQA model.
+LAYERS = {
+    "qkv_proj": ((0, 1, 2), 64, (64, 32, 32)),
+    "o_proj": ((3,), 64, (64,)),
+    "gate_up_proj": ((4, 5), 64, (96, 96)),
+    "down_proj": ((6,), 96, (64,)),
+}
+EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
+
+
+@dataclass
+class Case:
+    dtype: torch.dtype
+    layer: str
+    sp: SyntheticPool
+    token_slot: torch.Tensor   # [T], given to SegmentMeta.update
+    x: torch.Tensor            # [T + pad, K]: padded rows beyond T must stay untouched
+    y_full: torch.Tensor       # [T + pad, N + 5]: y is a strided column view of it
+    col0: int
+    variant: str
+
+    def __repr__(self) -> str:  # hypothesis prints failing cases: shapes and tables, not tensors
+        return (f"Case({self.dtype}, {self.layer}, variant={self.variant}, col0={self.col0}, "
+                f"x={tuple(self.x.shape)}, token_slot={self.token_slot.tolist()}, "
+                f"ranks={self.sp.ranks.tolist()}, page_elems={self.sp.page_elems})")
+
+
+@st.composite
+def cases(draw) -> Case:
+    dtype = draw(st.sampled_from([torch.float16, torch.bfloat16]))
+    layer = draw(st.sampled_from(sorted(LAYERS)))
+    module_ids, k_in, widths = LAYERS[layer]
+    num_slots = draw(st.integers(1, 5))
+    rank = st.one_of(st.just(0), st.integers(1, MAX_RANK), st.sampled_from([1, MAX_RANK]))
+    slot_ranks = [{m: draw(rank) for m in MODULES} for _ in range(num_slots)]
+    page_elems = draw(st.sampled_from([96, 160, 512, 4096]))
+    segments = draw(st.lists(st.tuples(st.integers(-1, num_slots - 1), st.sampled_from([1, 1, 2, 5, 17, 40])),
+                             min_size=1, max_size=5))
+    slots = [s for s, n in segments for _ in range(n)]
+    if draw(st.booleans()):  # decode-like: adapters interleaved, one token per sequence
+        slots = draw(st.permutations(slots))
+    pad = draw(st.integers(0, 3))
+    seed = draw(st.integers(0, 2 ** 31 - 1))
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    sp = build_synthetic_pool(DIMS, slot_ranks, page_elems, dtype, DEVICE, MAX_RANK, generator=gen,
+                              random_scales=True, spare_blocks=draw(st.integers(1, 3)))
+    t = len(slots)
+    x = torch.randn(t + pad, k_in, generator=gen, device=DEVICE).to(dtype)
+    col0 = draw(st.integers(0, 5))
+    y_full = torch.randn(t + pad, sum(widths) + 5, generator=gen, device=DEVICE).to(dtype)
+    return Case(dtype, layer, sp, torch.tensor(slots, dtype=torch.int32, device=DEVICE), x, y_full, col0,
+                draw(st.sampled_from(["auto", "decode", "prefill"])))
+
+
+def view_y(case: Case, y_full: torch.Tensor) -> torch.Tensor:
+    return y_full[:, case.col0:case.col0 + sum(LAYERS[case.layer][2])]
+
+
+def padded_slots(case: Case) -> torch.Tensor:
+    pad = case.x.shape[0] - case.token_slot.numel()
+    return torch.cat([case.token_slot, torch.full((pad,), -1, dtype=torch.int32, device=DEVICE)])
+
+
+def dense_expected(case: Case) -> torch.Tensor:
+    """y_full after the op, from the dense PEFT-shaped weights (not through the pool)."""
+    module_ids, _, widths = LAYERS[case.layer]
+    out = case.y_full.float().clone()
+    for t, s in enumerate(case.token_slot.tolist()):
+        if s < 0:
+            continue
+        off = case.col0
+        for m, w in zip(module_ids, widths):
+            if MODULES[m] in case.sp.weights[s]:
+                a, b = case.sp.weights[s][MODULES[m]]
+                out[t, off:off + w] += float(case.sp.scales[s, m]) * ((case.x[t].float() @ a.float().t()) @ b.float().t())
+            off += w
+    return out
+
+
+def assert_matches(case: Case, got_full: torch.Tensor, want_full: torch.Tensor, ulps: float) -> None:
+    """Rows of slot -1 (and padding) and the columns outside y: bit-exact; the rest within rounding."""
+    eps = EPS[case.dtype]
+    untouched = torch.ones_like(got_full, dtype=torch.bool)
+    n = sum(LAYERS[case.layer][2])
+    lora_rows = padded_slots(case) >= 0
+    untouched[lora_rows, case.col0:case.col0 + n] = False
+    assert torch.equal(got_full[untouched], case.y_full[untouched]), "an element outside the LoRA rows/slices changed"
+    assert not torch.isnan(got_full).any(), "NaN: a read outside the adapter rows (pool poison)"
+    torch.testing.assert_close(got_full.float(), want_full.float(), rtol=ulps * eps, atol=ulps * eps)
+
+
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@SETTINGS
+@given(case=cases())
+def test_reference_matches_dense_weights(case: Case) -> None:
+    """Reading through shuffled pages + row tables == PEFT math on the original weights."""
+    module_ids, _, widths = LAYERS[case.layer]
+    got = case.y_full.clone()
+    lora_linear_ref(view_y(case, got), case.x, case.sp.pool, padded_slots(case), case.sp.a_addr,
+                    case.sp.b_addr, case.sp.ranks, case.sp.scales, module_ids, widths)
+    assert_matches(case, got, dense_expected(case), ulps=1.0)
+
+
+def config_for(case: Case, t: int):
+    k_in = LAYERS[case.layer][1]
+    return {"auto": None, "decode": decode_config(t, k_in), "prefill": prefill_config(t, k_in)}[case.variant]
+
+
+@settings(SETTINGS, max_examples=25)
+@given(case=cases())
+def test_triton_matches_reference(case: Case) -> None:
+    module_ids, _, widths = LAYERS[case.layer]
+    want = case.y_full.clone()
+    lora_linear_ref(view_y(case, want), case.x, case.sp.pool, padded_slots(case), case.sp.a_addr,
+                    case.sp.b_addr, case.sp.ranks, case.sp.scales, module_ids, widths)
+    num_slots = case.sp.ranks.shape[0]
+    meta = SegmentMeta(max_tokens=case.x.shape[0] + 2, max_slots=num_slots, device=DEVICE)
+    meta.update(case.token_slot)
+    config = config_for(case, case.x.shape[0])
+    got = case.y_full.clone()
+    if config is None:
+        paged_lora_linear(view_y(case, got), case.x, case.sp.pool, meta, case.sp.a_addr, case.sp.b_addr,
+                          case.sp.ranks, case.sp.scales, module_ids, widths, MAX_RANK)
+    else:  # explicit shrink/expand with a NaN-poisoned h: expand may read only what shrink wrote
+        h = shrink_buffer(case.x.shape[0], len(module_ids), MAX_RANK, config, DEVICE).fill_(float("nan"))
+        paged_lora_shrink(h, case.x, case.sp.pool, meta, case.sp.a_addr, case.sp.ranks, module_ids, MAX_RANK, config)
+        paged_lora_expand(view_y(case, got), h, case.sp.pool, meta, case.sp.b_addr, case.sp.ranks,
+                          case.sp.scales, module_ids, widths, MAX_RANK, config)
+    assert_matches(case, got, want, ulps=2.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(slots=st.lists(st.integers(-1, 6), max_size=70), max_slots=st.integers(1, 6), extra=st.integers(0, 5))
+def test_segment_meta_covers_every_adapter_token_once(slots: list[int], max_slots: int, extra: int) -> None:
+    """Every token of a slot in [0, max_slots) is in exactly one work item of its slot, for each
+    tile size; items are within the static bound, hold <= block_m tokens, and the rest are empty."""
+    meta = SegmentMeta(max_tokens=len(slots) + extra + 1, max_slots=max_slots, device=DEVICE)
+    meta.update(torch.full((len(slots) + extra,), 3, dtype=torch.int32, device=DEVICE))  # stale state
+    meta.update(torch.tensor(slots, dtype=torch.int32, device=DEVICE))
+    order = meta.sorted_tokens[:len(slots)].tolist()
+    for bm, work in meta.work.items():
+        slot_of, start, count = work.tolist()
+        bound = meta.work_bound(len(slots), bm)
+        seen = []
+        for i, (s, p, n) in enumerate(zip(slot_of, start, count)):
+            assert 0 <= n <= bm
+            if n:
+                assert i < bound
+                seen += [(order[j], s) for j in range(p, p + n)]
+        want = sorted((t, s) for t, s in enumerate(slots) if 0 <= s < max_slots)
+        assert sorted(seen) == want
+
+
+def test_bad_inputs_are_named() -> None:
+    meta = SegmentMeta(max_tokens=4, max_slots=2, device=DEVICE)
+    with pytest.raises(ValueError, match="int32"):
+        meta.update(torch.zeros(3, dtype=torch.int64, device=DEVICE))
+    with pytest.raises(ValueError, match="max_tokens"):
+        meta.update(torch.zeros(5, dtype=torch.int32, device=DEVICE))
+    sp = build_synthetic_pool(DIMS, [{"q_proj": 4}, {}], 512, torch.float16, DEVICE, 8)
+    x = torch.zeros(3, 64, dtype=torch.float16, device=DEVICE)
+    y = torch.zeros(3, 64, dtype=torch.float16, device=DEVICE)
+    meta.update(torch.zeros(4, dtype=torch.int32, device=DEVICE))
+    args = (sp.pool, meta, sp.a_addr, sp.b_addr, sp.ranks, sp.scales)
+    with pytest.raises(ValueError, match="update was given 4 tokens"):
+        paged_lora_linear(y, x, *args, (0,), (64,), 8)
+    meta.update(torch.zeros(3, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="pool must be"):
+        paged_lora_linear(y, x, sp.pool.float(), *args[1:], (0,), (64,), 8)
+    with pytest.raises(ValueError, match="max_rank"):
+        paged_lora_linear(y, x, *args, (0,), (64,), 9)
+    with pytest.raises(ValueError, match="sum of slice_widths"):
+        paged_lora_linear(y, x, *args, (0,), (32,), 8)
+    with pytest.raises(ValueError, match="module ids"):
+        paged_lora_linear(y, x, *args, (0, 1, 2, 3), (16,) * 4, 8)
