@@ -6,7 +6,8 @@ import importlib
 from types import ModuleType
 
 #: One entry per file in patches/ that touches vLLM (guard.py and this file excluded).
-PATCH_MODULES: tuple[str, ...] = ("envs", "engine_args", "lora_resolver")
+PATCH_MODULES: tuple[str, ...] = ("envs", "engine_args", "lora_resolver", "lora_layers",
+                                  "lora_worker", "kv_pool")
 
 
 def patch_modules() -> list[ModuleType]:

@@ -41,7 +41,8 @@ class PagedLoRARuntime:
     """Everything the op needs, at fixed addresses: tables, per-step token->slot, pools.
 
     `token_slot` holds, for the current step, the slot of each token (-1: no adapter; the tail
-    past the step's tokens is -1 too, so padded CUDA-graph tokens get nothing).
+    past the step's tokens is -1 too, so padded CUDA-graph tokens get nothing on the reference
+    path; the kernels' segment metadata lists only the step's tokens).
     """
 
     def __init__(self, num_slots: int, max_rank: int, max_tokens: int,
@@ -59,7 +60,6 @@ class PagedLoRARuntime:
             self.meta = SegmentMeta(max_tokens, num_slots, self.device)
         self._sources: dict[str, KVSource] = {}
         self._pools: dict[str, tuple[tuple[int, int, torch.dtype], torch.Tensor]] = {}
-        self._module_args: dict[tuple[int, ...], torch.Tensor] = {}
 
     # -- wiring -------------------------------------------------------------------------
     def bind_layer(self, layer_key: str, source: KVSource) -> None:
@@ -96,24 +96,17 @@ class PagedLoRARuntime:
         self.token_slot[n:].fill_(-1)
         self.num_tokens = n
         if self.meta is not None:
-            self.meta.update(self.token_slot)
+            # only the step's real tokens: CUDA-graph padding rows past them get no adapter
+            self.meta.update(self.token_slot[:n])
 
     # -- the op body --------------------------------------------------------------------
-    def _int_arg(self, values: tuple[int, ...]) -> torch.Tensor:
-        t = self._module_args.get(values)
-        if t is None:
-            t = torch.tensor(values, dtype=torch.int32, device=self.device)
-            self._module_args[values] = t
-        return t
-
     def apply(self, y: torch.Tensor, x: torch.Tensor, layer_key: str,
               module_ids: list[int], slice_widths: list[int]) -> None:
         pool = self.pool(layer_key, x.dtype)
         if pool is None:
             return
         t = self.tables
-        mids = self._int_arg(tuple(module_ids))
-        widths = self._int_arg(tuple(slice_widths))
+        mids, widths = tuple(module_ids), tuple(slice_widths)
         if self.meta is not None and x.is_cuda:
             from slora_plugin.kernels.paged_lora import paged_lora_linear
 

@@ -1,0 +1,244 @@
+"""`SLoRAWorker`: vLLM's GPU worker with adapters served from KV pages.
+
+What it adds to `vllm.v1.worker.gpu_worker.Worker`:
+  - at start, refuses configurations the unified pool does not support (clear message);
+  - `load_model`: the model runner (V1 or V2) builds the plugin's LoRA manager, so vLLM's linear
+    LoRA layers compute through the paged kernels and no stacked adapter buffers exist;
+  - `initialize_from_config`: after the KV cache exists, checks that one block id is one
+    contiguous page of every layer, points each LoRA layer at its decoder layer's pool, and opens
+    the host adapter store with that page size;
+  - `execute_model`: applies the scheduler's commands (evict, then load, then host prefetch)
+    before the step runs. Loads copy pinned host pages into the KV pages on a copy stream that
+    first waits for the compute stream (async scheduling may still run the previous step), and
+    the compute stream waits for the copies before this step's forward.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from vllm.v1.worker.gpu_worker import Worker
+
+from slora_plugin.layout import ModelDims
+from slora_plugin.patches import kv_pool
+from slora_plugin.patches import lora_worker as worker_patch
+from slora_plugin.pool.commands import LoadAdapter, StepCommands, commands_of
+from slora_plugin.worker.lora_layers import layer_index
+from slora_plugin.worker.lora_manager import SLoRAModelManager, SLoRAWorkerLoRAManager, plugin_config
+from slora_plugin.worker.ops import pool_view
+
+
+class SLoRAScopeError(ValueError):
+    """The engine configuration is outside what the plugin supports."""
+
+
+def scope_problems(vllm_config: Any) -> list[str]:
+    """Everything in `vllm_config` the unified page pool cannot serve (empty: all fine)."""
+    p = []
+    par = vllm_config.parallel_config
+    if par.tensor_parallel_size > 1:
+        p.append(f"tensor_parallel_size={par.tensor_parallel_size} (only 1 is supported)")
+    if par.pipeline_parallel_size > 1:
+        p.append(f"pipeline_parallel_size={par.pipeline_parallel_size} (only 1 is supported)")
+    if getattr(par, "decode_context_parallel_size", 1) > 1:
+        p.append("decode context parallelism")
+    if vllm_config.kv_transfer_config is not None:
+        p.append("a KV connector (kv_transfer_config): adapter pages are not KV to transfer")
+    if getattr(vllm_config.model_config, "enable_sleep_mode", False):
+        p.append("sleep mode: it would discard the adapter pages with the KV cache")
+    lc = vllm_config.lora_config
+    if lc is None:
+        p.append("LoRA is not enabled (the plugin's engine-args hook should have enabled it)")
+    elif lc.fully_sharded_loras:
+        p.append("fully_sharded_loras")
+    return p
+
+
+def check_scope(vllm_config: Any) -> None:
+    found = scope_problems(vllm_config)
+    if found:
+        raise SLoRAScopeError("slora-plugin cannot serve this configuration: " + "; ".join(found)
+                              + ". Disable the plugin or change these settings.")
+
+
+def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
+    """(first block, first page, length) of each run of consecutive block ids, in page order:
+    one copy per run instead of one per page."""
+    runs: list[tuple[int, int, int]] = []
+    for page, block in enumerate(block_ids):
+        if runs and runs[-1][0] + runs[-1][2] == block:
+            b, p, n = runs[-1]
+            runs[-1] = (b, p, n + 1)
+        else:
+            runs.append((block, page, 1))
+    return runs
+
+
+def copy_pages(pools: Sequence[torch.Tensor], host_pages: torch.Tensor,
+               block_ids: Sequence[int], page_elems: int) -> None:
+    """host_pages (num_layers, num_pages, page_elems) -> page i of layer l = block block_ids[i]
+    of pools[l] (flat). Non-blocking from pinned memory: call on the copy stream."""
+    if host_pages.shape[0] != len(pools) or host_pages.shape[1] != len(block_ids) \
+            or host_pages.shape[2] != page_elems:
+        raise ValueError(f"host pages are {tuple(host_pages.shape)}, expected "
+                         f"({len(pools)}, {len(block_ids)}, {page_elems})")
+    runs = block_runs(block_ids)
+    for pool, pages in zip(pools, host_pages):
+        blocks = pool[: pool.numel() // page_elems * page_elems].view(-1, page_elems)
+        for block, page, n in runs:
+            blocks[block: block + n].copy_(pages[page: page + n], non_blocking=True)
+
+
+@dataclass
+class _InFlight:
+    event: torch.cuda.Event | None
+    lease: ExitStack
+
+
+class SLoRAWorker(Worker):
+    """vLLM's worker, serving LoRA adapters from KV pages (see the module docstring)."""
+
+    def __init__(self, vllm_config, local_rank: int, rank: int, distributed_init_method: str,
+                 is_driver_worker: bool = False) -> None:
+        check_scope(vllm_config)
+        self.slora_config = plugin_config(vllm_config)
+        super().__init__(vllm_config=vllm_config, local_rank=local_rank, rank=rank,
+                         distributed_init_method=distributed_init_method,
+                         is_driver_worker=is_driver_worker)
+        self.adapter_store = None
+        self.page_elems = 0
+        self._layer_pools: list[Any] = []  # decoder layer -> attention module (holds kv_cache)
+        self._copy_stream: torch.cuda.Stream | None = None
+        self._in_flight: list[_InFlight] = []
+
+    # -- model ------------------------------------------------------------------------------
+    def load_model(self, *args, **kwargs) -> None:
+        with worker_patch.worker_lora_manager_class(SLoRAWorkerLoRAManager):
+            super().load_model(*args, **kwargs)
+
+    @property
+    def slora_manager(self) -> SLoRAModelManager:
+        manager = getattr(self.model_runner, "lora_manager", None)
+        model_manager = getattr(manager, "model_manager", None)
+        if not isinstance(model_manager, SLoRAModelManager):
+            raise RuntimeError("the model runner did not build the slora LoRA manager "
+                               f"(got {type(manager).__name__}); is vLLM 0.26.0 installed?")
+        return model_manager
+
+    # -- KV cache = page pool ---------------------------------------------------------------
+    def initialize_from_config(self, kv_cache_config) -> None:
+        page_size = kv_pool.check_kv_cache_config(kv_cache_config)
+        super().initialize_from_config(kv_cache_config)
+        dtype = self.model_config.dtype
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        if page_size % itemsize:
+            raise SLoRAScopeError(f"KV page of {page_size} bytes is not a whole number of "
+                                  f"{dtype} elements")
+        self.page_elems = page_size // itemsize
+        attn = kv_pool.attention_layers(self.vllm_config, kv_cache_config)
+        num_layers = len(attn)
+        for module, _name in attn:
+            kv_pool.check_blocks_first(module.kv_cache, kv_cache_config.num_blocks, page_size,
+                                       _name)
+        self._layer_pools = [m for m, _ in attn]
+        mgr = self.slora_manager
+        for key in mgr.modules:
+            li = layer_index(key)
+            if li >= num_layers:
+                raise SLoRAScopeError(f"{key}: decoder layer {li} has no attention KV cache")
+            mgr.runtime.bind_layer(key, lambda m=self._layer_pools[li]: m.kv_cache)
+        self._open_store(num_layers, dtype)
+
+    def _open_store(self, num_layers: int, dtype: torch.dtype) -> None:
+        from slora_plugin.adapters.store import AdapterStore
+
+        hf = self.model_config.hf_config
+        hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+        dims = ModelDims.from_hf_config(hf)
+        if dims.num_hidden_layers != num_layers:
+            raise SLoRAScopeError(f"the model has {dims.num_hidden_layers} decoder layers but "
+                                  f"{num_layers} attention KV caches")
+        c = self.slora_config
+        self.adapter_store = AdapterStore(dims, self.page_elems, dtype,
+                                          adapter_dir=c.adapter_dir, max_rank=c.max_lora_rank,
+                                          host_cache_bytes=c.host_cache_bytes,
+                                          loader_threads=c.loader_threads)
+        if self.device.type == "cuda":
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+
+    def _pools(self) -> list[torch.Tensor]:
+        dtype = self.model_config.dtype
+        pools = [pool_view(m.kv_cache, dtype) for m in self._layer_pools]
+        if any(p is None for p in pools):
+            raise RuntimeError("an adapter load arrived before the KV cache was allocated")
+        return pools  # type: ignore[return-value]
+
+    # -- the scheduler's commands -----------------------------------------------------------
+    def execute_model(self, scheduler_output):
+        self._release_finished()
+        commands = commands_of(scheduler_output)
+        if commands:
+            self.apply_commands(commands)
+        return super().execute_model(scheduler_output)
+
+    def apply_commands(self, commands: StepCommands) -> None:
+        """Evict, then load (ordered against compute), then start host prefetches."""
+        mgr = self.slora_manager
+        for lora_id in commands.evict:
+            mgr.evict(lora_id)
+        if commands.load:
+            if self.adapter_store is None:
+                raise RuntimeError("an adapter load arrived before the KV cache was allocated")
+            pools = self._pools()
+            compute = torch.cuda.current_stream(self.device) if self._copy_stream else None
+            if self._copy_stream is not None:
+                # the previous (async) step may still read or write these blocks
+                self._copy_stream.wait_stream(compute)
+            for load in commands.load:
+                self._load(load, pools)
+            if self._copy_stream is not None:
+                compute.wait_stream(self._copy_stream)
+        if commands.prefetch and self.adapter_store is not None:
+            self.adapter_store.prefetch([path for _name, path in commands.prefetch])
+
+    def _load(self, load: LoadAdapter, pools: list[torch.Tensor]) -> None:
+        lease_stack = ExitStack()
+        lease = lease_stack.enter_context(self.adapter_store.get(load.path))
+        try:
+            if lease.spec.num_pages != len(load.block_ids):
+                raise RuntimeError(
+                    f"adapter {load.name!r} ({load.path}) needs {lease.spec.num_pages} pages but "
+                    f"the scheduler gave {len(load.block_ids)} blocks")
+            event = None
+            if self._copy_stream is not None:
+                with torch.cuda.stream(self._copy_stream):
+                    copy_pages(pools, lease.pages, load.block_ids, self.page_elems)
+                    event = torch.cuda.Event()
+                    event.record(self._copy_stream)
+            else:
+                copy_pages(pools, lease.pages, load.block_ids, self.page_elems)
+        except BaseException:
+            lease_stack.close()
+            raise
+        self._in_flight.append(_InFlight(event, lease_stack))
+        self.slora_manager.mark_resident(load.lora_id, lease.spec.layout, tuple(load.block_ids))
+
+    def _release_finished(self) -> None:
+        """Give back host leases whose copies have completed (pinned pages may then be reused)."""
+        still = []
+        for f in self._in_flight:
+            if f.event is None or f.event.query():
+                f.lease.close()
+            else:
+                still.append(f)
+        self._in_flight = still
+
+    # -- adapters named outside a step (LLM.add_lora, the server's resolver) -----------------
+    def add_lora(self, lora_request) -> bool:
+        """Warm the host store only: pages are the scheduler's to give, at admission."""
+        if self.adapter_store is not None:
+            self.adapter_store.prefetch([lora_request.lora_path])
+        return True
