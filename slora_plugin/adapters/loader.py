@@ -200,3 +200,35 @@ def _where_not_finite(out: torch.Tensor, layout: PageLayout) -> str | None:
                         return (f"layer {layer} {m} lora_{which} has NaN or Inf values (after scaling "
                                 f"and conversion to {out.dtype})")
     return None
+
+
+def check_weights_file(name: str, path: str) -> None:
+    """Model-free checks of a weight file (for `adapters check` without --model): readable,
+    only PEFT LoRA tensor names, supported dtypes, A/B ranks that agree, finite values."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            shapes: dict[tuple[str, str], dict[str, list[int]]] = {}
+            for key in f.keys():
+                mt = TENSOR_RE.match(key)
+                if not mt or MODULE_PARENT.get(mt.group(3)) != mt.group(2):
+                    raise AdapterError(name, WEIGHTS_NAME, f"unexpected tensor {key!r} (not a LoRA A/B "
+                                                           f"weight of a supported module)")
+                sl = f.get_slice(key)
+                if sl.get_dtype() not in DTYPES:
+                    raise AdapterError(name, WEIGHTS_NAME, f"tensor {key!r} has dtype {sl.get_dtype()}; "
+                                                           f"supported: {sorted(DTYPES)}")
+                shapes.setdefault((mt.group(1), mt.group(3)), {})[mt.group(4)] = list(sl.get_shape())
+                t = f.get_tensor(key)
+                if not math.isfinite(float(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all()):
+                    raise AdapterError(name, WEIGHTS_NAME, f"tensor {key!r} has NaN or Inf values")
+    except AdapterError:
+        raise
+    except Exception as e:
+        raise AdapterError(name, WEIGHTS_NAME, f"cannot be read: {type(e).__name__}: {e}") from None
+    for (layer, module), ab in shapes.items():
+        if set(ab) != {"A", "B"}:
+            raise AdapterError(name, WEIGHTS_NAME, f"layer {layer} {module}: lora_A and lora_B must both "
+                                                   f"be present, found only lora_{''.join(ab)}")
+        if len(ab["A"]) != 2 or len(ab["B"]) != 2 or ab["A"][0] != ab["B"][1]:
+            raise AdapterError(name, WEIGHTS_NAME, f"layer {layer} {module}: lora_A {ab['A']} and "
+                                                   f"lora_B {ab['B']} do not share a rank")
