@@ -86,13 +86,19 @@ def build_kv_cache_config(vllm_config: VllmConfig, num_blocks: int) -> KVCacheCo
                          kv_cache_groups=[KVCacheGroupSpec(names, spec)])
 
 
-def create_scheduler(model_dir: str, *, num_blocks: int = 128, scheduler_cls: type | None = None,
-                     log_stats: bool = True, scheduler_kwargs: dict[str, Any] | None = None,
-                     **config_kwargs: Any) -> Scheduler:
+def create_scheduler(model_dir: str | None = None, *, num_blocks: int = 128,
+                     scheduler_cls: type | None = None, log_stats: bool = True,
+                     scheduler_kwargs: dict[str, Any] | None = None,
+                     vllm_config: VllmConfig | None = None, **config_kwargs: Any) -> Scheduler:
     """The real scheduler (`scheduler_cls`, default vLLM's own Scheduler or AsyncScheduler to
     match `async_scheduling`) over a `num_blocks`-block KV cache, built the way
-    `EngineCore.__init__` builds it."""
-    vllm_config = build_vllm_config(model_dir, **config_kwargs)
+    `EngineCore.__init__` builds it. Pass a `vllm_config` from `build_vllm_config` to build many
+    schedulers cheaply (the config is not modified apart from `num_gpu_blocks`)."""
+    if vllm_config is None:
+        assert model_dir is not None, "give model_dir or vllm_config"
+        vllm_config = build_vllm_config(model_dir, **config_kwargs)
+    elif config_kwargs:
+        raise TypeError(f"config options {sorted(config_kwargs)} given with a ready vllm_config")
     kv_cache_config = build_kv_cache_config(vllm_config, num_blocks)
     vllm_config.cache_config.num_gpu_blocks = num_blocks
     if scheduler_cls is None:

@@ -1,0 +1,187 @@
+"""Component: vLLM's v1 scheduler memory side -- `Scheduler`/`AsyncScheduler`, the
+`KVCacheManager` they build, its `BlockPool`, and the prefix-cache block hash.
+
+What the plugin changes (the subclasses themselves are in `slora_plugin.pool.scheduler`):
+
+- the scheduler's `KVCacheManager` instance gets a subclass by class swap right after
+  `Scheduler.__init__` (vLLM constructs `KVCacheManager(...)` by name inside `__init__`, with no
+  hook); the swap keeps every attribute and the connector's `bind_gpu_block_pool` binding;
+- adapter pages come from, and go back to, that manager's `BlockPool` (`get_new_blocks`,
+  `free_blocks`, and `touch` to take back freed blocks when an admission is rolled back);
+- admission holds adapter pages back by shadowing `BlockPool.get_num_free_blocks` on the
+  instance for the duration of one `allocate_slots` call: both of vLLM's admission checks (the
+  full-sequence gate and the per-step check) and `get_new_blocks` read that method, so vLLM
+  admits a request only if its KV *and* its adapter's pages fit, without us allocating pages
+  that vLLM's prefix-cache hit accounting could collide with;
+- `kv_cache_utils._gen_lora_extra_hash_keys` (looked up as a module global at call time by the
+  request block hasher and by BlockPool) keys KV blocks by the adapter's *content* instead of
+  its name, so an adapter re-registered under the same name with new weights never reuses KV
+  computed with the old weights (the vllm#42125 class of bug).
+
+Written against vLLM 0.26.0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+import weakref
+from typing import Any, Callable, Iterator, Sequence
+
+from slora_plugin.patches.guard import Requires, UnsupportedVLLMError
+
+VLLM_VERSION = "0.26.0"
+_SCHED = "vllm.v1.core.sched.scheduler:Scheduler"
+_KVM = "vllm.v1.core.kv_cache_manager:KVCacheManager"
+_POOL = "vllm.v1.core.block_pool:BlockPool"
+REQUIRES = (
+    Requires(f"{_SCHED}.__init__", ("vllm_config", "kv_cache_config", "structured_output_manager",
+                                    "block_size", "hash_block_size", "include_finished_set",
+                                    "log_stats")),
+    Requires(f"{_SCHED}.schedule"),
+    Requires(f"{_SCHED}.add_request", ("request",)),
+    Requires(f"{_SCHED}.update_from_output", ("scheduler_output", "model_runner_output")),
+    Requires(f"{_SCHED}.finish_requests", ("request_ids", "finished_status")),
+    Requires(f"{_SCHED}._preempt_request", ("request", "timestamp")),
+    Requires(f"{_SCHED}.reset_prefix_cache"),
+    Requires("vllm.v1.core.sched.async_scheduler:AsyncScheduler"),
+    Requires(f"{_KVM}.allocate_slots", ("request", "num_new_tokens", "new_computed_blocks",
+                                        "full_sequence_must_fit", "reserved_blocks")),
+    Requires(f"{_KVM}.free", ("request",)),
+    Requires(f"{_KVM}.pop_blocks_for_free", ("request",)),
+    Requires(f"{_KVM}.reset_prefix_cache"),
+    Requires(f"{_POOL}.get_new_blocks", ("num_blocks",)),
+    Requires(f"{_POOL}.free_blocks", ("ordered_blocks",)),
+    Requires(f"{_POOL}.touch", ("blocks",)),
+    Requires(f"{_POOL}.get_num_free_blocks"),
+    Requires("vllm.v1.core.kv_cache_utils:_gen_lora_extra_hash_keys", ("request",)),
+    Requires("vllm.v1.core.kv_cache_utils:generate_block_hash_extra_keys"),
+    Requires("vllm.v1.kv_cache_interface:FullAttentionSpec"),
+    Requires("vllm.v1.request:RequestStatus.FINISHED_ERROR"),
+    Requires("vllm.v1.engine:EngineCoreOutput", ("request_id", "new_token_ids", "finish_reason",
+                                                 "stop_reason")),
+)
+
+#: Instance attributes (set in vLLM's __init__, so invisible to REQUIRES) the subclasses read.
+SCHEDULER_ATTRIBUTES = ("kv_cache_manager", "kv_cache_config", "vllm_config", "requests",
+                        "waiting", "skipped_waiting", "running")
+MANAGER_ATTRIBUTES = ("block_pool",)
+BLOCK_POOL_ATTRIBUTES = ("blocks", "num_gpu_blocks", "null_block")
+
+
+def check_instance(scheduler: Any) -> None:
+    """Fail at start-up, naming the attribute, if vLLM's __init__ no longer sets what we use."""
+    missing = [f"Scheduler.{a}" for a in SCHEDULER_ATTRIBUTES if not hasattr(scheduler, a)]
+    mgr = getattr(scheduler, "kv_cache_manager", None)
+    missing += [f"KVCacheManager.{a}" for a in MANAGER_ATTRIBUTES if not hasattr(mgr, a)]
+    pool = getattr(mgr, "block_pool", None)
+    missing += [f"BlockPool.{a}" for a in BLOCK_POOL_ATTRIBUTES if not hasattr(pool, a)]
+    if missing:
+        raise UnsupportedVLLMError(
+            f"slora-plugin: vLLM's scheduler lacks instance attribute(s) {missing} "
+            f"(written for vLLM {VLLM_VERSION})")
+
+
+def swap_kv_cache_manager(scheduler: Any, cls: type) -> Any:
+    """Give the scheduler's KVCacheManager instance the subclass `cls`; returns the manager."""
+    from vllm.v1.core.kv_cache_manager import KVCacheManager
+
+    mgr = scheduler.kv_cache_manager
+    if type(mgr) is not KVCacheManager:
+        raise UnsupportedVLLMError(
+            f"slora-plugin: the scheduler's KV cache manager is {type(mgr).__qualname__}, "
+            f"expected vLLM's KVCacheManager (another plugin replaced it?)")
+    mgr.__class__ = cls
+    return mgr
+
+
+class BlockPoolAllocator:
+    """`slora_plugin.pool.page_pool.BlockAllocator` over vLLM's BlockPool, by block id."""
+
+    def __init__(self, block_pool: Any) -> None:
+        self._pool = block_pool
+
+    def allocate(self, n: int) -> list[int]:
+        return [b.block_id for b in self._pool.get_new_blocks(n)]
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        self._pool.free_blocks([self._pool.blocks[i] for i in block_ids])
+
+    def reclaim(self, block_ids: Sequence[int]) -> None:
+        blocks = [self._pool.blocks[i] for i in block_ids]
+        taken = [b.block_id for b in blocks if b.ref_cnt != 0]
+        if taken:
+            raise RuntimeError(f"cannot take back blocks {taken}: they were reallocated")
+        self._pool.touch(blocks)
+
+    def num_free(self) -> int:
+        return self._pool.get_num_free_blocks()
+
+
+@contextlib.contextmanager
+def holding_back(block_pool: Any, n: int) -> Iterator[None]:
+    """While active, the pool reports `n` fewer free blocks to everyone (vLLM's checks and
+    `get_new_blocks`), so an allocation inside leaves at least `n` blocks free."""
+    if n <= 0:
+        yield
+        return
+    real = type(block_pool).get_num_free_blocks.__get__(block_pool)
+    block_pool.get_num_free_blocks = lambda: real() - n
+    try:
+        yield
+    finally:
+        del block_pool.get_num_free_blocks
+
+
+# ------------------------------------------------------------- prefix-cache hash keys
+
+_resolver: Callable[[], Callable[[Any], str] | None] = lambda: None
+_original_lora_keys: Callable[[Any], list[str]] | None = None
+#: Attribute on vLLM's Request caching its LoRA hash key (computed once per request, so every
+#: block of the request, including blocks completed later by decoding, uses the same key).
+KEY_ATTRIBUTE = "_slora_lora_hash_key"
+
+
+def set_content_key_resolver(owner: Any, method_name: str) -> None:
+    """Key LoRA blocks by `getattr(owner, method_name)(lora_request)`, while `owner` lives.
+    Held weakly: once the owning scheduler is gone, vLLM's name keys apply again."""
+    ref = weakref.ref(owner)
+
+    def resolver() -> Callable[[Any], str] | None:
+        obj = ref()
+        return getattr(obj, method_name) if obj is not None else None
+
+    global _resolver
+    _resolver = resolver
+
+
+def lora_extra_hash_keys(request: Any) -> list[str]:
+    """Replacement of `_gen_lora_extra_hash_keys`: the adapter's content id, not its name."""
+    lora_request = request.lora_request
+    if not lora_request:
+        return []
+    key = request.__dict__.get(KEY_ATTRIBUTE)
+    if key is None:
+        content_key = _resolver()
+        if content_key is None:
+            assert _original_lora_keys is not None
+            return _original_lora_keys(request)
+        try:
+            key = f"slora:{content_key(lora_request)}"
+        except Exception:  # noqa: BLE001 - a broken adapter fails its request at admission
+            # A key nothing else can ever match: such a request is finished with an error
+            # before it computes any KV, and if the adapter is fixed meanwhile, its blocks
+            # are simply never shared.
+            key = f"slora-unresolved:{uuid.uuid4().hex}"
+        setattr(request, KEY_ATTRIBUTE, key)
+    return [key]
+
+
+def apply() -> None:
+    import vllm.v1.core.kv_cache_utils as kv_cache_utils
+
+    global _original_lora_keys
+    if kv_cache_utils._gen_lora_extra_hash_keys is lora_extra_hash_keys:
+        return
+    _original_lora_keys = kv_cache_utils._gen_lora_extra_hash_keys
+    kv_cache_utils._gen_lora_extra_hash_keys = lora_extra_hash_keys

@@ -1,0 +1,306 @@
+"""vLLM glue of the unified page pool: the scheduler subclasses and their KV cache manager.
+
+`scheduler_class(async_scheduling)` is what `SchedulerConfig.scheduler_cls` must be set to when
+the plugin is on; vLLM 0.26 uses a custom class as given, so there is one subclass of each of
+its two schedulers (`Scheduler`, and `AsyncScheduler`, the default).
+
+The residency logic itself is `page_pool.PagePool`; this module connects it to vLLM:
+
+- `SLoRAKVCacheManager` (installed on the scheduler's manager instance by class swap) runs every
+  admission of a waiting/preempted request through `PagePool.admit` and every growth of a running
+  request through `PagePool.grow`, and drops the request's adapter reference when vLLM frees it;
+- the scheduler checks each new request's adapter at arrival, finishes requests whose adapter is
+  unusable with `FINISHED_ERROR` (reason in `stop_reason` and in the log) without touching the
+  others, attaches the workers' `StepCommands` to every `SchedulerOutput`, and keeps counters.
+
+vLLM's own `max_loras` check (scheduler.py, waiting loop: a request whose lora id is new while
+`max_loras` distinct ids are already scheduled this step is moved to `skipped_waiting`) stays in
+force: with the plugin, `max_loras` is set to `SLoRAConfig.max_adapters_per_step`, so the only
+per-step cap on distinct adapters is that ceiling; residency is limited by memory alone.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from vllm.logger import init_logger
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
+from vllm.v1.request import Request, RequestStatus
+
+from slora_plugin.config import ADDITIONAL_CONFIG_KEY, SLoRAConfig
+from slora_plugin.patches import scheduler as vllm_patch
+from slora_plugin.pool.commands import attach
+from slora_plugin.pool.page_pool import AdapterNeed, PagePool, WaitForDrain
+
+logger = init_logger("vllm.slora.pool")
+
+#: lora_request -> (number of KV pages the adapter occupies, content id). Raises for an adapter
+#: that cannot be used (the message should name the adapter, the file and the reason).
+PagesOf = Callable[[Any], tuple[int, str]]
+
+#: Seconds between two pool-statistics log lines (when the engine logs stats).
+STATS_LOG_INTERVAL_S = 10.0
+
+
+class AdapterUnusable(Exception):
+    """The request's adapter cannot be served; the message says which adapter and why."""
+
+
+def describe_failure(lora_request: Any, error: BaseException) -> str:
+    text = str(error)
+    if getattr(error, "adapter", None) is not None:  # AdapterError names itself already
+        return text
+    return f"adapter {lora_request.lora_name!r} ({lora_request.lora_path}): {text}"
+
+
+class SLoRAKVCacheManager(KVCacheManager):
+    """vLLM's KVCacheManager plus adapter residency in the same blocks. Never constructed:
+    installed on an existing instance by `patches.scheduler.swap_kv_cache_manager`, then
+    `slora_setup` adds the state."""
+
+    pool: PagePool
+    _pages_of: PagesOf
+    _holders: dict[str, int]
+    _unusable: dict[str, str]
+    _usable_blocks: int
+
+    def slora_setup(self, pages_of: PagesOf) -> None:
+        self.pool = PagePool(vllm_patch.BlockPoolAllocator(self.block_pool))
+        self._pages_of = pages_of
+        self._holders = {}  # request id -> lora id it holds a reference to
+        self._unusable = {}  # request id -> why its adapter cannot be used
+        self._usable_blocks = self.block_pool.num_gpu_blocks - 1  # minus the null block
+
+    # ------------------------------------------------------------ adapters
+    def adapter_need(self, request: Request) -> AdapterNeed | None:
+        """What admitting `request` takes besides KV; raises AdapterUnusable."""
+        lr = request.lora_request
+        if lr is None:
+            return None
+        try:
+            num_pages, content_id = self._pages_of(lr)
+        except Exception as e:  # noqa: BLE001 - one broken adapter must not stop the engine
+            raise AdapterUnusable(describe_failure(lr, e)) from e
+        if num_pages > self._usable_blocks:
+            raise AdapterUnusable(
+                f"adapter {lr.lora_name!r} ({lr.lora_path}): needs {num_pages} KV pages but "
+                f"the whole KV cache has {self._usable_blocks}; raise gpu_memory_utilization "
+                f"or serve it with a smaller rank")
+        return AdapterNeed(lr.lora_int_id, lr.lora_name, lr.lora_path, num_pages, content_id)
+
+    def content_key(self, lora_request: Any) -> str:
+        """The prefix-cache key of an adapter: its content id (see patches/scheduler.py)."""
+        return self._pages_of(lora_request)[1]
+
+    def mark_unusable(self, request_id: str, reason: str) -> None:
+        self._unusable[request_id] = reason
+
+    def take_unusable(self) -> dict[str, str]:
+        out, self._unusable = self._unusable, {}
+        return out
+
+    # --------------------------------------------------- vLLM's interface
+    def allocate_slots(self, request: Request, num_new_tokens: int, *args: Any,
+                       **kwargs: Any) -> KVCacheBlocks | None:
+        base = super().allocate_slots
+        rid = request.request_id
+        if rid in self._holders or request.status == RequestStatus.RUNNING:
+            return self.pool.grow(lambda: base(request, num_new_tokens, *args, **kwargs))
+        if rid in self._unusable:
+            return None
+        try:
+            need = self.adapter_need(request)
+        except AdapterUnusable as e:
+            self._unusable[rid] = str(e)
+            return None
+
+        def attempt(hold_back: int) -> KVCacheBlocks | None:
+            with vllm_patch.holding_back(self.block_pool, hold_back):
+                return base(request, num_new_tokens, *args, **kwargs)
+
+        try:
+            blocks = self.pool.admit(need, attempt)
+        except WaitForDrain as e:
+            logger.debug("request %s waits: %s", rid, e)
+            return None
+        if blocks is not None and need is not None:
+            self._holders[rid] = need.lora_id
+        return blocks
+
+    def free(self, request: Request) -> None:
+        super().free(request)
+        self._release(request)
+
+    def pop_blocks_for_free(self, request: Request) -> list:
+        blocks = super().pop_blocks_for_free(request)
+        self._release(request)
+        return blocks
+
+    def reset_prefix_cache(self) -> bool:
+        """Idle adapters hold blocks, which would make vLLM's reset fail: evict them first,
+        but only when nothing else is in use (otherwise the reset fails anyway)."""
+        bp = self.block_pool
+        if bp.num_gpu_blocks - bp.get_num_free_blocks() - self.pool.idle_pages == 1:
+            self.pool.evict_idle()
+        return super().reset_prefix_cache()
+
+    def _release(self, request: Request) -> None:
+        lora_id = self._holders.pop(request.request_id, None)
+        if lora_id is not None:
+            self.pool.release(lora_id)
+
+
+def kv_spec_of(kv_cache_config: KVCacheConfig) -> FullAttentionSpec:
+    """The one full-attention spec the unified pool supports, or a clear error."""
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ValueError(
+            f"slora-plugin: the unified page pool needs exactly one KV cache group, this model "
+            f"has {len(groups)} (hybrid attention: pass --disable-hybrid-kv-cache-manager)")
+    spec = groups[0].kv_cache_spec
+    if type(spec) is not FullAttentionSpec or spec.sliding_window is not None \
+            or spec.attention_chunk_size is not None:
+        raise ValueError(f"slora-plugin: the unified page pool needs full attention KV blocks, "
+                         f"got {type(spec).__name__}")
+    if spec.page_size_padded is not None:
+        raise ValueError("slora-plugin: padded KV pages are not supported by the page pool")
+    return spec
+
+
+def config_of(vllm_config: Any) -> SLoRAConfig:
+    """The plugin settings written into additional_config by patches/engine_args.py."""
+    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
+    return SLoRAConfig.from_mapping({k: v for k, v in raw.items() if k != "enabled"})
+
+
+class _SLoRAScheduling:
+    """Mixed in before vLLM's Scheduler or AsyncScheduler (see `scheduler_class`)."""
+
+    kv_cache_manager: SLoRAKVCacheManager
+
+    def __init__(self, *args: Any, pages_of: PagesOf | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        vllm_patch.check_instance(self)
+        self.slora_config = config_of(self.vllm_config)
+        spec = kv_spec_of(self.kv_cache_config)
+        self.page_elems = spec.page_size_bytes // self.vllm_config.model_config.dtype.itemsize
+        num_blocks = self.kv_cache_config.num_blocks
+        #: Device bytes one block id stands for (its page in every layer's KV tensor).
+        self.bytes_per_page = sum(t.size for t in self.kv_cache_config.kv_cache_tensors) // num_blocks
+        if pages_of is None:
+            from slora_plugin.pool.adapter_pages import default_pages_of
+
+            pages_of = default_pages_of(self.vllm_config, self.slora_config, self.page_elems)
+        mgr = vllm_patch.swap_kv_cache_manager(self, SLoRAKVCacheManager)
+        mgr.slora_setup(pages_of)
+        vllm_patch.apply()
+        vllm_patch.set_content_key_resolver(mgr, "content_key")
+        self.num_preemptions = 0
+        self._failed: list[tuple[Request, str]] = []
+        self._last_stats_log = time.monotonic()
+
+    # ------------------------------------------------------------ requests
+    def add_request(self, request: Request) -> None:
+        super().add_request(request)  # type: ignore[misc]
+        if request.lora_request is None or self.requests.get(request.request_id) is not request:
+            return
+        try:
+            self.kv_cache_manager.adapter_need(request)
+        except AdapterUnusable as e:
+            self.kv_cache_manager.mark_unusable(request.request_id, str(e))
+
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        self._fail_unusable()
+        output = super().schedule(*args, **kwargs)  # type: ignore[misc]
+        attach(output, self.kv_cache_manager.pool.take_commands(self._prefetch_hints()))
+        return output
+
+    def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> dict:
+        outputs = super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
+        for request, reason in self._failed:
+            eco = outputs.get(request.client_index)
+            if eco is None:
+                eco = outputs[request.client_index] = EngineCoreOutputs()
+            eco.outputs.append(EngineCoreOutput(
+                request_id=request.request_id, new_token_ids=[],
+                finish_reason=request.get_finished_reason(), stop_reason=reason,
+                events=request.take_events(), trace_headers=request.trace_headers))
+        self._failed.clear()
+        if self.log_stats and time.monotonic() - self._last_stats_log >= STATS_LOG_INTERVAL_S:
+            self._last_stats_log = time.monotonic()
+            logger.info("slora page pool: %s", self.pool_stats())
+        return outputs
+
+    def _preempt_request(self, request: Request, timestamp: float) -> None:
+        self.num_preemptions += 1
+        super()._preempt_request(request, timestamp)  # type: ignore[misc]
+
+    def _fail_unusable(self) -> None:
+        """Finish, with FINISHED_ERROR, the requests whose adapter turned out unusable; the
+        client gets finish_reason "error" and the reason as stop_reason."""
+        unusable = self.kv_cache_manager.take_unusable()
+        if not unusable:
+            return
+        for request in self.finish_requests(unusable, RequestStatus.FINISHED_ERROR):  # type: ignore[attr-defined]
+            reason = unusable[request.request_id]
+            logger.error("request %s failed: %s", request.request_id, reason)
+            request.stop_reason = reason
+            self._failed.append((request, reason))
+
+    def _prefetch_hints(self) -> tuple[tuple[str, str], ...]:
+        depth = self.slora_config.prefetch_depth
+
+        def queued():
+            for queue in (self.skipped_waiting, self.waiting):
+                for request in queue:
+                    lr = request.lora_request
+                    if lr is not None:
+                        yield lr.lora_int_id, lr.lora_name, lr.lora_path
+
+        return self.kv_cache_manager.pool.prefetch_hints(queued(), depth, scan_limit=8 * depth)
+
+    # ----------------------------------------------------------- operators
+    def pool_stats(self) -> dict[str, int]:
+        """Where the KV blocks are (pages = blocks; bytes = device bytes over all layers)."""
+        mgr = self.kv_cache_manager
+        pool = mgr.pool
+        total = mgr.block_pool.num_gpu_blocks - 1
+        free = mgr.block_pool.get_num_free_blocks()
+        adapter_pages = pool.adapter_pages
+        return {
+            "pages_total": total,
+            "pages_free": free,
+            "pages_kv": total - free - adapter_pages,
+            "pages_adapters": adapter_pages,
+            "adapter_bytes": adapter_pages * self.bytes_per_page,
+            "adapters_resident": pool.num_resident,
+            "adapters_idle": pool.num_idle,
+            "adapter_loads": pool.loads,
+            "adapter_evictions": pool.evictions,
+            "preemptions": self.num_preemptions,
+        }
+
+    def adapter_residency(self) -> list[dict]:
+        """One entry per resident adapter (name, path, pages, bytes, requests using it)."""
+        rows = self.kv_cache_manager.pool.residency()
+        for row in rows:
+            row["bytes"] = row["pages"] * self.bytes_per_page
+        return rows
+
+
+class SLoRAScheduler(_SLoRAScheduling, Scheduler):
+    """vLLM's synchronous Scheduler with the unified page pool."""
+
+
+class SLoRAAsyncScheduler(_SLoRAScheduling, AsyncScheduler):
+    """vLLM's AsyncScheduler (the 0.26 default) with the unified page pool."""
+
+
+def scheduler_class(async_scheduling: bool) -> type:
+    """The class to put in `SchedulerConfig.scheduler_cls` (after `async_scheduling` is final)."""
+    return SLoRAAsyncScheduler if async_scheduling else SLoRAScheduler
