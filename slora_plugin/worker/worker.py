@@ -178,14 +178,13 @@ class SLoRAWorker(Worker):
 
     # -- the scheduler's commands -----------------------------------------------------------
     def execute_model(self, scheduler_output):
-        self._release_finished()
-        commands = commands_of(scheduler_output)
-        if commands:
-            self.apply_commands(commands)
+        self.apply_commands(commands_of(scheduler_output))
         return super().execute_model(scheduler_output)
 
     def apply_commands(self, commands: StepCommands) -> None:
-        """Evict, then load (ordered against compute), then start host prefetches."""
+        """Evict, then load (ordered against compute), then start host prefetches; first give
+        back the host leases of finished copies (every step, even with no commands)."""
+        self._release_finished()
         mgr = self.slora_manager
         for lora_id in commands.evict:
             mgr.evict(lora_id)

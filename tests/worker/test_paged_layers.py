@@ -218,3 +218,65 @@ def test_op_without_pool_leaves_output_unchanged(vllm_cpu):
         assert torch.equal(y, before)
     finally:
         ops.install(None)
+
+
+class _Lease:
+    def __init__(self, spec, pages, log):
+        self.spec, self.pages, self.log = spec, pages, log
+
+    def __enter__(self):
+        self.log.append("get")
+        return self
+
+    def __exit__(self, *exc):
+        self.log.append("release")
+
+
+class _Store:
+    """The host store's contract: spec/get (lease with pinned pages)/prefetch."""
+
+    def __init__(self, dims, layouts, g):
+        self.dims, self.layouts, self.g, self.log, self.prefetched = dims, layouts, g, [], []
+        self.pages = {p: torch.randn(dims.num_hidden_layers, lay.num_pages, PAGE, generator=g)
+                      for p, lay in layouts.items()}
+
+    def get(self, path):
+        from types import SimpleNamespace
+
+        lay = self.layouts[path]
+        return _Lease(SimpleNamespace(num_pages=lay.num_pages, layout=lay), self.pages[path], self.log)
+
+    def prefetch(self, paths):
+        self.prefetched.extend(paths)
+
+
+def test_worker_applies_evict_load_prefetch(vllm_cpu, tiny_dims, monkeypatch):
+    from types import SimpleNamespace
+
+    from slora_plugin.pool.commands import LoadAdapter, StepCommands
+    from slora_plugin.worker.worker import SLoRAWorker
+
+    g = torch.Generator().manual_seed(2)
+    _, mgr, _ = _manager(vllm_cpu, tiny_dims, monkeypatch, slots=2)
+    pools = _layer_key_pools(mgr, tiny_dims)
+    layout = plan_layout({"q_proj": 4, "down_proj": 8}, tiny_dims, PAGE)
+    store = _Store(tiny_dims, {"/a/x": layout}, g)
+    w = object.__new__(SLoRAWorker)
+    w.adapter_store, w.page_elems, w._copy_stream, w._in_flight = store, PAGE, None, []
+    w._layer_pools = [SimpleNamespace(kv_cache=p) for p in pools]
+    w.model_config = SimpleNamespace(dtype=torch.float32)
+    w.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(model_manager=mgr))
+
+    blocks = tuple(range(30, 30 - layout.num_pages, -1))  # descending: one copy per page
+    w.apply_commands(StepCommands(load=(LoadAdapter(5, "x", "/a/x", blocks),),
+                                  prefetch=(("y", "/a/y"),)))
+    for l, pool in enumerate(pools):
+        torch.testing.assert_close(pool[list(blocks)], store.pages["/a/x"][l])
+    assert mgr.is_resident(5) and store.prefetched == ["/a/y"] and store.log == ["get"]
+    mgr.add_adapter(mgr.resident_model(5))
+    mgr.activate_adapter(5)
+    slot = mgr.lora_index_to_id.index(5)
+    assert int(mgr.runtime.tables.ranks[slot].sum()) == 12
+    w.apply_commands(StepCommands(evict=(5,)))
+    assert store.log == ["get", "release"]  # the CPU copy finished: lease given back
+    assert not mgr.is_resident(5) and int(mgr.runtime.tables.ranks.sum()) == 0
