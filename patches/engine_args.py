@@ -25,7 +25,9 @@ REQUIRES = (
 )
 #: EngineArgs fields this patch sets.
 FIELDS = ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank", "lora_target_modules",
-          "additional_config")
+          "additional_config", "worker_cls", "compilation_config")
+#: The worker that serves adapters from KV pages.
+WORKER_CLS = "slora_plugin.worker.worker.SLoRAWorker"
 #: Ranks vLLM's LoRAConfig accepts (`vllm.config.lora.MaxLoRARanks`).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -54,6 +56,22 @@ def configure_engine_args(args: Any, cfg: SLoRAConfig) -> None:
         args.lora_target_modules = list(cfg.target_modules)
     args.additional_config = dict(args.additional_config or {})
     args.additional_config[ADDITIONAL_CONFIG_KEY] = cfg.to_dict()
+    args.worker_cls = WORKER_CLS
+    # The paged kernels' grid does not depend on the number of active adapters and they exit
+    # early for tokens without one: one set of LoRA graphs serves every step.
+    cc = args.compilation_config
+    if isinstance(cc, dict):
+        cc.setdefault("cudagraph_specialize_lora", False)
+    elif hasattr(cc, "cudagraph_specialize_lora"):
+        cc.cudagraph_specialize_lora = False
+
+
+def configure_vllm_config(vllm_config: Any) -> None:
+    """After the config is built: the scheduler variant matching the final async_scheduling."""
+    from slora_plugin.pool.scheduler import scheduler_class
+
+    sc = vllm_config.scheduler_config
+    sc.scheduler_cls = scheduler_class(bool(sc.async_scheduling))
 
 
 def apply() -> None:
@@ -69,7 +87,9 @@ def apply() -> None:
         if cfg is None:
             return original(self, *args, **kwargs)
         configure_engine_args(self, cfg)
-        return original(self, *args, **kwargs)
+        vllm_config = original(self, *args, **kwargs)
+        configure_vllm_config(vllm_config)
+        return vllm_config
 
     create_engine_config._slora_wrapped = True  # type: ignore[attr-defined]
     EngineArgs.create_engine_config = create_engine_config
