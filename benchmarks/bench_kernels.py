@@ -1,0 +1,254 @@
+"""Paged LoRA kernels vs vLLM 0.26's `lora_shrink`/`lora_expand` on a fused Llama-2-7B qkv_proj (H100).
+
+    python benchmarks/bench_kernels.py [--out-dir benchmarks/results] [--rep-ms 25]
+
+Cases: uniform rank 16 and mixed ranks {8,16,32,64,128} (slot j has rank RANKS[j % 5]); 1, 16, 64
+and 256 distinct adapters; decode batches of 1..512 tokens (one token per sequence, adapters
+interleaved, distinct <= tokens) and a 4,096-token prefill (one contiguous segment per adapter).
+Ours reads the weights out of a shuffled page pool built with the real layout; vLLM gets the same
+weights in its stacked slots, zero-padded to the batch's max rank (how vLLM stores them).
+
+Times: `triton.testing.do_bench` median (L2 flushed between runs) of a CUDA-graph replay of one
+call, so that Python launch overhead (ours and vLLM's) does not hide the kernel time; eager
+timing is used if a capture fails (then `graph` is false in the row). `SegmentMeta.update` runs
+once per engine step for all layers, so it is timed apart (`update_us`) and not in `time_us`.
+
+Bandwidth: bytes that must move at least once over the time: shrink = x + every distinct
+adapter's real-rank A rows; expand = y + real-rank B rows; both = all of them (y counted once).
+`pct_copy_bw` compares with a device-to-device copy measured in the same run (read + write).
+Writes benchmarks/results/kernels-<date>.json and prints a markdown table. ~2-3 minutes on an H100.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from typing import Callable
+
+import torch
+import triton
+import triton.testing
+
+from slora_plugin.kernels import SegmentMeta, paged_lora_expand, paged_lora_linear, paged_lora_shrink, shrink_buffer
+from slora_plugin.kernels.paged_lora import choose_config
+from slora_plugin.kernels.synthetic import build_synthetic_pool
+from slora_plugin.layout import ModelDims
+
+try:  # vLLM is optional: without it only our rows are measured
+    from vllm.lora.ops.triton_ops import LoRAKernelMeta, lora_expand, lora_shrink
+    VLLM_ERROR = None
+except Exception as exc:  # noqa: BLE001 - any import failure means "no vLLM rows", said in the output
+    VLLM_ERROR = f"{type(exc).__name__}: {exc}"
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DIMS = ModelDims(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                 intermediate_size=11008, num_hidden_layers=32)        # Llama-2-7B
+MODULE_IDS = (0, 1, 2)                                                  # q, k, v
+WIDTHS = (4096, 4096, 4096)
+K_IN = 4096
+PAGE_ELEMS = 2 * 16 * 32 * 128    # vLLM's fp16 page of one layer, block size 16
+MAX_RANK = 128                    # the plugin's table width (max_lora_rank)
+DTYPE = torch.float16
+DEVICE = "cuda"
+RANK_SETS = {"uniform": (16,), "mixed": (8, 16, 32, 64, 128)}
+DISTINCT = (1, 16, 64, 256)
+DECODE_TOKENS = (1, 16, 64, 256, 512)
+PREFILL_TOKENS = 4096
+MAX_SLOTS = max(DISTINCT)
+
+
+def copy_gbps(rep_ms: int) -> float:
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=10, rep=rep_ms, return_mode="median")
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def timed(fn: Callable[[], None], rep_ms: int) -> tuple[float, bool]:
+    """(median us, captured in a graph?) of one call of `fn` (already warmed up)."""
+    graph = torch.cuda.CUDAGraph()
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            fn()
+        run, is_graph = graph.replay, True
+    except Exception as exc:  # noqa: BLE001 - fall back to eager timing, recorded in the row
+        print(f"  (graph capture failed, timing eagerly: {type(exc).__name__}: {exc})", file=sys.stderr)
+        torch.cuda.synchronize()
+        run, is_graph = fn, False
+    ms = triton.testing.do_bench(run, warmup=5, rep=rep_ms, return_mode="median")
+    return ms * 1e3, is_graph
+
+
+def slot_ranks(rank_set: tuple[int, ...]) -> list[dict[str, int]]:
+    return [{m: rank_set[j % len(rank_set)] for m in ("q_proj", "k_proj", "v_proj")} for j in range(MAX_SLOTS)]
+
+
+def token_slots(phase: str, tokens: int, distinct: int) -> torch.Tensor:
+    idx = torch.arange(tokens)
+    slots = idx % distinct if phase == "decode" else idx * distinct // tokens
+    return slots.to(torch.int32).to(DEVICE)
+
+
+class VllmWeights:
+    """vLLM's view of the same adapters: stacked slots zero-padded to `pad` ranks.
+
+    Built once per (rank set, pad) and kept for the whole run: vLLM caches the weights' pointers
+    *and strides* by data pointer, so a freed tensor's address reused with another padding would
+    hit a stale entry.
+    """
+
+    def __init__(self, weights: list, pad: int) -> None:
+        self.a, self.b = [], []
+        for m in ("q_proj", "k_proj", "v_proj"):
+            a = torch.zeros(MAX_SLOTS, pad, K_IN, dtype=DTYPE, device=DEVICE)
+            b = torch.zeros(MAX_SLOTS, WIDTHS[0], pad, dtype=DTYPE, device=DEVICE)
+            for j, slot_weights in enumerate(weights):
+                wa, wb = slot_weights[m]
+                if wa.shape[0] <= pad:
+                    a[j, :wa.shape[0]] = wa
+                    b[j, :, :wb.shape[1]] = wb
+            self.a.append(a)
+            self.b.append(b)
+
+
+class VllmCase:
+    """One batch for vLLM's kernels: its metadata (prepared on the host, untimed) and h buffer."""
+
+    def __init__(self, w: VllmWeights, slots: torch.Tensor, tokens: int) -> None:
+        self.w = w
+        self.h = torch.empty(len(MODULE_IDS), tokens, w.a[0].shape[1], dtype=torch.float32, device=DEVICE)
+        self.meta = LoRAKernelMeta.make(MAX_SLOTS, tokens, DEVICE)
+        self.meta.prepare_tensors(slots)
+        self.args = self.meta.meta_args(tokens, True)
+
+    def shrink(self, x: torch.Tensor) -> None:
+        lora_shrink(x, self.w.a, self.h, *self.args, 1.0)
+
+    def expand(self, y: torch.Tensor) -> None:
+        lora_expand(self.h, self.w.b, y, *self.args, offset_start=0, add_inputs=True)
+
+    def both(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.shrink(x)
+        self.expand(y)
+
+
+def run_case(rank_name: str, sp, vllm_weights: dict, phase: str, tokens: int, distinct: int, copy_bw: float,
+             meta: SegmentMeta, rep_ms: int) -> list[dict]:
+    slots = token_slots(phase, tokens, distinct)
+    used_ranks = sorted({int(r) for r in sp.ranks[:distinct, 0].tolist()})
+    rank_sum = int(sp.ranks[:distinct, :3].sum())
+    w_bytes = 2 * rank_sum * K_IN, 2 * rank_sum * WIDTHS[0]          # real-rank A rows, B rows
+    x = torch.randn(tokens, K_IN, dtype=DTYPE, device=DEVICE) / 4
+    y = torch.zeros(tokens, sum(WIDTHS), dtype=DTYPE, device=DEVICE)
+    x_bytes, y_bytes = x.numel() * 2, y.numel() * 2
+    op_bytes = {"shrink": x_bytes + w_bytes[0], "expand": y_bytes + w_bytes[1],
+                "both": x_bytes + y_bytes + sum(w_bytes)}
+    meta.update(slots)
+    update_us, update_graph = timed(lambda: meta.update(slots), rep_ms)
+    config = choose_config(tokens, K_IN)
+    h = shrink_buffer(tokens, len(MODULE_IDS), MAX_RANK, config, DEVICE)
+    tables = (sp.a_addr, sp.b_addr, sp.ranks, sp.scales)
+    ours = {
+        "shrink": lambda: paged_lora_shrink(h, x, sp.pool, meta, sp.a_addr, sp.ranks, MODULE_IDS, MAX_RANK, config),
+        "expand": lambda: paged_lora_expand(y, h, sp.pool, meta, sp.b_addr, sp.ranks, sp.scales, MODULE_IDS,
+                                            WIDTHS, MAX_RANK, config),
+        "both": lambda: paged_lora_linear(y, x, sp.pool, meta, *tables, MODULE_IDS, WIDTHS, MAX_RANK, config),
+    }
+    vllm, max_diff = None, None
+    if VLLM_ERROR is None:
+        pad = max(used_ranks)
+        key = (rank_name, pad)
+        if key not in vllm_weights:
+            vllm_weights[key] = VllmWeights(sp.weights, pad)
+        vllm = VllmCase(vllm_weights[key], slots, tokens)
+        y_v = torch.zeros_like(y)
+        vllm.both(x, y_v)
+        ours["both"]()
+        max_diff = float((y.float() - y_v.float()).abs().max())
+    else:
+        ours["both"]()
+    rows = []
+    for op, fn in ours.items():
+        t_us, graphed = timed(fn, rep_ms)
+        gbps = op_bytes[op] / (t_us * 1e-6) / 1e9
+        row = {"op": op, "phase": phase, "rank_set": rank_name, "ranks": used_ranks, "distinct_adapters": distinct,
+               "tokens": tokens, "time_us": round(t_us, 2), "gbps": round(gbps, 1),
+               "pct_copy_bw": round(100 * gbps / copy_bw, 1), "vllm_time_us": None, "graph": graphed,
+               "update_us": round(update_us, 2), "update_graph": update_graph, "bytes": op_bytes[op],
+               "config": config.__dict__}
+        if vllm is not None:
+            vfn = {"shrink": lambda: vllm.shrink(x), "expand": lambda: vllm.expand(y_v),
+                   "both": lambda: vllm.both(x, y_v)}[op]
+            v_us, v_graphed = timed(vfn, rep_ms)
+            row.update(vllm_time_us=round(v_us, 2), vllm_graph=v_graphed, speedup=round(v_us / t_us, 2),
+                       max_abs_diff_vs_vllm=max_diff)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    head = ("| op | phase | ranks | distinct | tokens | ours us | GB/s | % copy BW | vLLM us | speedup |\n"
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        v = r["vllm_time_us"]
+        ranks = ",".join(map(str, r["ranks"]))
+        vllm = "-" if v is None else f"{v:.1f}"
+        speedup = "-" if v is None else f"{v / r['time_us']:.2f}x"
+        lines.append(f"| {r['op']} | {r['phase']} | {r['rank_set']} {ranks} | {r['distinct_adapters']} | "
+                     f"{r['tokens']} | {r['time_us']:.1f} | {r['gbps']:.0f} | {r['pct_copy_bw']:.0f}% | "
+                     f"{vllm} | {speedup} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
+    parser.add_argument("--rep-ms", type=int, default=25, help="do_bench measuring time per case (ms)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_kernels.py needs a CUDA GPU")
+    started = time.time()
+    device = torch.cuda.get_device_name()
+    print(f"device {device}; vLLM kernels: {'yes' if VLLM_ERROR is None else 'no (' + VLLM_ERROR + ')'}",
+          file=sys.stderr)
+    copy_bw = copy_gbps(args.rep_ms)
+    print(f"device-to-device copy: {copy_bw:.0f} GB/s", file=sys.stderr)
+    meta = SegmentMeta(max_tokens=PREFILL_TOKENS, max_slots=MAX_SLOTS, device=DEVICE)
+    rows: list[dict] = []
+    vllm_weights: dict = {}   # kept alive for the whole run, see VllmWeights
+    pools = []
+    for rank_name, rank_set in RANK_SETS.items():
+        sp = build_synthetic_pool(DIMS, slot_ranks(rank_set), PAGE_ELEMS, DTYPE, DEVICE, MAX_RANK,
+                                  generator=torch.Generator(device=DEVICE).manual_seed(0))
+        cases = [("decode", t, d) for d in DISTINCT for t in DECODE_TOKENS if d <= t]
+        cases += [("prefill", PREFILL_TOKENS, d) for d in DISTINCT]
+        for phase, tokens, distinct in cases:
+            rows += run_case(rank_name, sp, vllm_weights, phase, tokens, distinct, copy_bw, meta, args.rep_ms)
+            r = rows[-1]
+            print(f"[{time.time() - started:5.0f}s] {rank_name} {phase} T={tokens} D={distinct}: both "
+                  f"{r['time_us']:.1f} us ({r['pct_copy_bw']:.0f}% copy BW), vLLM {r['vllm_time_us']}", file=sys.stderr)
+        pools.append(sp)
+    date = datetime.date.today().isoformat()
+    result = {"date": date, "device": device, "copy_gbps": round(copy_bw, 1), "dtype": str(DTYPE),
+              "layer": "llama-2-7b qkv_proj", "vllm": VLLM_ERROR or "vllm.lora.ops.triton_ops",
+              "seconds": round(time.time() - started, 1), "rows": rows}
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"kernels-{date}.json")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    print(markdown(rows))
+    print(f"\nwrote {path} in {result['seconds']} s; copy bandwidth {copy_bw:.0f} GB/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
