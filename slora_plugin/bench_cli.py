@@ -19,7 +19,7 @@ from slora_plugin.workload import (
     WorkloadError, WorkloadSpec, adapter_counts, gap_stats, generate, load_trace, parse_spec,
     save_trace)
 
-DEFAULT_GAMMA = "n=1000,arrival=gamma,rate=4,cv=1,requests=360,in=8-512,out=8-512"
+DEFAULT_GAMMA = "n=1000,arrival=gamma,rate=4,cv=1,requests=240,in=8-512,out=8-512"
 DEFAULT_RESULTS = os.path.join("benchmarks", "results")
 
 
@@ -90,7 +90,7 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                    help="extra LLM(...) argument (VALUE parsed as JSON when it is JSON); repeatable")
     p.add_argument("--slo-ttft-s", type=float, default=6.0, help="TTFT SLO for attainment (S-LoRA: 6 s)")
-    p.add_argument("--deadline-s", type=float, default=500.0,
+    p.add_argument("--deadline-s", type=float, default=480.0,
                    help="wall-clock budget of the whole command; the trace running then is cut, later ones skipped")
     p.set_defaults(func=_cmd_run)
 

@@ -72,7 +72,7 @@ class RunOptions:
     slora_config: dict[str, Any] = field(default_factory=dict)
     engine_args: dict[str, Any] = field(default_factory=dict)
     slo_ttft_s: float = 6.0
-    deadline_s: float = 500.0
+    deadline_s: float = 480.0
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -187,6 +187,17 @@ class GpuMemoryPoller:
 
 
 # ----------------------------------------------------------------------------- engine
+
+def check_plugin_installed() -> None:
+    """vLLM loads the plugin through its entry point, in every process; a copy that is only
+    importable from sys.path would be ignored and the 'plugin' run would fail or be stock."""
+    import importlib.metadata
+
+    eps = importlib.metadata.entry_points(group="vllm.general_plugins")
+    if not any(ep.value.startswith("slora_plugin") for ep in eps):
+        raise BenchError("the slora plugin is not installed as a vllm.general_plugins entry point: "
+                         "install the package (e.g. `bash benchmarks/gpu_run.sh install`)")
+
 
 def engine_kwargs(opts: RunOptions, model_dir: str, adapter_dir: str | None) -> dict[str, Any]:
     """`LLM(...)` arguments: the baseline's offline setup plus the system's LoRA settings."""
@@ -312,6 +323,8 @@ def run(opts: RunOptions) -> str:
 
     import slora_plugin
 
+    if opts.system == "plugin":
+        check_plugin_installed()
     model_cfg = load_model_config(opts.model)
     if os.path.isdir(opts.model):
         model_dir = opts.model

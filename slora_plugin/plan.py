@@ -53,7 +53,6 @@ LLAMA_2_7B: dict[str, Any] = {
     "initializer_range": 0.02,
     "bos_token_id": 1,
     "eos_token_id": 2,
-    "pad_token_id": 0,
     "tie_word_embeddings": False,
     "torch_dtype": "float16",
 }

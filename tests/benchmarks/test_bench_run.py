@@ -1,0 +1,262 @@
+"""The GPU runner's CPU-side logic: cold adapter naming, adapter files, engine arguments, and
+the arrival/step loop driven against a fake engine (the real one needs the H100)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from slora_plugin.bench_cli import _traces, add_subparser, main
+from slora_plugin.bench_run import (
+    WARMUP_REQUESTS, BenchError, RunOptions, adapter_name, adapter_plan, engine_kwargs,
+    prepare_adapters, run_trace, trace_offsets)
+from slora_plugin.plan import load_model_config
+from slora_plugin.workload import WorkloadSpec, generate
+
+
+def _trace(**kw):
+    return generate(WorkloadSpec(**kw))
+
+
+def test_every_trace_gets_fresh_adapters():
+    traces = [_trace(n_adapters=1, num_requests=5), _trace(n_adapters=3, num_requests=5, ranks=(8, 16)),
+              _trace(n_adapters=0, num_requests=5)]
+    assert trace_offsets(traces) == [WARMUP_REQUESTS, WARMUP_REQUESTS + 1, WARMUP_REQUESTS + 4]
+    plan = adapter_plan(traces)
+    assert sorted(plan) == list(range(WARMUP_REQUESTS + 4))
+    assert [plan[WARMUP_REQUESTS + 1 + j][0] for j in range(3)] == [8, 16, 8]
+    assert adapter_name(12) == "adapter-00012"
+
+
+def test_prepare_adapters_hard_links_and_reuse(tmp_path, tiny_model_dir):
+    model_cfg = load_model_config(tiny_model_dir)
+    traces = [_trace(n_adapters=6, num_requests=5, ranks=(4, 8))]
+    plan = adapter_plan(traces)
+    adir = prepare_adapters(str(tmp_path), plan, model_cfg, ["q_proj", "v_proj"], distinct=2)
+    names = sorted(os.listdir(adir))
+    assert names == [adapter_name(g) for g in range(WARMUP_REQUESTS + 6)]
+    inodes = {os.stat(os.path.join(adir, n, "adapter_model.safetensors")).st_ino for n in names}
+    assert len(inodes) == 4                      # 2 ranks x 2 distinct files
+    cfg = json.load(open(os.path.join(adir, adapter_name(WARMUP_REQUESTS + 1), "adapter_config.json")))
+    assert cfg["r"] == 8 and cfg["target_modules"] == ["q_proj", "v_proj"]
+    assert prepare_adapters(str(tmp_path), plan, model_cfg, ["q_proj", "v_proj"], 2) == adir
+    with pytest.raises(BenchError, match="has rank 4, this run needs 16"):
+        prepare_adapters(str(tmp_path), {0: (16, 0)}, model_cfg, ["q_proj"], 2)
+
+
+def test_engine_kwargs_per_system():
+    traces = [_trace(n_adapters=1000, num_requests=5)]
+    base = engine_kwargs(RunOptions("base", traces), "/m", None)
+    assert base == dict(model="/m", load_format="dummy", skip_tokenizer_init=True, dtype="float16",
+                        max_model_len=1024, gpu_memory_utilization=0.9, seed=0, disable_log_stats=False)
+    stock = engine_kwargs(RunOptions("stock", traces), "/m", "/a")
+    assert (stock["enable_lora"], stock["max_loras"], stock["max_cpu_loras"], stock["max_lora_rank"],
+            stock["lora_target_modules"]) == (True, 128, 1000, 128, ["qkv_proj", "o_proj"])
+    assert engine_kwargs(RunOptions("stock", traces, lora_target_modules=None), "/m", "/a")["lora_target_modules"] is None
+    plugin = engine_kwargs(RunOptions("plugin", traces, slora_config={"loader_threads": 8},
+                                      engine_args={"enable_lora": True}), "/m", "/a")
+    assert plugin["additional_config"] == {"slora": {"adapter_dir": "/a", "max_lora_rank": 128,
+                                                     "loader_threads": 8}}
+    assert plugin["enable_lora"] is True and "max_loras" not in plugin
+    with pytest.raises(BenchError, match="system must be one of"):
+        RunOptions("vllm", traces)
+
+
+class FakeEngine:
+    """Finishes each request `steps` engine steps after it was added, like a tiny server."""
+
+    def __init__(self, steps=3, step_s=0.002):
+        self.steps, self.step_s = steps, step_s
+        self.live: dict[str, dict] = {}
+        self.max_live = 0
+        self.aborted: list[str] = []
+
+    def has_unfinished_requests(self):
+        return bool(self.live)
+
+    def step(self):
+        time.sleep(self.step_s)
+        done = []
+        for rid, r in list(self.live.items()):
+            r["left"] -= 1
+            if r["first"] is None:
+                r["first"], r["first_mono"] = time.time(), time.monotonic()
+            if r["left"] == 0:
+                del self.live[rid]
+                m = SimpleNamespace(arrival_time=r["arrival"], first_token_latency=r["first"] - r["arrival"],
+                                    first_token_ts=r["first_mono"], last_token_ts=time.monotonic())
+                done.append(SimpleNamespace(request_id=rid.split("-")[0], finished=True, metrics=m,
+                                            outputs=[SimpleNamespace(token_ids=[0] * r["max_tokens"])]))
+        return done
+
+    def abort_request(self, ids, internal=False):
+        assert internal
+        self.aborted += ids
+        for i in ids:
+            self.live.pop(i)
+
+
+class FakeLLM:
+    def __init__(self, **kw):
+        self.llm_engine = FakeEngine(**kw)
+        self.n = 0
+        self.calls: list[list] = []
+
+    def enqueue(self, prompts, params, lora_request, use_tqdm):
+        assert use_tqdm is False and len(prompts) == len(params) == len(lora_request)
+        self.calls.append(lora_request)
+        ids = []
+        for p, sp in zip(prompts, params):
+            assert sp.ignore_eos and sp.temperature == 0 and not sp.detokenize
+            rid = f"{self.n}-abcdef12"
+            self.n += 1
+            self.llm_engine.live[rid] = dict(left=self.llm_engine.steps, first=None, arrival=time.time(),
+                                             max_tokens=sp.max_tokens, prompt=p["prompt_token_ids"])
+            ids.append(rid)
+        self.llm_engine.max_live = max(self.llm_engine.max_live, len(self.llm_engine.live))
+        return ids
+
+
+def test_all_at_once_stock_requests_carry_cold_adapters():
+    trace = _trace(n_adapters=10, num_requests=40, output_len=(2, 9))
+    llm = FakeLLM()
+    opts = RunOptions("stock", [trace])
+    row, cut = run_trace(llm, opts, trace, offset=100, adapter_dir="/ad", vocab_size=256,
+                         deadline=time.time() + 60)
+    assert not cut and row["completed"] == row["requests"] == 40
+    assert len(llm.calls) == 1 and len(llm.calls[0]) == 40
+    lr = llm.calls[0][0]
+    a = trace.requests[0].adapter
+    assert (lr.lora_name, lr.lora_int_id, lr.lora_path) == (
+        adapter_name(100 + a), 101 + a, os.path.join("/ad", adapter_name(100 + a)))
+    assert row["output_tok_per_s"] * row["duration_s"] == pytest.approx(sum(r.output_len for r in trace.requests), rel=1e-2)
+    assert 0 < row["ttft_p50_s"] < row["e2e_p50_s"] and row["tpot_p50_s"] > 0
+    assert row["distinct_adapters"] == trace.distinct_adapters
+
+
+def test_gamma_arrivals_are_honoured_and_base_sends_no_lora():
+    trace = _trace(n_adapters=5, num_requests=30, arrival="gamma", rate=150.0)
+    llm = FakeLLM()
+    t0 = time.time()
+    row, cut = run_trace(llm, RunOptions("base", [trace]), trace, 8, None, 256, time.time() + 60)
+    assert not cut and row["completed"] == 30
+    assert time.time() - t0 >= trace.requests[-1].arrival_s
+    assert len(llm.calls) > 5 and all(lr is None for call in llm.calls for lr in call)
+    assert row["client_lag_max_s"] < 0.1 and row["slo_attainment"] == 1.0
+
+
+def test_closed_loop_keeps_concurrency():
+    trace = _trace(n_adapters=5, num_requests=25, arrival="closed", concurrency=4)
+    llm = FakeLLM()
+    row, _ = run_trace(llm, RunOptions("stock", [trace]), trace, 8, "/ad", 256, time.time() + 60)
+    assert row["completed"] == 25 and llm.llm_engine.max_live == 4
+
+
+def test_deadline_cuts_and_aborts():
+    trace = _trace(n_adapters=5, num_requests=20, arrival="all")
+    llm = FakeLLM(steps=10_000)
+    row, cut = run_trace(llm, RunOptions("stock", [trace]), trace, 8, "/ad", 256, time.time() + 0.2)
+    assert cut and row["completed"] == 0 and len(llm.llm_engine.aborted) == 20
+    assert row["slo_attainment"] == 0.0
+
+
+def test_missing_metrics_is_a_clear_error():
+    trace = _trace(n_adapters=1, num_requests=1)
+    llm = FakeLLM(steps=1)
+    step = llm.llm_engine.step
+    llm.llm_engine.step = lambda: [SimpleNamespace(**{**o.__dict__, "metrics": None}) for o in step()]
+    with pytest.raises(BenchError, match="disable_log_stats"):
+        run_trace(llm, RunOptions("stock", [trace]), trace, 8, "/ad", 256, time.time() + 60)
+
+
+def _parse(argv):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="slora-plugin")
+    add_subparser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_cli_registers_bench_and_default_traces(tmp_path):
+    args = _parse(["bench", "run", "--system", "stock"])
+    traces = _traces(args)
+    assert [t.spec.n_adapters for t in traces] == [1, 100, 1000, 1000]
+    assert [t.spec.arrival for t in traces] == ["all", "all", "all", "gamma"]
+    assert traces[0].spec.num_requests == 1000 and traces[0].spec.input_len == (256, 256)
+    assert traces[3].spec.input_len == (8, 512) and traces[3].spec.rate == 4
+    base = _traces(_parse(["bench", "run", "--system", "base", "--gamma", "none"]))
+    assert [t.spec.n_adapters for t in base] == [0]
+    custom = _traces(_parse(["bench", "run", "--system", "plugin", "--n-adapters", "2000",
+                             "--requests", "50", "--gamma", "requests=20"]))
+    assert [(t.spec.n_adapters, t.spec.num_requests) for t in custom] == [(2000, 50), (100, 20)]
+    path = str(tmp_path / "t.jsonl")
+    assert main(["trace", path, "--n-adapters", "7", "--requests", "9"]) == 0
+    from_file = _traces(_parse(["bench", "run", "--system", "stock", "--trace", path, "--trace", "n=3"]))
+    assert [t.spec.n_adapters for t in from_file] == [7, 3]
+    for sub in ("trace", "plan", "run", "report"):
+        with pytest.raises(SystemExit):
+            _parse(["bench", sub, "--help"])
+
+
+def test_cli_run_rejects_bad_flags(capsys):
+    assert main(["run", "--system", "stock", "--slora-config", "[1]"]) == 2
+    assert "--slora-config: expected a JSON object" in capsys.readouterr().err
+    assert main(["run", "--system", "stock", "--trace", "rate=-1,arrival=gamma"]) == 2
+    assert "rate > 0" in capsys.readouterr().err
+    assert main(["run", "--system", "stock", "--engine-arg", "novalue"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+class FakeRunLLM(FakeLLM):
+    """Stands in for vllm.LLM in `run()`: records its kwargs and serves like FakeLLM."""
+
+    made: list[dict] = []
+
+    def __init__(self, **kw):
+        super().__init__()
+        FakeRunLLM.made.append(kw)
+        eng = self.llm_engine
+        eng.vllm_config = SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=100, block_size=16))
+        eng.loras = {1, 2}
+        eng.list_loras = lambda: set(eng.loras)
+        eng.remove_lora = lambda i: eng.loras.discard(i)
+
+    def generate(self, prompts, params, lora_request, use_tqdm):
+        assert len(prompts) == len(lora_request) == WARMUP_REQUESTS and not use_tqdm
+        self.warmup = lora_request
+
+
+def test_run_writes_rows_per_trace(tmp_path, tiny_model_dir, monkeypatch):
+    import vllm
+
+    from slora_plugin.bench_run import run
+
+    monkeypatch.setattr(vllm, "LLM", FakeRunLLM)
+    traces = [_trace(n_adapters=n, num_requests=12, ranks=(4, 8)) for n in (1, 5)]
+    opts = RunOptions("stock", traces, model=tiny_model_dir, work_dir=str(tmp_path / "w"),
+                      out_dir=str(tmp_path / "out"), command="python benchmarks/throughput.py --system stock")
+    path = run(opts)
+    data = json.load(open(path))
+    assert os.path.basename(path).startswith("throughput-stock-")
+    assert data["command"] == opts.command and data["vllm_version"] == vllm.__version__
+    assert [w["n_adapters"] for w in data["workload"]] == [1, 5]
+    assert [(r["n_adapters"], r["completed"], r["kv_cache_tokens"]) for r in data["rows"]] == [(1, 12, 1600), (5, 12, 1600)]
+    assert data["rows"][0]["settings"]["max_loras"] == 128 and data["rows"][0]["init_s"] >= 0
+    kw = FakeRunLLM.made[-1]
+    assert kw["model"] == tiny_model_dir and kw["max_lora_rank"] == 8
+    assert sorted(os.listdir(tmp_path / "w" / "adapters")) == [adapter_name(g) for g in range(WARMUP_REQUESTS + 6)]
+
+
+def test_plugin_run_needs_the_entry_point(monkeypatch):
+    import importlib.metadata
+
+    from slora_plugin.bench_run import check_plugin_installed
+
+    check_plugin_installed()   # installed editable in this environment
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
+    with pytest.raises(BenchError, match="not installed as a vllm.general_plugins entry point"):
+        check_plugin_installed()

@@ -1,0 +1,122 @@
+"""Report side: metrics from request records, results files, markdown table and PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from slora_plugin.bench_cli import main
+from slora_plugin.bench_report import (
+    ReportError, load_results, markdown_table, summarize, write_report, write_results)
+from slora_plugin.workload import WorkloadSpec
+
+
+def _records(n=100, ttft_step=0.1, finished=None):
+    return [{"index": i, "adapter": i % 7, "input_len": 256, "n_out": 128,
+             "finished": True if finished is None else i < finished,
+             "ttft_s": ttft_step * (i + 1), "e2e_s": ttft_step * (i + 1) + 2.0,
+             "tpot_s": 0.01 + i * 1e-4} for i in range(n)]
+
+
+def test_summarize_numbers():
+    m = summarize(_records(), duration_s=10.0, slo_ttft_s=5.0)
+    assert m["requests"] == m["completed"] == 100
+    assert m["req_per_s"] == 10.0 and m["output_tok_per_s"] == 1280.0
+    assert m["total_tok_per_s"] == (128 + 256) * 10.0
+    assert m["ttft_p50_s"] == pytest.approx(5.05) and m["ttft_p99_s"] == pytest.approx(9.901)
+    assert m["tpot_p50_s"] == pytest.approx(0.01495)
+    assert m["slo_attainment"] == 0.5          # ttft 0.1 .. 5.0 meet the 5 s SLO
+    assert len(m["ttft_quantiles_s"]) == 101 and m["ttft_quantiles_s"][0] == 0.1
+    assert m["e2e_quantiles_s"][-1] == pytest.approx(12.0)
+
+
+def test_summarize_counts_unfinished_as_slo_miss():
+    recs = _records(finished=40)
+    for r in recs[40:]:
+        r.update(ttft_s=None, e2e_s=None, tpot_s=None, n_out=0)
+    m = summarize(recs, duration_s=4.0, slo_ttft_s=100.0)
+    assert m["completed"] == 40 and m["req_per_s"] == 10.0
+    assert m["slo_attainment"] == 0.4
+    empty = summarize([dict(r, finished=False) for r in recs[40:]], 1.0, 1.0)
+    assert empty["ttft_p50_s"] is None and empty["ttft_quantiles_s"] == [] and empty["completed"] == 0
+    with pytest.raises(ValueError, match="duration_s must be > 0"):
+        summarize(recs, 0, 1.0)
+
+
+def _row(system, n, out_tok, spec, ttft_step=0.1):
+    m = summarize(_records(ttft_step=ttft_step), duration_s=1000 / out_tok * 12.8, slo_ttft_s=6.0)
+    m["output_tok_per_s"] = out_tok
+    return {"system": system, "trace": spec.label, "workload": spec.to_dict(),
+            "n_adapters": 0 if system == "base" else n, "ranks": [] if system == "base" else [8, 16],
+            **m, "truncated": False, "settings": {"max_loras": 128} if system == "stock" else {},
+            "init_s": 80.0, "warmup_s": 2.0, "kv_cache_tokens": 116768, "gpu_mem_used_peak_mib": 74000}
+
+
+def _fake_results(tmp_path):
+    paths = []
+    allq = WorkloadSpec(n_adapters=1000, arrival="all")
+    gamma = WorkloadSpec(n_adapters=1000, arrival="gamma", rate=4, input_len=(8, 512), output_len=(8, 512))
+    for system, rows in {
+        "base": [_row("base", 0, 7270.7, WorkloadSpec(n_adapters=0, arrival="all")),
+                 _row("base", 0, 900.0, WorkloadSpec(n_adapters=0, arrival="gamma", rate=4,
+                                                     input_len=(8, 512), output_len=(8, 512)))],
+        "stock": [_row("stock", n, t, WorkloadSpec(n_adapters=n, arrival="all"), 0.5)
+                  for n, t in ((1, 5639.4), (100, 3656.6), (1000, 818.9))] + [_row("stock", 1000, 500.0, gamma, 1.0)],
+        "plugin": [_row("plugin", n, t, WorkloadSpec(n_adapters=n, arrival="all"))
+                   for n, t in ((1, 6500.0), (100, 6000.0), (1000, 5000.0), (2000, 4800.0))],
+    }.items():
+        meta = {"date": "2026-11-23T00:00:00+00:00", "device": "NVIDIA H100 80GB HBM3 (81559 MiB)",
+                "vllm_version": "0.26.0", "plugin_version": "0.1.0.dev0",
+                "command": f"python benchmarks/throughput.py --system {system}",
+                "workload": [allq.to_dict(), gamma.to_dict()]}
+        paths.append(write_results(str(tmp_path / f"throughput-{system}-x.json"), meta, rows))
+    return paths
+
+
+def test_results_file_shape(tmp_path):
+    paths = _fake_results(tmp_path)
+    data = json.load(open(paths[1]))
+    assert {"date", "device", "vllm_version", "plugin_version", "command", "workload", "rows"} <= set(data)
+    row = data["rows"][0]
+    for key in ("system", "n_adapters", "ranks", "req_per_s", "output_tok_per_s", "ttft_p50_s",
+                "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "settings", "init_s"):
+        assert key in row
+    assert not any(p.endswith(".tmp") for p in os.listdir(tmp_path))
+
+
+def test_markdown_table_and_ratio_to_base(tmp_path):
+    table = markdown_table(load_results(_fake_results(tmp_path)))
+    lines = [ln for ln in table.splitlines() if ln.startswith("| all-at-once")]
+    assert len(lines) == 8
+    stock1000 = next(ln for ln in lines if "| stock | 1,000 |" in ln)
+    assert "| 0.113 |" in stock1000        # 818.9 / 7270.7, as in the baseline's d2 row
+    assert "max_loras=128" in stock1000
+    gamma = [ln for ln in table.splitlines() if ln.startswith("| gamma rate 4 cv 1")]
+    assert any("| stock | 1,000 |" in ln and "| 0.556 |" in ln for ln in gamma)
+    assert "NVIDIA H100 80GB HBM3" in table
+
+
+def test_write_report_makes_pngs(tmp_path):
+    out = write_report(_fake_results(tmp_path), str(tmp_path / "report"))
+    for key in ("throughput_plot", "ttft_cdf_plot"):
+        with open(out[key], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(out[key]) > 10_000
+    assert open(out["table"]).read().startswith("| trace | system |")
+
+
+def test_report_cli_and_errors(tmp_path, capsys):
+    _fake_results(tmp_path)
+    assert main(["report", str(tmp_path / "throughput-*.json"), "--out-dir", str(tmp_path / "r")]) == 0
+    out = capsys.readouterr().out
+    assert "| plugin | 2,000 |" in out and "ttft_cdf_plot:" in out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"date": "x"}))
+    with pytest.raises(ReportError, match="missing top-level key"):
+        load_results([str(bad)])
+    assert main(["report", str(bad), "--out-dir", str(tmp_path / "r")]) == 2
+    assert "missing top-level key" in capsys.readouterr().err
+    with pytest.raises(ReportError, match="cannot read"):
+        load_results([str(tmp_path / "none.json")])
