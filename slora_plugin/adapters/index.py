@@ -129,6 +129,7 @@ class IdRegistry:
         self.path = os.path.join(root, IDS_FILE) if root else ""
         self.persistent = bool(root) and os.access(root, os.W_OK)
         self._ids: dict[str, int] = {}
+        self._read_upto = 0  # bytes of the file already parsed (it is append-only)
         self._lock = threading.Lock()
 
     def get(self, name: str) -> int:
@@ -141,13 +142,14 @@ class IdRegistry:
             try:
                 with open(self.path, "a+", encoding="utf-8") as f:
                     fcntl.flock(f, fcntl.LOCK_EX)
-                    f.seek(0)
-                    self._ids.update(_parse_ids(f.read()))
+                    f.seek(self._read_upto)
+                    self._ids.update(_parse_ids(f.read()))  # only what others appended since
                     if name not in self._ids:
                         new_id = max(self._ids.values(), default=0) + 1
                         f.write(f"{new_id}\t{name}\n")
                         f.flush()
                         self._ids[name] = new_id
+                    self._read_upto = f.tell()
             except OSError:
                 # A read-only mount that still reports W_OK: fall back to per-process ids.
                 self.persistent = False
