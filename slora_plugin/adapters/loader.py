@@ -23,7 +23,7 @@ from safetensors import safe_open
 from slora_plugin.adapters.errors import AdapterError
 from slora_plugin.adapters.peft_format import MODULE_PARENT, WEIGHTS_NAME, tensor_name
 from slora_plugin.adapters.spec import AdapterSpec
-from slora_plugin.layout import MODULES, ModelDims, PageLayout
+from slora_plugin.layout import ModelDims, PageLayout
 
 #: PEFT's tensor names: `base_model.model.` prefix optional (some exporters drop it), and an
 #: optional adapter-name segment (`lora_A.default.weight`, as in an unfiltered state_dict).
