@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from conftest import TINY_LLAMA
+from tiny_model import TINY_LLAMA
 from slora_plugin.adapters import AdapterStore
 from slora_plugin.layout import unpack_layer
 

@@ -96,7 +96,7 @@ def test_fast_packer_equals_layout_pack_layer(ranks, page, dtype, seed):
     including zeros everywhere no row lives."""
     from types import SimpleNamespace
 
-    from conftest import TINY_LLAMA
+    from tiny_model import TINY_LLAMA
     from slora_plugin.layout import ModelDims, plan_layout
 
     dims = ModelDims.from_hf_config(SimpleNamespace(**TINY_LLAMA))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import write_model_config
+from tiny_model import write_model_config
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.engine import FinishReason
 from vllm_cpu import add_requests, create_scheduler, engine_loop, lora, make_request
