@@ -25,11 +25,16 @@ from the engine's config). `gpu_mem_used_peak_mib` polls `nvidia-smi` for the wh
 reserves its KV cache up front, so this shows the reservation (about gpu_memory_utilization of
 the GPU), not the working set; torch's peak counters live in the engine-core process and are
 not visible here.
+
+Output: `<out_dir>/throughput-<system>-<UTC stamp>.json` (see `bench_report`), rewritten after
+every trace so a cut command keeps what it finished, and `...-requests.jsonl.gz` with every
+request's arrival, TTFT, end-to-end latency and TPOT.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import gzip
 import json
 import os
 import shlex
@@ -237,8 +242,11 @@ def _lora(opts: RunOptions, adapter_dir: str | None, global_id: int):
 
 
 def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir: str | None,
-              vocab_size: int, deadline: float) -> tuple[dict[str, Any], bool]:
-    """Serve one trace; returns (row metrics, whether the deadline cut it)."""
+              vocab_size: int, deadline: float) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
+    """Serve one trace; returns (row metrics, per-request records, whether the deadline cut it).
+
+    A record has the request's `arrival_s` (scheduled, after the trace's start), `ttft_s`,
+    `e2e_s` (both from that arrival), `tpot_s`, `n_out` and `finished`."""
     from vllm import SamplingParams
 
     spec, reqs = trace.spec, trace.requests
@@ -248,13 +256,16 @@ def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir
                              detokenize=False) for r in reqs]
     loras = [_lora(opts, adapter_dir, offset + r.adapter) if r.adapter >= 0 else None for r in reqs]
     records = [{"index": r.index, "adapter": r.adapter, "input_len": r.input_len, "n_out": 0,
-                "finished": False, "ttft_s": None, "e2e_s": None, "tpot_s": None} for r in reqs]
+                "finished": False, "arrival_s": None, "ttft_s": None, "e2e_s": None, "tpot_s": None}
+               for r in reqs]
     arrival = [0.0] * len(reqs)      # scheduled arrival, seconds after t0
     by_id: dict[str, int] = {}       # vLLM's external request id -> index
     internal: dict[int, str] = {}    # index -> internal id (for abort)
     lag, last_finish = 0.0, 0.0
     nxt, inflight, cut = 0, 0, False
-    bar = tqdm(total=len(reqs), desc=f"{opts.system} {spec.label}", dynamic_ncols=True)
+    # Without a terminal (the GPU machine's captured log) a bar line every 10 s, not 10 per second.
+    bar = tqdm(total=len(reqs), desc=f"{opts.system} {spec.label}", dynamic_ncols=True,
+               mininterval=0.1 if sys.stderr.isatty() else 10.0)
     t0 = time.time()
     while True:
         now = time.time() - t0
@@ -279,6 +290,7 @@ def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir
                 internal[i] = rid
                 by_id[rid.split("-")[0]] = i
                 arrival[i] = reqs[i].arrival_s if spec.arrival == "gamma" else now
+                records[i]["arrival_s"] = round(arrival[i], 6)
                 lag = max(lag, now - arrival[i])
             nxt += len(due)
             inflight += len(due)
@@ -298,8 +310,8 @@ def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir
     end = last_finish if last_finish else time.time()
     row = summarize(records, max(end - t0, 1e-9), opts.slo_ttft_s)
     row["client_lag_max_s"] = round(lag, 4)
-    row["distinct_adapters"] = trace.distinct_adapters
-    return row, cut
+    row["distinct_adapters"] = 0 if opts.system == "base" else trace.distinct_adapters
+    return row, records, cut
 
 
 def _record(rec: dict[str, Any], out: Any, arrival_wall: float, finish_wall: float) -> None:
@@ -337,6 +349,7 @@ def run(opts: RunOptions) -> str:
     kw = engine_kwargs(opts, model_dir, adapter_dir)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = os.path.join(opts.out_dir, f"throughput-{opts.system}-{stamp}.json")
+    requests_path = path[:-len(".json")] + "-requests.jsonl.gz"
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_description(),
@@ -367,7 +380,8 @@ def run(opts: RunOptions) -> str:
             print(f"[bench] deadline reached: skipping {trace.spec.label}", flush=True)
             continue
         with GpuMemoryPoller() as mem:
-            metrics, cut = run_trace(llm, opts, trace, offset, adapter_dir, vocab, deadline)
+            metrics, records, cut = run_trace(llm, opts, trace, offset, adapter_dir, vocab, deadline)
+        write_requests(requests_path, trace.spec.label, records)
         row = {"system": opts.system, "trace": trace.spec.label, "workload": trace.spec.to_dict(),
                "n_adapters": 0 if opts.system == "base" else trace.spec.n_adapters,
                "ranks": [] if opts.system == "base" else list(trace.spec.ranks),
@@ -383,8 +397,16 @@ def run(opts: RunOptions) -> str:
             for lora_id in list(llm.llm_engine.list_loras()):
                 llm.llm_engine.remove_lora(lora_id)
     write_results(path, meta, rows)
-    print(f"[bench] wrote {path} ({time.time() - start:.0f} s in all)", flush=True)
+    print(f"[bench] wrote {path} and {requests_path} ({time.time() - start:.0f} s in all)", flush=True)
     return path
+
+
+def write_requests(path: str, trace_label: str, records: Sequence[dict[str, Any]]) -> None:
+    """Append one trace's per-request records (gzip JSON lines, tagged with the trace)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with gzip.open(path, "at", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps({"trace": trace_label, **rec}) + "\n")
 
 
 def command_line() -> str:

@@ -244,6 +244,7 @@ class Plan:
     num_blocks: int
     pages_per_adapter: tuple[int, ...]
     max_lora_rank: int
+    stock_targets: dict[str, tuple[str, ...] | None]
     rows: tuple[PlanRow, ...]
 
 
@@ -254,7 +255,9 @@ def make_plan(model_cfg: Mapping[str, Any], adapters: Sequence[Mapping[str, int]
               stock_targets: Mapping[str, Sequence[str] | None] | None = None) -> Plan:
     """Plugin pages vs stock slots for K resident adapters (K in `resident`, capped at the
     number of adapters, which is always added). Stock uses max_loras = K and max_lora_rank = the
-    largest rank among the adapters."""
+    largest rank among the adapters; `stock_targets` maps a column label to vLLM's
+    `lora_target_modules` (default: "stock tuned" = the layers the adapters touch, as the
+    baseline's tuned rows set it, and "stock default" = None, vLLM's default)."""
     mem = ModelMemory.from_config(model_cfg)
     if not adapters:
         raise PlanError("no adapters to plan for")
@@ -274,8 +277,11 @@ def make_plan(model_cfg: Mapping[str, Any], adapters: Sequence[Mapping[str, int]
     max_rank = max(max(a.values(), default=0) for a in adapters)
     if max_rank < 1:
         raise PlanError("every adapter has rank 0 on every module")
-    targets = dict(stock_targets) if stock_targets is not None else {
-        "stock tuned": TUNED_STOCK_TARGETS, "stock default": None}
+    if stock_targets is None:
+        used = {m for a in adapters for m, r in a.items() if r}
+        tuned = tuple(layer for layer, kids in STOCK_LAYERS.items() if used & set(kids))
+        stock_targets = {"stock tuned": tuned, "stock default": None}
+    targets = {k: (tuple(v) if v is not None else None) for k, v in stock_targets.items()}
     ks = sorted({min(k, len(adapters)) for k in resident if k >= 1} | {len(adapters)})
     rows = []
     for k in ks:
@@ -288,7 +294,7 @@ def make_plan(model_cfg: Mapping[str, Any], adapters: Sequence[Mapping[str, int]
             stock[label] = (slots, left * block_size if left > 0 else -1)
         rows.append(PlanRow(k, used * block_bytes, plugin_tokens, stock))
     return Plan(model_name, mem, gpu_gib * GIB, utilization, overhead_gib * GIB, kv_budget,
-                block_size, num_blocks, pages, max_rank, tuple(rows))
+                block_size, num_blocks, pages, max_rank, targets, tuple(rows))
 
 
 def format_plan(plan: Plan) -> str:
@@ -311,8 +317,9 @@ def format_plan(plan: Plan) -> str:
         f"page per layer; {plan.num_blocks} blocks = {base_tokens:,} KV tokens without adapters",
         f"{len(plan.pages_per_adapter)} adapters, pages each: "
         + ", ".join(f"{p} pages ({p * block_bytes / 2**20:.0f} MiB) x{n}" for p, n in sorted(by_pages.items())),
-        f"Stock: max_loras = K slots padded to max_lora_rank {plan.max_lora_rank}; "
-        "'tuned' wraps qkv_proj,o_proj, 'default' every layer + embed_tokens + lm_head",
+        f"Stock: max_loras = K slots padded to max_lora_rank {plan.max_lora_rank}; lora_target_modules "
+        + "; ".join(f"'{k}' {','.join(v) if v else 'unset (every layer + embed_tokens + lm_head)'}"
+                    for k, v in plan.stock_targets.items()),
         "",
     ]
     labels = list(plan.rows[0].stock) if plan.rows else []

@@ -125,7 +125,7 @@ def test_all_at_once_stock_requests_carry_cold_adapters():
     trace = _trace(n_adapters=10, num_requests=40, output_len=(2, 9))
     llm = FakeLLM()
     opts = RunOptions("stock", [trace])
-    row, cut = run_trace(llm, opts, trace, offset=100, adapter_dir="/ad", vocab_size=256,
+    row, recs, cut = run_trace(llm, opts, trace, offset=100, adapter_dir="/ad", vocab_size=256,
                          deadline=time.time() + 60)
     assert not cut and row["completed"] == row["requests"] == 40
     assert len(llm.calls) == 1 and len(llm.calls[0]) == 40
@@ -136,30 +136,33 @@ def test_all_at_once_stock_requests_carry_cold_adapters():
     assert row["output_tok_per_s"] * row["duration_s"] == pytest.approx(sum(r.output_len for r in trace.requests), rel=1e-2)
     assert 0 < row["ttft_p50_s"] < row["e2e_p50_s"] and row["tpot_p50_s"] > 0
     assert row["distinct_adapters"] == trace.distinct_adapters
+    assert all(r["arrival_s"] is not None and r["arrival_s"] < 0.1 for r in recs)
 
 
 def test_gamma_arrivals_are_honoured_and_base_sends_no_lora():
     trace = _trace(n_adapters=5, num_requests=30, arrival="gamma", rate=150.0)
     llm = FakeLLM()
     t0 = time.time()
-    row, cut = run_trace(llm, RunOptions("base", [trace]), trace, 8, None, 256, time.time() + 60)
+    row, recs, cut = run_trace(llm, RunOptions("base", [trace]), trace, 8, None, 256, time.time() + 60)
     assert not cut and row["completed"] == 30
     assert time.time() - t0 >= trace.requests[-1].arrival_s
     assert len(llm.calls) > 5 and all(lr is None for call in llm.calls for lr in call)
     assert row["client_lag_max_s"] < 0.1 and row["slo_attainment"] == 1.0
+    assert [r["arrival_s"] for r in recs] == pytest.approx([r.arrival_s for r in trace.requests], abs=1e-5)
+    assert row["distinct_adapters"] == 0
 
 
 def test_closed_loop_keeps_concurrency():
     trace = _trace(n_adapters=5, num_requests=25, arrival="closed", concurrency=4)
     llm = FakeLLM()
-    row, _ = run_trace(llm, RunOptions("stock", [trace]), trace, 8, "/ad", 256, time.time() + 60)
+    row, _, _ = run_trace(llm, RunOptions("stock", [trace]), trace, 8, "/ad", 256, time.time() + 60)
     assert row["completed"] == 25 and llm.llm_engine.max_live == 4
 
 
 def test_deadline_cuts_and_aborts():
     trace = _trace(n_adapters=5, num_requests=20, arrival="all")
     llm = FakeLLM(steps=10_000)
-    row, cut = run_trace(llm, RunOptions("stock", [trace]), trace, 8, "/ad", 256, time.time() + 0.2)
+    row, recs, cut = run_trace(llm, RunOptions("stock", [trace]), trace, 8, "/ad", 256, time.time() + 0.2)
     assert cut and row["completed"] == 0 and len(llm.llm_engine.aborted) == 20
     assert row["slo_attainment"] == 0.0
 
@@ -246,6 +249,10 @@ def test_run_writes_rows_per_trace(tmp_path, tiny_model_dir, monkeypatch):
     assert [w["n_adapters"] for w in data["workload"]] == [1, 5]
     assert [(r["n_adapters"], r["completed"], r["kv_cache_tokens"]) for r in data["rows"]] == [(1, 12, 1600), (5, 12, 1600)]
     assert data["rows"][0]["settings"]["max_loras"] == 128 and data["rows"][0]["init_s"] >= 0
+    import gzip
+
+    reqs = [json.loads(ln) for ln in gzip.open(path[:-5] + "-requests.jsonl.gz", "rt")]
+    assert len(reqs) == 24 and reqs[0]["trace"] == traces[0].spec.label and reqs[-1]["finished"]
     kw = FakeRunLLM.made[-1]
     assert kw["model"] == tiny_model_dir and kw["max_lora_rank"] == 8
     assert sorted(os.listdir(tmp_path / "w" / "adapters")) == [adapter_name(g) for g in range(WARMUP_REQUESTS + 6)]

@@ -118,3 +118,12 @@ def test_cli_plan_prints_table(capsys, tmp_path):
     assert "8 KV heads" in capsys.readouterr().out
     assert main(["plan", "--ranks", "8,x"]) == 2
     assert "--ranks: expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_tuned_stock_wraps_the_layers_the_adapters_touch():
+    plan = make_plan(LLAMA_2_7B, [{"q_proj": 8, "gate_proj": 8}], kv_gib=50)
+    assert plan.stock_targets == {"stock tuned": ("qkv_proj", "gate_up_proj"), "stock default": None}
+    assert "'stock tuned' qkv_proj,gate_up_proj" in format_plan(plan)
+    custom = make_plan(LLAMA_2_7B, [{"q_proj": 8}], kv_gib=50, stock_targets={"mine": ["o_proj"]})
+    assert list(custom.rows[0].stock) == ["mine"]
+    assert custom.rows[0].stock["mine"][0] == stock_slot_bytes(MEM, 1, 8, ["o_proj"])
