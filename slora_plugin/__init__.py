@@ -13,12 +13,14 @@ _registered = False
 
 
 def register() -> None:
-    """Register the plugin's environment variables and its engine-config hook."""
+    """Register the plugin's environment variables, its engine-config hook and, when the
+    environment switches the plugin on, its adapter resolver."""
     global _registered
     if _registered:
         return
     _registered = True
-    from slora_plugin.patches import engine_args, envs
+    from slora_plugin.patches import engine_args, envs, lora_resolver
 
     envs.apply()
     engine_args.apply()
+    lora_resolver.apply()
