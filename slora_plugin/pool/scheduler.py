@@ -175,7 +175,7 @@ def kv_spec_of(kv_cache_config: KVCacheConfig) -> FullAttentionSpec:
 def config_of(vllm_config: Any) -> SLoRAConfig:
     """The plugin settings written into additional_config by patches/engine_args.py."""
     raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
-    return SLoRAConfig.from_mapping({k: v for k, v in raw.items() if k != "enabled"})
+    return SLoRAConfig.from_mapping(raw)
 
 
 class _SLoRAScheduling:
