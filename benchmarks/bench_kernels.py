@@ -11,7 +11,8 @@ weights in its stacked slots, zero-padded to the batch's max rank (how vLLM stor
 Times: `triton.testing.do_bench` median (L2 flushed between runs) of a CUDA-graph replay of one
 call, so that Python launch overhead (ours and vLLM's) does not hide the kernel time; eager
 timing is used if a capture fails (then `graph` is false in the row). `SegmentMeta.update` runs
-once per engine step for all layers, so it is timed apart (`update_us`) and not in `time_us`.
+once per engine step for all layers, so it is timed apart (`update_us`; `update_eager_us` without a
+graph, i.e. with its Python launch overhead) and not in `time_us`.
 
 Bandwidth: bytes that must move at least once over the time: shrink = x + every distinct
 adapter's real-rank A rows; expand = y + real-rank B rows; both = all of them (y counted once).
@@ -22,6 +23,7 @@ Writes benchmarks/results/kernels-<date>.json and prints a markdown table. ~2-3 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -154,7 +156,9 @@ def run_case(rank_name: str, sp, vllm_weights: dict, phase: str, tokens: int, di
                 "both": x_bytes + y_bytes + sum(w_bytes)}
     meta.update(slots)
     update_us, update_graph = timed(lambda: meta.update(slots), rep_ms)
-    config = choose_config(tokens, K_IN)
+    update_eager_us = 1e3 * triton.testing.do_bench(lambda: meta.update(slots), warmup=5, rep=rep_ms,
+                                                    return_mode="median")
+    config = choose_config(tokens, K_IN, MAX_RANK)
     h = shrink_buffer(tokens, len(MODULE_IDS), MAX_RANK, config, DEVICE)
     tables = (sp.a_addr, sp.b_addr, sp.ranks, sp.scales)
     ours = {
@@ -174,6 +178,8 @@ def run_case(rank_name: str, sp, vllm_weights: dict, phase: str, tokens: int, di
         vllm.both(x, y_v)
         ours["both"]()
         max_diff = float((y.float() - y_v.float()).abs().max())
+        if not max_diff <= 2e-2:
+            print(f"  MISMATCH vs vLLM: max |ours - vLLM| = {max_diff}", file=sys.stderr)
     else:
         ours["both"]()
     rows = []
@@ -183,7 +189,8 @@ def run_case(rank_name: str, sp, vllm_weights: dict, phase: str, tokens: int, di
         row = {"op": op, "phase": phase, "rank_set": rank_name, "ranks": used_ranks, "distinct_adapters": distinct,
                "tokens": tokens, "time_us": round(t_us, 2), "gbps": round(gbps, 1),
                "pct_copy_bw": round(100 * gbps / copy_bw, 1), "vllm_time_us": None, "graph": graphed,
-               "update_us": round(update_us, 2), "update_graph": update_graph, "bytes": op_bytes[op],
+               "update_us": round(update_us, 2), "update_graph": update_graph,
+               "update_eager_us": round(update_eager_us, 2), "bytes": op_bytes[op],
                "config": config.__dict__}
         if vllm is not None:
             vfn = {"shrink": lambda: vllm.shrink(x), "expand": lambda: vllm.expand(y_v),
@@ -193,6 +200,36 @@ def run_case(rank_name: str, sp, vllm_weights: dict, phase: str, tokens: int, di
                        max_abs_diff_vs_vllm=max_diff)
         rows.append(row)
     return rows
+
+
+#: Tuning data for a follow-up, from the same run: one field of the default config changed at a time.
+SWEEP = {
+    ("decode", 256, 256): [{}, {"block_r": 32}, {"block_k": 64}, {"block_k": 256}, {"split_k": 2}, {"split_k": 8},
+                           {"block_n": 64}, {"block_n": 256}, {"block_kr": 32}, {"num_warps": 8}],
+    ("prefill", PREFILL_TOKENS, 16): [{}, {"block_r": 64}, {"block_k": 128}, {"num_warps": 4}, {"split_k": 2},
+                                      {"block_n": 256}, {"block_kr": 64}],
+}
+
+
+def sweep(sp, meta: SegmentMeta, rep_ms: int) -> list[dict]:
+    """Shrink and expand times of config variants on the mixed-rank pool."""
+    out = []
+    for (phase, tokens, distinct), changes in SWEEP.items():
+        meta.update(token_slots(phase, tokens, distinct))
+        x = torch.randn(tokens, K_IN, dtype=DTYPE, device=DEVICE) / 4
+        y = torch.zeros(tokens, sum(WIDTHS), dtype=DTYPE, device=DEVICE)
+        for change in changes:
+            config = dataclasses.replace(choose_config(tokens, K_IN, MAX_RANK), **change)
+            h = shrink_buffer(tokens, len(MODULE_IDS), MAX_RANK, config, DEVICE)
+            shrink_us, _ = timed(lambda: paged_lora_shrink(h, x, sp.pool, meta, sp.a_addr, sp.ranks, MODULE_IDS,
+                                                           MAX_RANK, config), rep_ms)
+            expand_us, _ = timed(lambda: paged_lora_expand(y, h, sp.pool, meta, sp.b_addr, sp.ranks, sp.scales,
+                                                           MODULE_IDS, WIDTHS, MAX_RANK, config), rep_ms)
+            out.append({"phase": phase, "tokens": tokens, "distinct_adapters": distinct, "change": change,
+                        "shrink_us": round(shrink_us, 2), "expand_us": round(expand_us, 2)})
+            print(f"  sweep {phase} T={tokens} D={distinct} {change or 'default'}: shrink {shrink_us:.1f} us, "
+                  f"expand {expand_us:.1f} us", file=sys.stderr)
+    return out
 
 
 def markdown(rows: list[dict]) -> str:
@@ -214,6 +251,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--rep-ms", type=int, default=25, help="do_bench measuring time per case (ms)")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the config sweep (tuning data)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
@@ -238,10 +276,12 @@ def main() -> None:
             print(f"[{time.time() - started:5.0f}s] {rank_name} {phase} T={tokens} D={distinct}: both "
                   f"{r['time_us']:.1f} us ({r['pct_copy_bw']:.0f}% copy BW), vLLM {r['vllm_time_us']}", file=sys.stderr)
         pools.append(sp)
+    sweep_rows = [] if args.no_sweep else sweep(pools[-1], meta, args.rep_ms)
     date = datetime.date.today().isoformat()
     result = {"date": date, "device": device, "copy_gbps": round(copy_bw, 1), "dtype": str(DTYPE),
               "layer": "llama-2-7b qkv_proj", "vllm": VLLM_ERROR or "vllm.lora.ops.triton_ops",
-              "seconds": round(time.time() - started, 1), "rows": rows}
+              "seconds": round(time.time() - started, 1), "rows": rows,
+              "sweep": sweep_rows}
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"kernels-{date}.json")
     with open(path, "w", encoding="utf-8") as f:

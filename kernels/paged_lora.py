@@ -65,24 +65,28 @@ class KernelConfig:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
-def decode_config(num_tokens: int, in_features: int) -> KernelConfig:
-    """Few tokens, many adapters: small tiles, K split so that one adapter still fills the GPU."""
+def decode_config(num_tokens: int, in_features: int, max_rank: int) -> KernelConfig:
+    """Few tokens, many adapters: 16-row rank tiles (a rank-8 adapter wastes little) and K split
+    so that even one adapter spreads its rows over many programs."""
     split = 16 if num_tokens <= 16 else 8 if num_tokens <= 64 else 4
     block_k = 128
     split = max(1, min(split, triton.cdiv(in_features, 2 * block_k)))
     return KernelConfig(block_m=16, split_k=split, block_r=16, block_k=block_k, block_n=128, block_kr=16)
 
 
-def prefill_config(num_tokens: int, in_features: int) -> KernelConfig:
-    """Long segments: 64-token tiles so each A/B tile is reused across tokens."""
-    return KernelConfig(block_m=64, split_k=1, block_r=64, block_k=64, block_n=128, block_kr=32)
+def prefill_config(num_tokens: int, in_features: int, max_rank: int) -> KernelConfig:
+    """Long segments: 64-token tiles so each A/B tile is reused across tokens, and one rank tile
+    up to 128 so that x is read once per slice."""
+    block_r = min(128, max(16, triton.next_power_of_2(max_rank)))
+    return KernelConfig(block_m=64, split_k=1, block_r=block_r, block_k=64, block_n=128, block_kr=32,
+                        num_warps=8)
 
 
-def choose_config(num_tokens: int, in_features: int) -> KernelConfig:
+def choose_config(num_tokens: int, in_features: int, max_rank: int) -> KernelConfig:
     """The variant for a (padded, hence static) token count."""
     if num_tokens <= 512:
-        return decode_config(num_tokens, in_features)
-    return prefill_config(num_tokens, in_features)
+        return decode_config(num_tokens, in_features, max_rank)
+    return prefill_config(num_tokens, in_features, max_rank)
 
 
 class SegmentMeta:
@@ -102,11 +106,11 @@ class SegmentMeta:
         self.max_tokens = max_tokens
         self.max_slots = max_slots
         self.max_segments = min(max_tokens, max_slots)
-        self.device = torch.device(device)
         self.num_tokens = 0  # T of the last update, for host-side shape checks only
-        i32 = dict(dtype=torch.int32, device=self.device)
-        i64 = dict(dtype=torch.int64, device=self.device)
+        i32 = dict(dtype=torch.int32, device=device)
+        i64 = dict(dtype=torch.int64, device=device)
         self.sorted_tokens = torch.zeros(max_tokens, **i32)
+        self.device = self.sorted_tokens.device  # "cuda" resolved to "cuda:<current>" for comparisons
         # one extra trailing entry: the scatter target of tokens that do not start a segment
         self.seg_slot = torch.zeros(self.max_segments + 1, **i64)
         self.seg_start = torch.zeros(self.max_segments + 1, **i64)
@@ -157,21 +161,59 @@ class SegmentMeta:
             work[2].copy_(torch.where(live, (self.seg_len[seg] - tile * bm).clamp(0, bm), 0))
 
 
+# Row addresses that are multiples of 8 elements (16 bytes) allow 16-byte vector loads. Real
+# models' rows all are (page and feature sizes are multiples of 8), but nothing in the contract
+# promises it, so each program checks its rows on the device and falls back to element loads.
+
+
+@triton.jit
+def _shrink_acc(x_ptr, pool_ptr, tok, m_mask, rows, r_mask, k_lo, k_hi, stride_xm, stride_xk,
+                BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, UPCAST: tl.constexpr):
+    """x[tok, k_lo:k_hi] @ A[rows, k_lo:k_hi]^T in fp32."""
+    if ALIGNED:
+        rows = tl.multiple_of(rows, 8)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        kk = k0 + offs_k
+        x_ptrs = x_ptr + tok[:, None] * stride_xm + kk[None, :] * stride_xk
+        a_ptrs = pool_ptr + rows[:, None] + kk[None, :]
+        if EVEN_K:  # every K tile is whole: masks constant along K, so loads vectorise
+            xt = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
+            at = tl.load(a_ptrs, mask=r_mask[:, None], other=0.0)
+        else:
+            k_mask = kk < k_hi
+            xt = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+            at = tl.load(a_ptrs, mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        if UPCAST:
+            acc += tl.dot(xt.to(tl.float32), tl.trans(at.to(tl.float32)))
+        else:
+            acc += tl.dot(xt, tl.trans(at))
+    return acc
+
+
 @triton.jit
 def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, sorted_ptr, a_addr_ptr, ranks_ptr,
                    m0, m1, m2, K, max_rank, k_per_split,
                    stride_xm, stride_xk, stride_as, stride_am, stride_rs,
                    stride_hs, stride_ht, stride_hi,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   NUM_RANK_TILES: tl.constexpr, UPCAST: tl.constexpr):
-    """Program (work item, slice x rank tile, K split): h[split, tokens, slice, rank tile]."""
-    w = tl.program_id(0)
+                   NUM_RANK_TILES: tl.constexpr, SPLIT_K: tl.constexpr, INNER: tl.constexpr,
+                   EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
+    """Program (work item; slice, rank tile, K split) -> h[split, tokens, slice, rank tile].
+
+    The work item varies slowest, so the programs that share its x rows run together (L2 reuse).
+    """
+    pid = tl.program_id(0)
+    w = pid // INNER
     n_tok = tl.load(work_ptr + 2 * work_stride + w)
     if n_tok == 0:
         return
-    sl = tl.program_id(1) // NUM_RANK_TILES
-    r0 = (tl.program_id(1) % NUM_RANK_TILES) * BLOCK_R
-    sp = tl.program_id(2)
+    inner = pid % INNER
+    sl = inner // (NUM_RANK_TILES * SPLIT_K)
+    r0 = ((inner // SPLIT_K) % NUM_RANK_TILES) * BLOCK_R
+    sp = inner % SPLIT_K
     slot = tl.load(work_ptr + w).to(tl.int64)
     m = tl.where(sl == 0, m0, tl.where(sl == 1, m1, m2))
     r = tl.minimum(tl.load(ranks_ptr + slot * stride_rs + m), max_rank)
@@ -186,36 +228,60 @@ def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, sorted_ptr, a_
     rows = tl.load(a_addr_ptr + slot * stride_as + m * stride_am + offs_r, mask=r_mask, other=0)
     k_lo = sp * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < k_hi
-        xt = tl.load(x_ptr + tok[:, None] * stride_xm + kk[None, :] * stride_xk,
-                     mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(pool_ptr + rows[:, None] + kk[None, :],
-                     mask=r_mask[:, None] & k_mask[None, :], other=0.0)
-        if UPCAST:
-            acc += tl.dot(xt.to(tl.float32), tl.trans(at.to(tl.float32)))
-        else:
-            acc += tl.dot(xt, tl.trans(at))
+    if tl.max(rows % 8, axis=0) == 0:
+        acc = _shrink_acc(x_ptr, pool_ptr, tok, m_mask, rows, r_mask, k_lo, k_hi, stride_xm, stride_xk,
+                          BLOCK_M, BLOCK_R, BLOCK_K, EVEN_K, True, UPCAST)
+    else:
+        acc = _shrink_acc(x_ptr, pool_ptr, tok, m_mask, rows, r_mask, k_lo, k_hi, stride_xm, stride_xk,
+                          BLOCK_M, BLOCK_R, BLOCK_K, EVEN_K, False, UPCAST)
     h_ptrs = h_ptr + sp * stride_hs + tok[:, None] * stride_ht + sl * stride_hi + offs_r[None, :]
     tl.store(h_ptrs, acc, mask=m_mask[:, None])
 
 
 @triton.jit
+def _expand_acc(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask,
+                stride_hs, stride_ht, stride_hi,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                EVEN_N: tl.constexpr, ALIGNED: tl.constexpr):
+    """(sum over K splits of h[:, tok, sl, :r]) @ B^T[:r, offs_n] in fp32 (tf32 inputs)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, r, BLOCK_K):
+        kk = k0 + offs_k
+        k_mask = kk < r
+        rows = tl.load(b_rows_ptr + kk, mask=k_mask, other=0)
+        if ALIGNED:
+            rows = tl.multiple_of(rows, 8)
+        b_ptrs = pool_ptr + rows[:, None] + offs_n[None, :]
+        if EVEN_N:  # masks constant along N, so loads vectorise
+            bt = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0).to(tl.float32)
+        else:
+            bt = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        hk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for sp in tl.static_range(SPLIT_K):
+            hk += tl.load(h_ptr + sp * stride_hs + tok[:, None] * stride_ht + sl * stride_hi + kk[None, :],
+                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += tl.dot(hk, bt, input_precision="tf32")
+    return acc
+
+
+@triton.jit
 def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, sorted_ptr, b_addr_ptr, ranks_ptr,
-                   scales_ptr, m0, m1, m2, w0, w1, w2, max_rank,
+                   scales_ptr, m0, m1, m2, w0, w1, w2, max_rank, n_tiles,
                    stride_ym, stride_yn, stride_bs, stride_bm, stride_rs,
                    stride_hs, stride_ht, stride_hi,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPLIT_K: tl.constexpr):
-    """Program (work item, output tile over all slices): y[tokens, tile] += scale * h @ B^T."""
-    w = tl.program_id(0)
+                   SPLIT_K: tl.constexpr, RANK_P2: tl.constexpr, EVEN_N: tl.constexpr):
+    """Program (work item; output tile over all slices): y[tokens, tile] += scale * h @ B^T.
+
+    The work item varies slowest: its programs read consecutive columns of the same B^T rows.
+    """
+    pid = tl.program_id(0)
+    w = pid // n_tiles
     n_tok = tl.load(work_ptr + 2 * work_stride + w)
     if n_tok == 0:
         return
-    nt = tl.program_id(1)
+    nt = pid % n_tiles
     t0 = tl.cdiv(w0, BLOCK_N)
     t01 = t0 + tl.cdiv(w1, BLOCK_N)
     sl = tl.where(nt < t0, 0, tl.where(nt < t01, 1, 2))
@@ -233,22 +299,21 @@ def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, sorted_ptr, b_
     tok = tl.load(sorted_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < width
-    offs_k = tl.arange(0, BLOCK_K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, r, BLOCK_K):
-        kk = k0 + offs_k
-        k_mask = kk < r
-        rows = tl.load(b_addr_ptr + slot * stride_bs + m * stride_bm + kk, mask=k_mask, other=0)
-        bt = tl.load(pool_ptr + rows[:, None] + offs_n[None, :],
-                     mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
-        hk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for sp in tl.static_range(SPLIT_K):
-            hk += tl.load(h_ptr + sp * stride_hs + tok[:, None] * stride_ht + sl * stride_hi + kk[None, :],
-                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        acc += tl.dot(hk, bt, input_precision="tf32")
+    b_rows_ptr = b_addr_ptr + slot * stride_bs + m * stride_bm
+    offs_all = tl.arange(0, RANK_P2)
+    all_rows = tl.load(b_rows_ptr + offs_all, mask=offs_all < r, other=0)
+    if tl.max(all_rows % 8, axis=0) == 0:
+        acc = _expand_acc(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask,
+                          stride_hs, stride_ht, stride_hi, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_N, True)
+    else:
+        acc = _expand_acc(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask,
+                          stride_hs, stride_ht, stride_hi, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_N, False)
     scale = tl.load(scales_ptr + slot * stride_rs + m)
     y_ptrs = y_ptr + tok[:, None] * stride_ym + (col0 + offs_n)[None, :] * stride_yn
-    y_mask = m_mask[:, None] & n_mask[None, :]
+    if EVEN_N:
+        y_mask = m_mask[:, None]
+    else:
+        y_mask = m_mask[:, None] & n_mask[None, :]
     y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
     tl.store(y_ptrs, (y_old.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
 
@@ -277,7 +342,8 @@ def _check_tables(name: str, addr: torch.Tensor, ranks: torch.Tensor, meta: Segm
     if not 1 <= max_rank <= addr.shape[2]:
         raise ValueError(f"max_rank must be in 1..{addr.shape[2]} (the rows of {name}), got {max_rank}")
     if ranks.dtype != torch.int32 or ranks.shape != addr.shape[:2] or not ranks.is_contiguous():
-        raise ValueError(f"ranks must be contiguous int32 {tuple(addr.shape[:2])}, got {ranks.dtype} {tuple(ranks.shape)}")
+        raise ValueError(f"ranks must be contiguous int32 {tuple(addr.shape[:2])}, "
+                         f"got {ranks.dtype} {tuple(ranks.shape)}")
     for t_name, t in ((name, addr), ("ranks", ranks), ("SegmentMeta", meta.sorted_tokens)):
         if t.device != device:
             raise ValueError(f"{t_name} is on {t.device}, the activations on {device}")
@@ -314,7 +380,7 @@ def paged_lora_shrink(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta
                       max_rank: int, config: KernelConfig | None = None) -> None:
     """h[sp, t, i, :r] = partial (over K split sp) of x[t] @ A^T, for tokens in segments."""
     t, k_in = x.shape
-    config = config or choose_config(t, k_in)
+    config = config or choose_config(t, k_in, max_rank)
     _check_modules(module_ids)
     _check_pool(pool, x)
     _check_tables("a_addr", a_addr, ranks, meta, max_rank, x.device)
@@ -329,7 +395,8 @@ def paged_lora_shrink(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta
     num_rank_tiles = padded // config.block_r
     k_per_split = triton.cdiv(triton.cdiv(k_in, config.split_k), config.block_k) * config.block_k
     work = meta.work[config.block_m]
-    grid = (meta.work_bound(t, config.block_m), len(module_ids) * num_rank_tiles, config.split_k)
+    inner = len(module_ids) * num_rank_tiles * config.split_k
+    grid = (meta.work_bound(t, config.block_m) * inner,)
     m0, m1, m2 = _pad3(module_ids, module_ids[0])
     _shrink_kernel[grid](
         x, pool, h, work, work.stride(0), meta.sorted_tokens, a_addr, ranks,
@@ -337,7 +404,8 @@ def paged_lora_shrink(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta
         x.stride(0), x.stride(1), a_addr.stride(0), a_addr.stride(1), ranks.stride(0),
         h.stride(0), h.stride(1), h.stride(2),
         BLOCK_M=config.block_m, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
-        NUM_RANK_TILES=num_rank_tiles, UPCAST=x.device.type == "cpu" and x.dtype == torch.bfloat16,
+        NUM_RANK_TILES=num_rank_tiles, SPLIT_K=config.split_k, INNER=inner, EVEN_K=k_in % config.block_k == 0,
+        UPCAST=x.device.type == "cpu" and x.dtype == torch.bfloat16,
         num_warps=config.num_warps)
 
 
@@ -347,7 +415,7 @@ def paged_lora_expand(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta
                       config: KernelConfig | None = None) -> None:
     """y[t, slice i] += scales[s, m_i] * (sum over splits of h[:, t, i, :r]) @ B^T."""
     t = y.shape[0]
-    config = config or choose_config(t, 0)
+    config = config or choose_config(t, 0, max_rank)
     _check_modules(module_ids)
     _check_pool(pool, y)
     _check_tables("b_addr", b_addr, ranks, meta, max_rank, y.device)
@@ -365,15 +433,16 @@ def paged_lora_expand(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta
         return
     work = meta.work[config.block_m]
     n_tiles = sum(triton.cdiv(w, config.block_n) for w in slice_widths)
-    grid = (meta.work_bound(t, config.block_m), n_tiles)
+    grid = (meta.work_bound(t, config.block_m) * n_tiles,)
     m0, m1, m2 = _pad3(module_ids, module_ids[0])
     w0, w1, w2 = _pad3(slice_widths, 0)
     _expand_kernel[grid](
         y, h, pool, work, work.stride(0), meta.sorted_tokens, b_addr, ranks, scales,
-        m0, m1, m2, w0, w1, w2, max_rank,
+        m0, m1, m2, w0, w1, w2, max_rank, n_tiles,
         y.stride(0), y.stride(1), b_addr.stride(0), b_addr.stride(1), ranks.stride(0),
         h.stride(0), h.stride(1), h.stride(2),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_kr, SPLIT_K=h.shape[0],
+        RANK_P2=max(16, triton.next_power_of_2(max_rank)), EVEN_N=all(w % config.block_n == 0 for w in slice_widths),
         num_warps=config.num_warps)
 
 
@@ -398,7 +467,7 @@ def paged_lora_linear(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta
         raise ValueError(f"y is {y.dtype} but x is {x.dtype}")
     _check_modules(module_ids)
     _check_slices(y, module_ids, slice_widths)
-    config = config or choose_config(x.shape[0], x.shape[1])
+    config = config or choose_config(x.shape[0], x.shape[1], max_rank)
     h = shrink_buffer(x.shape[0], len(module_ids), max_rank, config, x.device)
     paged_lora_shrink(h, x, pool, meta, a_addr, ranks, module_ids, max_rank, config)
     paged_lora_expand(y, h, pool, meta, b_addr, ranks, scales, module_ids, slice_widths, max_rank, config)

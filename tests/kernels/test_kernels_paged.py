@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slora_plugin.kernels import (
+    KernelConfig,
     SegmentMeta,
     decode_config,
     lora_linear_ref,
@@ -66,7 +67,7 @@ def cases(draw) -> Case:
     num_slots = draw(st.integers(1, 5))
     rank = st.one_of(st.just(0), st.integers(1, MAX_RANK), st.sampled_from([1, MAX_RANK]))
     slot_ranks = [{m: draw(rank) for m in MODULES} for _ in range(num_slots)]
-    page_elems = draw(st.sampled_from([96, 160, 512, 4096]))
+    page_elems = draw(st.sampled_from([96, 100, 160, 512, 4096]))  # 100: rows not 16-byte aligned
     segments = draw(st.lists(st.tuples(st.integers(-1, num_slots - 1), st.sampled_from([1, 1, 2, 5, 17, 40])),
                              min_size=1, max_size=5))
     slots = [s for s, n in segments for _ in range(n)]
@@ -82,7 +83,7 @@ def cases(draw) -> Case:
     col0 = draw(st.integers(0, 5))
     y_full = torch.randn(t + pad, sum(widths) + 5, generator=gen, device=DEVICE).to(dtype)
     return Case(dtype, layer, sp, torch.tensor(slots, dtype=torch.int32, device=DEVICE), x, y_full, col0,
-                draw(st.sampled_from(["auto", "decode", "prefill"])))
+                draw(st.sampled_from(["auto", "decode", "prefill", "odd"])))
 
 
 def view_y(case: Case, y_full: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,8 @@ def dense_expected(case: Case) -> torch.Tensor:
         for m, w in zip(module_ids, widths):
             if MODULES[m] in case.sp.weights[s]:
                 a, b = case.sp.weights[s][MODULES[m]]
-                out[t, off:off + w] += float(case.sp.scales[s, m]) * ((case.x[t].float() @ a.float().t()) @ b.float().t())
+                h = case.x[t].float() @ a.float().t()
+                out[t, off:off + w] += float(case.sp.scales[s, m]) * (h @ b.float().t())
             off += w
     return out
 
@@ -138,7 +140,10 @@ def test_reference_matches_dense_weights(case: Case) -> None:
 
 def config_for(case: Case, t: int):
     k_in = LAYERS[case.layer][1]
-    return {"auto": None, "decode": decode_config(t, k_in), "prefill": prefill_config(t, k_in)}[case.variant]
+    return {"auto": None, "decode": decode_config(t, k_in, MAX_RANK), "prefill": prefill_config(t, k_in, MAX_RANK),
+            # uneven K split with an empty last split, 4 rank tiles, narrow output tiles
+            "odd": KernelConfig(block_m=16, split_k=3, block_r=32, block_k=16, block_n=16, block_kr=16),
+            }[case.variant]
 
 
 @settings(SETTINGS, max_examples=25)
