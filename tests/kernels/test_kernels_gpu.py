@@ -99,6 +99,8 @@ def test_cuda_graph_replay_and_no_host_sync() -> None:
         paged_lora_linear(y, x, sp.pool, meta, sp.a_addr, sp.b_addr, sp.ranks, sp.scales, module_ids,
                           widths, MAX_RANK)
 
+    step()  # compiles the kernels (outside the checked region: loading a module is not a step)
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         step()
