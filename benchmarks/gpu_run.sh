@@ -10,11 +10,16 @@
 #   store        host store: pinned host -> GPU bandwidth (benchmarks/bench_store.py)
 #   correctness  token-for-token check vs merged weights (benchmarks/gpu_correctness.py)
 # Results go to benchmarks/results/ and, packed, to $OUT (what the device tool brings back).
+# Everything runs with /tmp as the working directory: from the repository root, the folders
+# `kernels/` and `slora_plugin/` would shadow the installed packages (transformers probes for
+# the PyPI package `kernels` with an import).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH=/tmp/site VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" benchmarks/results
+RES=$REPO/benchmarks/results
+mkdir -p "$OUT" "$RES"
+cd /tmp
 DAY=$(date +%F)
 PY=python3
 status=0
@@ -24,34 +29,34 @@ for s in "$@"; do
     install)
       step install
       $PY -m pip install -q --no-deps --no-build-isolation --no-index --no-cache-dir --upgrade \
-          --target /tmp/site . 2>&1 | grep -v "^WARNING: Target directory" || true
+          --target /tmp/site "$REPO" 2>&1 | grep -v "^WARNING: Target directory" || true
       $PY -c "import slora_plugin, slora_plugin.kernels, vllm; print('plugin', slora_plugin.__version__, 'vllm', vllm.__version__)" || status=1 ;;
     tests)
       step tests
-      $PY -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log"
-      cp "$OUT/gpu-tests.log" "benchmarks/results/gpu-tests-$DAY.log"
+      $PY -m pytest -m gpu -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests" 2>&1 | tee "$OUT/gpu-tests.log"
+      cp "$OUT/gpu-tests.log" "$RES/gpu-tests-$DAY.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     smoke)
       step smoke
-      res="benchmarks/results/gpu-smoke-$DAY.json"; rm -f "$res"
+      res="$RES/gpu-smoke-$DAY.json"; rm -f "$res"
       for mode in off on; do
-        $PY benchmarks/gpu_smoke.py --mode $mode --out "$res" --adapters /tmp/smoke-adapters \
+        $PY "$REPO/benchmarks/gpu_smoke.py" --mode $mode --out "$res" --adapters /tmp/smoke-adapters \
             > "$OUT/smoke-$mode.log" 2>&1 || { status=1; echo "smoke $mode FAILED"; }
         tail -n 3 "$OUT/smoke-$mode.log"
       done ;;
     kernels)
       step kernels
-      $PY benchmarks/bench_kernels.py 2>&1 | tee "$OUT/kernels.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+      $PY "$REPO/benchmarks/bench_kernels.py" 2>&1 | tee "$OUT/kernels.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     store)
       step store
-      $PY benchmarks/bench_store.py 2>&1 | tee "$OUT/store.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+      $PY "$REPO/benchmarks/bench_store.py" 2>&1 | tee "$OUT/store.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     correctness)
       step correctness
-      $PY benchmarks/gpu_correctness.py --run benchmarks/fixtures/correctness 2>&1 | tee "$OUT/correctness.log"
+      $PY "$REPO/benchmarks/gpu_correctness.py" --run "$REPO/benchmarks/fixtures/correctness" 2>&1 | tee "$OUT/correctness.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     *) echo "unknown step $s"; status=2 ;;
   esac
 done
-tar -czf "$OUT/results.tar.gz" benchmarks/results
+tar -C "$REPO" -czf "$OUT/results.tar.gz" benchmarks/results
 echo; echo "=== done, status $status"
 exit $status
