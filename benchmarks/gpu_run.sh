@@ -9,6 +9,8 @@
 #   kernels      paged-kernel benchmark vs vLLM's LoRA kernels (benchmarks/bench_kernels.py)
 #   store        host store: pinned host -> GPU bandwidth (benchmarks/bench_store.py)
 #   correctness  token-for-token check vs merged weights (benchmarks/gpu_correctness.py)
+#   isolation    1,000 distinct adapters under eviction pressure: mixed vs solo outputs, pool
+#                accounting (benchmarks/gpu_isolation.py)
 # Results go to benchmarks/results/ and, packed, to $OUT (what the device tool brings back).
 # Everything runs with /tmp as the working directory: from the repository root, the folders
 # `kernels/` and `slora_plugin/` would shadow the installed packages (transformers probes for
@@ -54,6 +56,11 @@ for s in "$@"; do
       step correctness
       $PY "$REPO/benchmarks/gpu_correctness.py" --run "$REPO/benchmarks/fixtures/correctness" 2>&1 | tee "$OUT/correctness.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    isolation)
+      step isolation
+      $PY "$REPO/benchmarks/gpu_isolation.py" --adapters /dev/shm/slora-iso \
+          --out "$RES/isolation-$DAY.json" > "$OUT/isolation.log" 2>&1 || status=1
+      tail -n 30 "$OUT/isolation.log" ;;
     *) echo "unknown step $s"; status=2 ;;
   esac
 done
