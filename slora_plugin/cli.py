@@ -75,13 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--additional-config", help="JSON as given to vLLM's --additional-config")
     doctor.set_defaults(func=_doctor)
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name != name:
-                raise
-            continue
-        add: Callable[[Any], None] = module.add_subparser
+        add: Callable[[Any], None] = importlib.import_module(name).add_subparser
         add(sub)
     return parser
 
