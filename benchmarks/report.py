@@ -1,4 +1,5 @@
-"""Tables and plots from throughput results (no GPU): same as `slora-plugin bench report`.
+"""Tables and plots from throughput results (no GPU): same as `slora-plugin bench report`, with
+this folder's `results/` as the default input and output, wherever the command is started.
 
     python benchmarks/report.py benchmarks/results/throughput-*.json --out-dir benchmarks/results
 """
@@ -6,9 +7,9 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from slora_plugin.bench_cli import main
 
-from slora_plugin.bench_cli import main  # noqa: E402
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 if __name__ == "__main__":
-    sys.exit(main(["report", *sys.argv[1:]]))
+    sys.exit(main(["report", *sys.argv[1:]], results_dir=RESULTS))

@@ -20,6 +20,8 @@ from slora_plugin.workload import (
     save_trace)
 
 DEFAULT_GAMMA = "n=1000,arrival=gamma,rate=4,cv=1,requests=240,in=8-512,out=8-512"
+#: Results folder of the console script: relative to the current directory. The scripts in
+#: benchmarks/ pass their own folder's results/ instead, so they do not depend on the cwd.
 DEFAULT_RESULTS = os.path.join("benchmarks", "results")
 
 
@@ -32,14 +34,15 @@ def add_subparser(subparsers: Any) -> argparse.ArgumentParser:
     return bench
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, results_dir: str = DEFAULT_RESULTS) -> int:
+    """Run one bench command; `results_dir` is the default of `--out-dir` and of report's input."""
     parser = argparse.ArgumentParser(prog="slora-plugin bench")
-    _add_commands(parser)
+    _add_commands(parser, results_dir)
     args = parser.parse_args(argv)
     return args.func(args)
 
 
-def _add_commands(parser: argparse.ArgumentParser) -> None:
+def _add_commands(parser: argparse.ArgumentParser, results_dir: str = DEFAULT_RESULTS) -> None:
     sub = parser.add_subparsers(dest="bench_command", required=True)
 
     p = sub.add_parser("trace", help="generate a trace file (JSON lines) from a workload spec")
@@ -78,7 +81,7 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
                    help=f"the S-LoRA-style timed trace, or 'none' (default: {DEFAULT_GAMMA})")
     p.add_argument("--model", default="llama-2-7b")
     p.add_argument("--work-dir", default="/dev/shm/slora-bench", help="model config and adapters go here")
-    p.add_argument("--out-dir", default=DEFAULT_RESULTS)
+    p.add_argument("--out-dir", default=results_dir)
     p.add_argument("--distinct", type=int, default=2, help="distinct random files per rank (the rest are hard links)")
     p.add_argument("--adapter-modules", default="q_proj,k_proj,v_proj,o_proj")
     p.add_argument("--max-loras", type=int, default=128, help="stock: GPU slots")
@@ -95,10 +98,10 @@ def _add_commands(parser: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("report", help="markdown table and PNG plots from results files")
-    p.add_argument("paths", nargs="*", help=f"results files or globs (default {DEFAULT_RESULTS}/throughput-*.json)")
-    p.add_argument("--out-dir", default=DEFAULT_RESULTS)
+    p.add_argument("paths", nargs="*", help=f"results files or globs (default {results_dir}/throughput-*.json)")
+    p.add_argument("--out-dir", default=results_dir)
     p.add_argument("--name", default="throughput", help="base name of the .md and .png files")
-    p.set_defaults(func=_cmd_report)
+    p.set_defaults(func=_cmd_report, results_dir=results_dir)
 
 
 def _workload_flags(p: argparse.ArgumentParser) -> None:
@@ -193,7 +196,7 @@ def _traces(args: argparse.Namespace) -> list:
 def _cmd_report(args: argparse.Namespace) -> int:
     from slora_plugin.bench_report import ReportError, load_results, markdown_table, write_report
 
-    patterns = args.paths or [os.path.join(DEFAULT_RESULTS, "throughput-*.json")]
+    patterns = args.paths or [os.path.join(args.results_dir, "throughput-*.json")]
     paths = sorted({p for pat in patterns for p in (glob.glob(pat) or [pat])})
     try:
         out = write_report(paths, args.out_dir, args.name)

@@ -1,0 +1,52 @@
+"""The scripts in benchmarks/ work from any directory against the installed package: they add
+nothing to sys.path (the repository root would shadow the installed `slora_plugin` and make
+transformers' probe of the PyPI package `kernels` import ours), they default to their own
+folder's results/, and they do nothing when imported as `__mp_main__` (vLLM's spawned engine
+core imports the parent's main script under that name)."""
+
+from __future__ import annotations
+
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+
+from test_report import _fake_results
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SCRIPTS = [os.path.join(REPO, "benchmarks", name) for name in ("throughput.py", "report.py")]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_script_is_spawn_safe_and_leaves_sys_path_alone(script, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [script, "--definitely-not-a-flag"])
+    before = list(sys.path)
+    ns = runpy.run_path(script, run_name="__mp_main__")   # would SystemExit if it parsed argv
+    assert sys.path == before
+    assert ns["RESULTS"] == os.path.join(REPO, "benchmarks", "results")
+
+
+def test_report_script_from_another_directory(tmp_path):
+    paths = _fake_results(tmp_path)
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    code = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code, SCRIPTS[1], *paths, "--out-dir", str(tmp_path / "r")],
+                          cwd=elsewhere, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / "r")) == [
+        "throughput-ttft-cdf.png", "throughput-vs-adapters.png", "throughput.md"]
+    assert not os.path.exists(elsewhere / "benchmarks")
+    assert "| plugin | 2,000 |" in proc.stdout
+
+
+def test_report_defaults_to_the_given_results_dir(tmp_path, capsys):
+    from slora_plugin.bench_cli import main
+
+    _fake_results(tmp_path)
+    assert main(["report"], results_dir=str(tmp_path)) == 0
+    assert (tmp_path / "throughput.md").is_file() and "| plugin | 2,000 |" in capsys.readouterr().out
