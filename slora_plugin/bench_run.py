@@ -326,13 +326,30 @@ def _record(rec: dict[str, Any], out: Any, arrival_wall: float, finish_wall: flo
                tpot_s=(m.last_token_ts - m.first_token_ts) / (n_out - 1) if n_out > 1 else None)
 
 
+#: Environment the runner gives vLLM unless the caller set these variables. `spawn`: with the
+#: default `fork`, an engine core forked after this process had done CPU torch work (writing the
+#: random adapters) hung while loading the model on the H100. Spawn starts it clean; the scripts
+#: that call `run` keep their work under `if __name__ == "__main__":` for it. Same for every
+#: system, so the comparison stays fair.
+ENGINE_ENV = {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+
+
+def apply_engine_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Put ENGINE_ENV (and `extra`) into os.environ where not already set, before vLLM is
+    imported; returns the values in effect, for the results file."""
+    wanted = {**ENGINE_ENV, **(extra or {})}
+    for key, value in wanted.items():
+        os.environ.setdefault(key, value)
+    return {key: os.environ[key] for key in wanted}
+
+
 def run(opts: RunOptions) -> str:
-    """Start one engine, warm it up, run every trace, write rows after each; returns the path."""
+    """Start one engine, warm it up, run every trace, write rows after each; returns the path.
+
+    Adapters are written before vLLM is imported and the engine core is spawned, not forked
+    (see ENGINE_ENV)."""
     start = time.time()
     deadline = start + opts.deadline_s
-    import vllm
-    from vllm import LLM, SamplingParams
-
     import slora_plugin
 
     if opts.system == "plugin":
@@ -346,6 +363,10 @@ def run(opts: RunOptions) -> str:
     if opts.system != "base":
         adapter_dir = prepare_adapters(opts.work_dir, adapter_plan(opts.traces), model_cfg,
                                        opts.adapter_modules, opts.distinct)
+    environment = apply_engine_env()
+    import vllm
+    from vllm import LLM, SamplingParams
+
     kw = engine_kwargs(opts, model_dir, adapter_dir)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = os.path.join(opts.out_dir, f"throughput-{opts.system}-{stamp}.json")
@@ -356,6 +377,7 @@ def run(opts: RunOptions) -> str:
         "vllm_version": vllm.__version__,
         "plugin_version": slora_plugin.__version__,
         "command": opts.command,
+        "environment": environment,
         "workload": [t.spec.to_dict() for t in opts.traces],
         "engine_kwargs": {k: v for k, v in kw.items() if k != "model"},
     }

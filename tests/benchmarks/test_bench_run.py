@@ -222,6 +222,10 @@ class FakeRunLLM(FakeLLM):
     def __init__(self, **kw):
         super().__init__()
         FakeRunLLM.made.append(kw)
+        # The engine starts after the adapters are written, with its start method chosen.
+        self.env_at_start = os.environ.get("VLLM_WORKER_MULTIPROC_METHOD")
+        ad = kw.get("additional_config", {}).get("slora", {}).get("adapter_dir")
+        self.adapters_at_start = sorted(os.listdir(ad)) if ad else None
         eng = self.llm_engine
         eng.vllm_config = SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=100, block_size=16))
         eng.loras = {1, 2}
@@ -233,12 +237,18 @@ class FakeRunLLM(FakeLLM):
         self.warmup = lora_request
 
 
+def _unset(monkeypatch, name):
+    monkeypatch.setenv(name, "x")      # so that the test's teardown removes what run() sets
+    monkeypatch.delenv(name)
+
+
 def test_run_writes_rows_per_trace(tmp_path, tiny_model_dir, monkeypatch):
     import vllm
 
     from slora_plugin.bench_run import run
 
     monkeypatch.setattr(vllm, "LLM", FakeRunLLM)
+    _unset(monkeypatch, "VLLM_WORKER_MULTIPROC_METHOD")
     traces = [_trace(n_adapters=n, num_requests=12, ranks=(4, 8)) for n in (1, 5)]
     opts = RunOptions("stock", traces, model=tiny_model_dir, work_dir=str(tmp_path / "w"),
                       out_dir=str(tmp_path / "out"), command="python benchmarks/throughput.py --system stock")
@@ -246,6 +256,7 @@ def test_run_writes_rows_per_trace(tmp_path, tiny_model_dir, monkeypatch):
     data = json.load(open(path))
     assert os.path.basename(path).startswith("throughput-stock-")
     assert data["command"] == opts.command and data["vllm_version"] == vllm.__version__
+    assert data["environment"] == {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
     assert [w["n_adapters"] for w in data["workload"]] == [1, 5]
     assert [(r["n_adapters"], r["completed"], r["kv_cache_tokens"]) for r in data["rows"]] == [(1, 12, 1600), (5, 12, 1600)]
     assert data["rows"][0]["settings"]["max_loras"] == 128 and data["rows"][0]["init_s"] >= 0
@@ -256,6 +267,26 @@ def test_run_writes_rows_per_trace(tmp_path, tiny_model_dir, monkeypatch):
     kw = FakeRunLLM.made[-1]
     assert kw["model"] == tiny_model_dir and kw["max_lora_rank"] == 8
     assert sorted(os.listdir(tmp_path / "w" / "adapters")) == [adapter_name(g) for g in range(WARMUP_REQUESTS + 6)]
+
+
+def test_plugin_engine_starts_spawned_after_adapters_exist(tmp_path, tiny_model_dir, monkeypatch):
+    import vllm
+
+    from slora_plugin.bench_run import run
+
+    made = []
+    monkeypatch.setattr(vllm, "LLM", lambda **kw: made.append(FakeRunLLM(**kw)) or made[-1])
+    _unset(monkeypatch, "VLLM_WORKER_MULTIPROC_METHOD")
+    trace = _trace(n_adapters=3, num_requests=6, ranks=(4,))
+    run(RunOptions("plugin", [trace], model=tiny_model_dir, work_dir=str(tmp_path / "w"),
+                   out_dir=str(tmp_path / "out")))
+    assert made[0].env_at_start == "spawn"
+    assert made[0].adapters_at_start == [adapter_name(g) for g in range(WARMUP_REQUESTS + 3)]
+    monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")     # an explicit choice is kept
+    path = run(RunOptions("base", [_trace(n_adapters=0, num_requests=4)], model=tiny_model_dir,
+                          work_dir=str(tmp_path / "w"), out_dir=str(tmp_path / "out2")))
+    assert made[1].env_at_start == "fork"
+    assert json.load(open(path))["environment"] == {"VLLM_WORKER_MULTIPROC_METHOD": "fork"}
 
 
 def test_plugin_run_needs_the_entry_point(monkeypatch):
