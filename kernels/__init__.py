@@ -11,13 +11,15 @@ from slora_plugin.kernels.paged_lora import (
     prefill_config,
     shrink_buffer,
 )
-from slora_plugin.kernels.reference import lora_linear_ref
+from slora_plugin.kernels.reference import bound_violations, lora_linear_exact, lora_linear_ref
 
 __all__ = [
     "KernelConfig",
+    "bound_violations",
     "SegmentMeta",
     "choose_config",
     "decode_config",
+    "lora_linear_exact",
     "lora_linear_ref",
     "paged_lora_expand",
     "paged_lora_linear",

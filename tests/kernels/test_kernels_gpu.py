@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slora_plugin.kernels import SegmentMeta, lora_linear_ref, paged_lora_linear
+from slora_plugin.kernels import SegmentMeta, bound_violations, lora_linear_exact, paged_lora_linear
 from slora_plugin.kernels.synthetic import build_synthetic_pool
 from slora_plugin.layout import MODULE_INDEX, PACKED_MODULES, ModelDims
 
@@ -19,7 +19,6 @@ MODELS = {
                             intermediate_size=14336, num_hidden_layers=32),
 }
 MAX_RANK = 128
-EPS = {torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}
 #: Ranks of the slots: the extremes, the common ones, odd ones; one slot without v_proj/up_proj.
 SLOT_RANKS = [1, 8, 16, 128, 64, 32, 7, 100, 128, 3]
 
@@ -55,6 +54,23 @@ def layer_shapes(dims: ModelDims, layer: str) -> tuple[tuple[int, ...], int, tup
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("phase", ["decode", "prefill"])
 def test_real_sizes_match_reference(model: str, dtype: torch.dtype, phase: str) -> None:
+    """Every element within the error a correct kernel may have, against the fp64 answer.
+
+    The bound (`lora_linear_exact`) is per element: one ulp of y's dtype at the element's magnitude
+    for the final rounding, plus the tf32 rounding of h in the expand dot (2^-10 relative to
+    s * sum_k |h_k B_k|) and the fp32 accumulation (sqrt(K + r) * 2^-23 * s * sum |x A| |B|).
+    The old check (2 ulps relative + 2 ulps of 1.0 absolute against the fp32 reference) failed on
+    a handful of elements of millions where y0 + delta cancels to ~0: there the absolute error
+    of delta, ~2^-11 * sum_k |h_k B_k| from tf32 (the same as vLLM's, which rounds h to fp16),
+    exceeds two ulps of 1.0. tf32 is kept: an ieee fp32 dot moves every expand tile (16 or 64 token
+    rows x BLOCK_N x r) from tensor cores to FMA units, ~5 GFLOP of FMA for a 256-token,
+    256-adapter decode of Llama-2-7B qkv_proj (1-token work items in 16-row tiles), a third of
+    that call's measured time at H100 fp32 FMA throughput; the error it removes is no larger than
+    the final fp16 rounding of the delta.
+
+    So that the bound cannot silently admit a real bug, qkv_proj is run again with one rank row of
+    the rank-128 adapter in slot 3 dropped, and must then be out of bound.
+    """
     dims = MODELS[model]
     gen = torch.Generator(device="cuda").manual_seed(1234)
     sp = build_synthetic_pool(dims, slot_ranks(), page_elems(dims), dtype, "cuda", MAX_RANK,
@@ -67,9 +83,8 @@ def test_real_sizes_match_reference(model: str, dtype: torch.dtype, phase: str) 
         module_ids, k_in, widths = layer_shapes(dims, layer)
         x = torch.randn(t, k_in, device="cuda", generator=gen).to(dtype)
         out = torch.randn(t, sum(widths) + 64, device="cuda", generator=gen).to(dtype)
-        want = out.clone()
-        lora_linear_ref(want[:, 32:-32], x, sp.pool, slots, sp.a_addr, sp.b_addr, sp.ranks, sp.scales,
-                        module_ids, widths)
+        exact, allowed = lora_linear_exact(out[:, 32:-32], x, sp.pool, slots, sp.a_addr, sp.b_addr, sp.ranks,
+                                           sp.scales, module_ids, widths)
         got = out.clone()
         paged_lora_linear(got[:, 32:-32], x, sp.pool, meta, sp.a_addr, sp.b_addr, sp.ranks, sp.scales,
                           module_ids, widths, MAX_RANK)
@@ -77,8 +92,17 @@ def test_real_sizes_match_reference(model: str, dtype: torch.dtype, phase: str) 
         assert torch.equal(got[base], out[base]), f"{layer}: base-model rows changed"
         assert torch.equal(got[:, :32], out[:, :32]) and torch.equal(got[:, -32:], out[:, -32:])
         assert not torch.isnan(got).any(), f"{layer}: NaN (read outside adapter rows)"
-        eps = 2 * EPS[dtype]
-        torch.testing.assert_close(got.float(), want.float(), rtol=eps, atol=eps, msg=lambda m: f"{layer}: {m}")
+        bad, worst = bound_violations(got[:, 32:-32], exact, allowed)
+        assert bad == 0, f"{layer}: {bad} elements outside the error bound (worst |err| / allowed = {worst:.3g})"
+        if layer == "qkv_proj":
+            ranks = sp.ranks.clone()
+            ranks[3, module_ids[0]] -= 1                   # slot 3 has rank 128: skip its last row
+            mutated = out.clone()
+            paged_lora_linear(mutated[:, 32:-32], x, sp.pool, meta, sp.a_addr, sp.b_addr, ranks, sp.scales,
+                              module_ids, widths, MAX_RANK)
+            bad, _ = bound_violations(mutated[:, 32:-32], exact, allowed)
+            assert bad > 0, "a dropped rank row stayed within the bound: the check cannot catch real bugs"
+        del exact, allowed
 
 
 def test_cuda_graph_replay_and_no_host_sync() -> None:
@@ -115,7 +139,7 @@ def test_cuda_graph_replay_and_no_host_sync() -> None:
         static_slots.copy_(slots.to(torch.int32))
         y.zero_()
         graph.replay()
-        want = torch.zeros_like(y)
-        lora_linear_ref(want, x, sp.pool, static_slots, sp.a_addr, sp.b_addr, sp.ranks, sp.scales,
-                        module_ids, widths)
-        torch.testing.assert_close(y.float(), want.float(), rtol=2 * EPS[dtype], atol=2 * EPS[dtype])
+        exact, allowed = lora_linear_exact(torch.zeros_like(y), x, sp.pool, static_slots, sp.a_addr, sp.b_addr,
+                                           sp.ranks, sp.scales, module_ids, widths)
+        bad, worst = bound_violations(y, exact, allowed)
+        assert bad == 0, f"replay {seed}: {bad} elements outside the error bound (worst ratio {worst:.3g})"
