@@ -3,8 +3,10 @@
 Engine start-up costs 1-2 minutes, so one process serves every trace of a command with one
 `LLM`: the base model (no LoRA), stock vLLM multi-LoRA, or the plugin (stock vLLM plus
 `additional_config={"slora": {...}}`; the runner only passes the config). Only public vLLM API
-is used (`LLM`, `LLM.enqueue`, `LLM.llm_engine.step/abort_request/list_loras/remove_lora`,
-`RequestOutput.metrics`), so nothing here belongs in `patches/`.
+is used (`LLM`, `LLM.enqueue`, `LLM.get_metrics`,
+`LLM.llm_engine.step/abort_request/list_loras/remove_lora`, `RequestOutput.metrics`,
+`VLLM_LOGGING_CONFIG_PATH`), so nothing here belongs in `patches/`. The engine core is spawned
+(ENGINE_ENV) after the adapters are written, for every system.
 
 Timing. Requests are enqueued when their arrival time comes (all at t=0, closed loop, or Gamma
 arrivals) and the engine is stepped in this loop. `disable_log_stats=False` makes vLLM attach
@@ -26,9 +28,15 @@ reserves its KV cache up front, so this shows the reservation (about gpu_memory_
 the GPU), not the working set; torch's peak counters live in the engine-core process and are
 not visible here.
 
+Counters (`bench_pool`). Every row has `preemptions` (vLLM's counter, over the trace); plugin
+rows have `adapter_loads`, `adapter_evictions`, `pages_total`, `adapter_pages_peak` and
+`adapters_resident_peak` from the page pool's log (None for stock and base, or when no pool line
+came).
+
 Output: `<out_dir>/throughput-<system>-<UTC stamp>.json` (see `bench_report`), rewritten after
-every trace so a cut command keeps what it finished, and `...-requests.jsonl.gz` with every
-request's arrival, TTFT, end-to-end latency and TPOT.
+every trace so a cut command keeps what it finished, `...-requests.jsonl.gz` with every
+request's arrival, TTFT, end-to-end latency and TPOT, and for the plugin `...-pool.log` (the
+pool's log lines) with its logging config `...-pool.log.config.json`.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from slora_plugin.bench_pool import POOL_KEYS, PoolLog, pool_fields, pool_log_env, preemption_count
 from slora_plugin.bench_report import summarize, write_results
 from slora_plugin.plan import ModelMemory, load_model_config, write_model_config
 from slora_plugin.workload import Trace, prompt_tokens
@@ -371,6 +380,15 @@ def run(opts: RunOptions) -> str:
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = os.path.join(opts.out_dir, f"throughput-{opts.system}-{stamp}.json")
     requests_path = path[:-len(".json")] + "-requests.jsonl.gz"
+    pool_log = None
+    if opts.system == "plugin":
+        log_env = pool_log_env(path[:-len(".json")] + "-pool.log")
+        if log_env is None:
+            print("[bench] VLLM_LOGGING_CONFIG_PATH or VLLM_CONFIGURE_LOGGING=0 set by the caller: "
+                  "no adapter load/eviction counts in the rows", flush=True)
+        else:
+            environment.update(apply_engine_env(log_env))
+            pool_log = PoolLog(path[:-len(".json")] + "-pool.log")
     meta = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_description(),
@@ -395,25 +413,44 @@ def run(opts: RunOptions) -> str:
                  use_tqdm=False)
     warmup_s = time.time() - t
 
+    def poke() -> None:
+        """One no-LoRA token: a scheduler step, so the pool logs its counters (bench_pool)."""
+        llm.generate([{"prompt_token_ids": [3, 5, 7, 11]}],
+                     SamplingParams(max_tokens=1, ignore_eos=True, temperature=0, detokenize=False),
+                     use_tqdm=False)
+
+    pool_before = pool_log.boundary(poke)[0] if pool_log else None
     rows: list[dict[str, Any]] = []
     vocab = int(model_cfg["vocab_size"])
     for trace, offset in zip(opts.traces, trace_offsets(opts.traces)):
         if time.time() > deadline:
             print(f"[bench] deadline reached: skipping {trace.spec.label}", flush=True)
             continue
+        preempted_before = preemption_count(llm)
         with GpuMemoryPoller() as mem:
             metrics, records, cut = run_trace(llm, opts, trace, offset, adapter_dir, vocab, deadline)
+        preempted_after = preemption_count(llm)
         write_requests(requests_path, trace.spec.label, records)
+        pool: dict[str, Any] = dict.fromkeys(POOL_KEYS)
+        if pool_log:
+            pool_after, during = pool_log.boundary(poke)
+            pool = pool_fields(pool_before, during, pool_after)
+            pool_before = pool_after
         row = {"system": opts.system, "trace": trace.spec.label, "workload": trace.spec.to_dict(),
                "n_adapters": 0 if opts.system == "base" else trace.spec.n_adapters,
                "ranks": [] if opts.system == "base" else list(trace.spec.ranks),
                **metrics, "truncated": cut, "settings": _settings(kw),
                "init_s": round(init_s, 2), "warmup_s": round(warmup_s, 2),
-               "kv_cache_tokens": kv_tokens, "gpu_mem_used_peak_mib": mem.peak_mib}
+               "kv_cache_tokens": kv_tokens, "gpu_mem_used_peak_mib": mem.peak_mib,
+               "preemptions": None if None in (preempted_before, preempted_after)
+               else preempted_after - preempted_before,
+               **pool}
         rows.append(row)
         write_results(path, meta, rows)
         print(f"[bench] {opts.system} {trace.spec.label}: {row['req_per_s']:.2f} req/s, "
-              f"{row['output_tok_per_s']:.1f} out tok/s, TTFT p50 {row['ttft_p50_s']} s"
+              f"{row['output_tok_per_s']:.1f} out tok/s, TTFT p50 {row['ttft_p50_s']} s, "
+              f"preemptions {row['preemptions']}, adapter loads {row['adapter_loads']}, "
+              f"evictions {row['adapter_evictions']}"
               + (" (cut by the deadline)" if cut else ""), flush=True)
         if opts.system == "stock":
             for lora_id in list(llm.llm_engine.list_loras()):

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from slora_plugin.bench_cli import _traces, add_subparser, main
+from slora_plugin.bench_pool import POOL_KEYS
 from slora_plugin.bench_run import (
     WARMUP_REQUESTS, BenchError, RunOptions, adapter_name, adapter_plan, engine_kwargs,
     prepare_adapters, run_trace, trace_offsets)
@@ -232,9 +233,36 @@ class FakeRunLLM(FakeLLM):
         eng.list_loras = lambda: set(eng.loras)
         eng.remove_lora = lambda i: eng.loras.discard(i)
 
-    def generate(self, prompts, params, lora_request, use_tqdm):
-        assert len(prompts) == len(lora_request) == WARMUP_REQUESTS and not use_tqdm
+        # The engine core's pool log, as the runner's logging config tells it to write one.
+        cfg = os.environ.get("VLLM_LOGGING_CONFIG_PATH")
+        self.pool_log = cfg and json.load(open(cfg))["handlers"]["slora_pool_file"]["filename"]
+        self.pokes = 0
+
+    def enqueue(self, prompts, params, lora_request, use_tqdm):
+        self.seen_loras = getattr(self, "seen_loras", set()) | {lr.lora_int_id for lr in lora_request if lr}
+        return super().enqueue(prompts, params, lora_request, use_tqdm)
+
+    def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+        assert not use_tqdm
+        if lora_request is None:         # the runner's poke: one token, no adapter
+            assert len(prompts) == 1 and params.max_tokens == 1
+            self.pokes += 1
+            if self.pool_log:            # loads: every adapter seen; one preemption per trace
+                loads = len(self.seen_loras if hasattr(self, "seen_loras") else self.warmup)
+                with open(self.pool_log, "a") as f:
+                    f.write(f"{time.time():.3f} slora page pool: " + repr(
+                        {"pages_total": 900, "pages_adapters": 3 * loads, "adapters_resident": loads,
+                         "adapter_loads": loads, "adapter_evictions": max(0, loads - 10),
+                         "preemptions": self.pokes}) + "\n")
+            return
+        assert len(prompts) == len(lora_request) == WARMUP_REQUESTS
         self.warmup = lora_request
+        self.seen_loras = {lr.lora_int_id for lr in lora_request if lr}
+
+    def get_metrics(self):
+        from vllm.v1.metrics.reader import Counter
+
+        return [Counter(name="vllm:num_preemptions", labels={}, value=5 * len(self.calls))]
 
 
 def _unset(monkeypatch, name):
@@ -260,6 +288,8 @@ def test_run_writes_rows_per_trace(tmp_path, tiny_model_dir, monkeypatch):
     assert [w["n_adapters"] for w in data["workload"]] == [1, 5]
     assert [(r["n_adapters"], r["completed"], r["kv_cache_tokens"]) for r in data["rows"]] == [(1, 12, 1600), (5, 12, 1600)]
     assert data["rows"][0]["settings"]["max_loras"] == 128 and data["rows"][0]["init_s"] >= 0
+    assert [r["preemptions"] for r in data["rows"]] == [5, 5]       # vLLM's counter, per trace
+    assert all(r[k] is None for r in data["rows"] for k in POOL_KEYS)  # no pool in stock
     import gzip
 
     reqs = [json.loads(ln) for ln in gzip.open(path[:-5] + "-requests.jsonl.gz", "rt")]
@@ -277,11 +307,21 @@ def test_plugin_engine_starts_spawned_after_adapters_exist(tmp_path, tiny_model_
     made = []
     monkeypatch.setattr(vllm, "LLM", lambda **kw: made.append(FakeRunLLM(**kw)) or made[-1])
     _unset(monkeypatch, "VLLM_WORKER_MULTIPROC_METHOD")
+    _unset(monkeypatch, "VLLM_LOGGING_CONFIG_PATH")
     trace = _trace(n_adapters=3, num_requests=6, ranks=(4,))
-    run(RunOptions("plugin", [trace], model=tiny_model_dir, work_dir=str(tmp_path / "w"),
-                   out_dir=str(tmp_path / "out")))
+    path = run(RunOptions("plugin", [trace], model=tiny_model_dir, work_dir=str(tmp_path / "w"),
+                          out_dir=str(tmp_path / "out")))
     assert made[0].env_at_start == "spawn"
     assert made[0].adapters_at_start == [adapter_name(g) for g in range(WARMUP_REQUESTS + 3)]
+    data = json.load(open(path))
+    row = data["rows"][0]
+    distinct = trace.distinct_adapters
+    assert (row["adapter_loads"], row["adapter_evictions"]) == (distinct, max(0, 8 + distinct - 10))
+    assert (row["pages_total"], row["adapter_pages_peak"], row["adapters_resident_peak"]) == (
+        900, 3 * (8 + distinct), 8 + distinct)
+    assert row["preemptions"] == 5 and row["pool_preemptions"] == 1 and made[0].pokes == 2
+    assert data["environment"]["VLLM_LOGGING_CONFIG_PATH"] == path[:-5] + "-pool.log.config.json"
+    assert os.path.isfile(path[:-5] + "-pool.log")
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")     # an explicit choice is kept
     path = run(RunOptions("base", [_trace(n_adapters=0, num_requests=4)], model=tiny_model_dir,
                           work_dir=str(tmp_path / "w"), out_dir=str(tmp_path / "out2")))
