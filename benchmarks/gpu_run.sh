@@ -11,6 +11,16 @@
 #   correctness  token-for-token check vs merged weights (benchmarks/gpu_correctness.py)
 #   isolation    1,000 distinct adapters under eviction pressure: mixed vs solo outputs, pool
 #                accounting (benchmarks/gpu_isolation.py)
+#   throughput-plugin  the plugin, 1000 requests 256 in / 128 out all at once with N = 1, 100,
+#                1000, 2000 adapters (ranks 8..128), then the S-LoRA-style Gamma trace if time is
+#                left (benchmarks/throughput.py; ~6-8 min)
+#   throughput-stock   stock vLLM tuned (max_loras 128, lora_target_modules qkv_proj,o_proj),
+#                N = 1, 100, 1000 all at once (~6-8 min)
+#   throughput-base    the base model, no LoRA: all at once, then the Gamma trace (~3 min)
+#   throughput-stock-gamma  stock tuned on the Gamma trace only (optional, ~4 min)
+#   throughput-report  markdown table + 2 PNG plots from every throughput-*.json in results/
+# Each throughput step is one engine in one process, stops starting traces after --deadline-s
+# 450 and is killed at 530 s, so it ends under 9 minutes; rows are written after every trace.
 # Results go to benchmarks/results/ and, packed, to $OUT (what the device tool brings back).
 # Everything runs with /tmp as the working directory: from the repository root, the folders
 # `kernels/` and `slora_plugin/` would shadow the installed packages (transformers probes for
@@ -26,6 +36,13 @@ DAY=$(date +%F)
 PY=python3
 status=0
 step() { echo; echo "=== $1 ($(date +%T))"; }
+throughput() {  # STEP ARGS...: one throughput command; log in $OUT, results in $RES
+  local name=$1; shift
+  step "$name"
+  timeout -k 10 530 $PY "$REPO/benchmarks/throughput.py" --out-dir "$RES" --deadline-s 450 "$@" \
+      > "$OUT/$name.log" 2>&1 || { rc=$?; status=1; echo "$name FAILED (exit $rc; 124: killed at 530 s)"; }
+  grep -a "^\[bench\]" "$OUT/$name.log"; tail -n 5 "$OUT/$name.log"
+}
 for s in "$@"; do
   case "$s" in
     install)
@@ -61,6 +78,19 @@ for s in "$@"; do
       $PY "$REPO/benchmarks/gpu_isolation.py" --adapters /dev/shm/slora-iso \
           --out "$RES/isolation-$DAY.json" > "$OUT/isolation.log" 2>&1 || status=1
       tail -n 30 "$OUT/isolation.log" ;;
+    throughput-plugin)
+      throughput "$s" --system plugin --n-adapters 1,100,1000,2000 ;;
+    throughput-stock)
+      throughput "$s" --system stock --n-adapters 1,100,1000 --gamma none \
+          --max-loras 128 --lora-target-modules qkv_proj,o_proj ;;
+    throughput-base)
+      throughput "$s" --system base ;;
+    throughput-stock-gamma)
+      throughput "$s" --system stock --n-adapters none --max-loras 128 --lora-target-modules qkv_proj,o_proj ;;
+    throughput-report)
+      step "$s"
+      $PY "$REPO/benchmarks/report.py" --out-dir "$RES" 2>&1 | tee "$OUT/throughput-report.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     *) echo "unknown step $s"; status=2 ;;
   esac
 done

@@ -74,7 +74,7 @@ def _add_commands(parser: argparse.ArgumentParser, results_dir: str = DEFAULT_RE
     p.add_argument("--trace", action="append", default=[],
                    help="trace file, or spec such as 'n=100,requests=500'; repeatable; replaces "
                         "the default traces (one all-at-once trace per --n-adapters, plus --gamma)")
-    p.add_argument("--n-adapters", help="adapter counts of the all-at-once traces "
+    p.add_argument("--n-adapters", help="adapter counts of the all-at-once traces, or 'none' "
                                         "(default: 0 for base, 1,100,1000 otherwise)")
     _workload_flags(p)
     p.add_argument("--gamma", default=DEFAULT_GAMMA,
@@ -187,9 +187,12 @@ def _traces(args: argparse.Namespace) -> list:
     if args.trace:
         return [load_trace(t) if os.path.isfile(t) else generate(parse_spec(t, base)) for t in args.trace]
     ns = args.n_adapters or ("0" if args.system == "base" else "1,100,1000")
-    traces = [generate(parse_spec(f"n={n},arrival=all", base)) for n in _ints(ns, "--n-adapters", 0)]
+    counts = [] if ns.lower() == "none" else _ints(ns, "--n-adapters", 0)
+    traces = [generate(parse_spec(f"n={n},arrival=all", base)) for n in counts]
     if args.gamma.lower() != "none":
         traces.append(generate(parse_spec(args.gamma, base)))
+    if not traces:
+        raise ValueError("--n-adapters none with --gamma none: no traces to run")
     return traces
 
 

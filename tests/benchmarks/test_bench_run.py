@@ -213,6 +213,8 @@ def test_cli_run_rejects_bad_flags(capsys):
     assert "rate > 0" in capsys.readouterr().err
     assert main(["run", "--system", "stock", "--engine-arg", "novalue"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert main(["run", "--system", "stock", "--n-adapters", "none", "--gamma", "none"]) == 2
+    assert "no traces to run" in capsys.readouterr().err
 
 
 class FakeRunLLM(FakeLLM):

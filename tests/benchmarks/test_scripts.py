@@ -50,3 +50,39 @@ def test_report_defaults_to_the_given_results_dir(tmp_path, capsys):
     _fake_results(tmp_path)
     assert main(["report"], results_dir=str(tmp_path)) == 0
     assert (tmp_path / "throughput.md").is_file() and "| plugin | 2,000 |" in capsys.readouterr().out
+
+
+def _gpu_run_steps() -> dict[str, list[str]]:
+    """step -> the arguments benchmarks/gpu_run.sh gives throughput.py for it."""
+    import re
+    import shlex
+
+    text = open(os.path.join(REPO, "benchmarks", "gpu_run.sh")).read().replace("\\\n", " ")
+    helper = re.search(r'benchmarks/throughput.py" (.*?) "\$@"', text).group(1)
+    steps = {m.group(1): shlex.split(helper.replace('"$RES"', "RES")) + shlex.split(m.group(2))
+             for m in re.finditer(r'\n\s+(throughput-[a-z-]+)\)\s+throughput "\$s" ([^;]*);;', text)}
+    assert set(steps) == {"throughput-plugin", "throughput-stock", "throughput-base",
+                          "throughput-stock-gamma"}
+    return steps
+
+
+def test_gpu_run_throughput_steps_parse_to_the_planned_traces():
+    from slora_plugin.bench_cli import _add_commands, _traces
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    _add_commands(parser)
+    got = {}
+    for step, argv in _gpu_run_steps().items():
+        args = parser.parse_args(["run", *argv])
+        assert args.deadline_s == 450 and args.out_dir == "RES"
+        got[step] = (args.system, [(t.spec.arrival, t.spec.n_adapters) for t in _traces(args)])
+        if args.system == "stock":
+            assert (args.max_loras, args.lora_target_modules) == (128, "qkv_proj,o_proj")
+    gamma = ("gamma", 1000)
+    assert got == {
+        "throughput-plugin": ("plugin", [("all", 1), ("all", 100), ("all", 1000), ("all", 2000), gamma]),
+        "throughput-stock": ("stock", [("all", 1), ("all", 100), ("all", 1000)]),
+        "throughput-base": ("base", [("all", 0), gamma]),
+        "throughput-stock-gamma": ("stock", [gamma]),
+    }
