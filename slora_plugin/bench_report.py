@@ -9,8 +9,11 @@ specs the command ran) and `rows`. A row is one (system, trace): `system` (base,
 `trace` (its label), `workload` (its spec), `n_adapters`, `ranks`, `requests`, `completed`, `duration_s`, `req_per_s`,
 `output_tok_per_s`, `total_tok_per_s`, `ttft_p50_s`, `ttft_p99_s`, `tpot_p50_s`, `tpot_p99_s`,
 `e2e_p50_s`, `e2e_p99_s`, `slo_ttft_s`, `slo_attainment`, `ttft_quantiles_s` and
-`e2e_quantiles_s` (101 percentiles, for CDF plots), `settings`, `init_s`, and what the runner
-knows of memory (`kv_cache_tokens`, `gpu_mem_used_peak_mib`).
+`e2e_quantiles_s` (101 percentiles, for CDF plots), `settings`, `init_s`, what the runner
+knows of memory (`kv_cache_tokens`, `gpu_mem_used_peak_mib`) and counters (`preemptions`;
+for the plugin `adapter_loads`, `adapter_evictions`, `pages_total`, `adapter_pages_peak`,
+`adapters_resident_peak`; see `bench_pool`). Counters may be absent (older files) or None
+(unknown); the table shows "-" for both.
 """
 
 from __future__ import annotations
@@ -136,7 +139,8 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
                                                     r["n_adapters"]))
     base = {r["_shape"]: r["output_tok_per_s"] for r in rows if r["system"] == "base"}
     head = ["trace", "system", "adapters", "done/req", "req/s", "out tok/s", "vs base",
-            "TTFT p50/p99 s", "TPOT p50/p99 ms", "SLO TTFT", "KV tokens", "init s", "settings"]
+            "TTFT p50/p99 s", "TPOT p50/p99 ms", "SLO TTFT", "preempt", "loads / evictions",
+            "adapter pages peak", "KV tokens", "init s", "settings"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ref = base.get(r["_shape"])
@@ -149,6 +153,10 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             f"{_num(r['ttft_p50_s'], 2)} / {_num(r['ttft_p99_s'], 2)}",
             f"{_ms(r['tpot_p50_s'])} / {_ms(r['tpot_p99_s'])}",
             "-" if slo is None else f"{100 * slo:.1f}% <= {r.get('slo_ttft_s'):g} s",
+            _num(r.get("preemptions"), 0),
+            f"{_num(r.get('adapter_loads'), 0)} / {_num(r.get('adapter_evictions'), 0)}",
+            "-" if r.get("adapter_pages_peak") is None
+            else f"{_num(r['adapter_pages_peak'], 0)} of {_num(r.get('pages_total'), 0)}",
             _num(r.get("kv_cache_tokens"), 0), _num(r["init_s"], 1), _settings(r["settings"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -51,7 +51,10 @@ def _row(system, n, out_tok, spec, ttft_step=0.1):
     return {"system": system, "trace": spec.label, "workload": spec.to_dict(),
             "n_adapters": 0 if system == "base" else n, "ranks": [] if system == "base" else [8, 16],
             **m, "truncated": False, "settings": {"max_loras": 128} if system == "stock" else {},
-            "init_s": 80.0, "warmup_s": 2.0, "kv_cache_tokens": 116768, "gpu_mem_used_peak_mib": 74000}
+            "init_s": 80.0, "warmup_s": 2.0, "kv_cache_tokens": 116768, "gpu_mem_used_peak_mib": 74000,
+            "preemptions": 0 if system == "base" else 3,
+            **({"adapter_loads": n + 5, "adapter_evictions": n // 2, "pages_total": 7000,
+                "adapter_pages_peak": 2500, "adapters_resident_peak": 120} if system == "plugin" else {})}
 
 
 def _fake_results(tmp_path):
@@ -96,6 +99,9 @@ def test_markdown_table_and_ratio_to_base(tmp_path):
     gamma = [ln for ln in table.splitlines() if ln.startswith("| gamma rate 4 cv 1")]
     assert any("| stock | 1,000 |" in ln and "| 0.556 |" in ln for ln in gamma)
     assert "NVIDIA H100 80GB HBM3" in table
+    plugin2000 = next(ln for ln in lines if "| plugin | 2,000 |" in ln)
+    assert "| 3 | 2,005 / 1,000 | 2,500 of 7,000 |" in plugin2000
+    assert "| 3 | - / - | - |" in stock1000      # stock has no pool counters: unknown, not 0
 
 
 def test_write_report_makes_pngs(tmp_path):
@@ -120,3 +126,19 @@ def test_report_cli_and_errors(tmp_path, capsys):
     assert "missing top-level key" in capsys.readouterr().err
     with pytest.raises(ReportError, match="cannot read"):
         load_results([str(tmp_path / "none.json")])
+
+
+def test_console_script_report(tmp_path):
+    """`slora-plugin bench report` (the installed console script) from another directory."""
+    import shutil
+    import subprocess
+    import sys
+
+    _fake_results(tmp_path)
+    exe = shutil.which("slora-plugin") or os.path.join(os.path.dirname(sys.executable), "slora-plugin")
+    proc = subprocess.run([exe, "bench", "report", str(tmp_path / "throughput-*.json"),
+                           "--out-dir", str(tmp_path / "r"), "--name", "h100"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(os.listdir(tmp_path / "r")) == ["h100-ttft-cdf.png", "h100-vs-adapters.png", "h100.md"]
+    assert "| plugin | 2,000 |" in open(tmp_path / "r" / "h100.md").read()
