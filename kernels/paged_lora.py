@@ -17,7 +17,11 @@ the host, so the launches can be captured in CUDA graphs.
 The prefill and decode variants are the same kernels with different tiles (`decode_config`,
 `prefill_config`, picked from the static token count by `choose_config`): decode uses 16-token
 tiles, small rank tiles and a split K so that few segments still fill the GPU; prefill uses
-64-token tiles and larger rank tiles for reuse of A/B across tokens.
+64-token tiles and larger rank tiles for reuse of A/B across tokens. A config depends on the
+phase, in_features and max_rank only, and the arguments that differ between layers or token
+counts are not specialized (`_SHRINK_DYNAMIC`, `_EXPAND_DYNAMIC`), so a model compiles each
+kernel once per phase: vLLM's CUDA-graph capture at every batch size triggers no compile after
+the first (`launch_plans` exposes the exact launch arguments; tests/kernels count the keys).
 
 `triton` is imported directly: vLLM swaps it for placeholders when no GPU driver is active, and
 the kernels must also run under TRITON_INTERPRET=1 on CPU tensors (where a bf16 `tl.dot` is
@@ -65,16 +69,17 @@ class KernelConfig:
             raise ValueError(f"split_k must be >= 1, got {self.split_k}")
 
 
-def decode_config(num_tokens: int, in_features: int, max_rank: int) -> KernelConfig:
-    """Few tokens, many adapters: 16-row rank tiles (a rank-8 adapter wastes little) and K split
-    so that even one adapter spreads its rows over many programs."""
-    split = 16 if num_tokens <= 16 else 8 if num_tokens <= 64 else 4
-    block_k = 128
-    split = max(1, min(split, triton.cdiv(in_features, 2 * block_k)))
-    return KernelConfig(block_m=16, split_k=split, block_r=16, block_k=block_k, block_n=128, block_kr=16)
+#: Token counts up to this use the decode variant (vLLM captures CUDA graphs up to 512 tokens).
+DECODE_MAX_TOKENS = 512
 
 
-def prefill_config(num_tokens: int, in_features: int, max_rank: int) -> KernelConfig:
+def decode_config(in_features: int, max_rank: int) -> KernelConfig:
+    """Few tokens, many adapters: 16-token tiles, 16-row rank tiles (a rank-8 adapter wastes
+    little) and K split so that even one adapter spreads its rows over many programs."""
+    return KernelConfig(block_m=16, split_k=4, block_r=16, block_k=128, block_n=128, block_kr=16)
+
+
+def prefill_config(in_features: int, max_rank: int) -> KernelConfig:
     """Long segments: 64-token tiles so each A/B tile is reused across tokens, and one rank tile
     up to 128 so that x is read once per slice."""
     block_r = min(128, max(16, triton.next_power_of_2(max_rank)))
@@ -83,10 +88,12 @@ def prefill_config(num_tokens: int, in_features: int, max_rank: int) -> KernelCo
 
 
 def choose_config(num_tokens: int, in_features: int, max_rank: int) -> KernelConfig:
-    """The variant for a (padded, hence static) token count."""
-    if num_tokens <= 512:
-        return decode_config(num_tokens, in_features, max_rank)
-    return prefill_config(num_tokens, in_features, max_rank)
+    """The variant for a (padded, hence static) token count: one per phase and layer shape, never
+    a function of the token count within a phase, so that capturing CUDA graphs at every batch
+    size compiles each kernel once per phase (see `launch_plans`)."""
+    if num_tokens <= DECODE_MAX_TOKENS:
+        return decode_config(in_features, max_rank)
+    return prefill_config(in_features, max_rank)
 
 
 class SegmentMeta:
@@ -193,27 +200,37 @@ def _shrink_acc(x_ptr, pool_ptr, tok, m_mask, rows, r_mask, k_lo, k_hi, stride_x
     return acc
 
 
-@triton.jit
+#: Integer arguments Triton must not specialize on (value 1, multiple of 16): they differ between
+#: layers (module ids, tile counts) or with the token count (`stride_hs`), and each new
+#: specialization is a JIT compile, during vLLM's CUDA-graph capture. The ones left specialized
+#: (K split length, x/y/table strides, slice widths) are the same at every token count and keep
+#: the alignment facts the 16-byte vector loads and stores rely on.
+_SHRINK_DYNAMIC = ("work_stride", "m0", "m1", "m2", "K", "max_rank", "split_k", "num_rank_tiles", "inner",
+                   "stride_hs")
+_EXPAND_DYNAMIC = ("work_stride", "m0", "m1", "m2", "max_rank", "n_tiles", "stride_hs")
+
+
+@triton.jit(do_not_specialize=_SHRINK_DYNAMIC)
 def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, sorted_ptr, a_addr_ptr, ranks_ptr,
-                   m0, m1, m2, K, max_rank, k_per_split,
+                   m0, m1, m2, K, max_rank, k_per_split, split_k, num_rank_tiles, inner,
                    stride_xm, stride_xk, stride_as, stride_am, stride_rs,
                    stride_hs, stride_ht, stride_hi,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                   NUM_RANK_TILES: tl.constexpr, SPLIT_K: tl.constexpr, INNER: tl.constexpr,
                    EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
     """Program (work item; slice, rank tile, K split) -> h[split, tokens, slice, rank tile].
 
     The work item varies slowest, so the programs that share its x rows run together (L2 reuse).
+    `inner` = slices * num_rank_tiles * split_k programs per work item.
     """
     pid = tl.program_id(0)
-    w = pid // INNER
+    w = pid // inner
     n_tok = tl.load(work_ptr + 2 * work_stride + w)
     if n_tok == 0:
         return
-    inner = pid % INNER
-    sl = inner // (NUM_RANK_TILES * SPLIT_K)
-    r0 = ((inner // SPLIT_K) % NUM_RANK_TILES) * BLOCK_R
-    sp = inner % SPLIT_K
+    j = pid % inner
+    sl = j // (num_rank_tiles * split_k)
+    r0 = ((j // split_k) % num_rank_tiles) * BLOCK_R
+    sp = j % split_k
     slot = tl.load(work_ptr + w).to(tl.int64)
     m = tl.where(sl == 0, m0, tl.where(sl == 1, m1, m2))
     r = tl.minimum(tl.load(ranks_ptr + slot * stride_rs + m), max_rank)
@@ -258,14 +275,14 @@ def _expand_acc(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask,
         else:
             bt = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
         hk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for sp in tl.static_range(SPLIT_K):
+        for sp in tl.static_range(SPLIT_K):  # unrolled: a nested loop would stop the pipelining of B
             hk += tl.load(h_ptr + sp * stride_hs + tok[:, None] * stride_ht + sl * stride_hi + kk[None, :],
                           mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(hk, bt, input_precision="tf32")
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_EXPAND_DYNAMIC)
 def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, sorted_ptr, b_addr_ptr, ranks_ptr,
                    scales_ptr, m0, m1, m2, w0, w1, w2, max_rank, n_tiles,
                    stride_ym, stride_yn, stride_bs, stride_bm, stride_rs,
@@ -375,12 +392,26 @@ def _pad3(values: Sequence[int], fill: int) -> list[int]:
     return list(values) + [fill] * (MAX_SLICES - len(values))
 
 
-def paged_lora_shrink(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
-                      a_addr: torch.Tensor, ranks: torch.Tensor, module_ids: Sequence[int],
-                      max_rank: int, config: KernelConfig | None = None) -> None:
-    """h[sp, t, i, :r] = partial (over K split sp) of x[t] @ A^T, for tokens in segments."""
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch: what the launchers run and what `launch_plans` reports, so tests can
+    see exactly the arguments Triton specializes on without a GPU."""
+
+    kernel: object
+    grid: tuple[int]
+    args: dict[str, object]        # runtime arguments, by name
+    constexprs: dict[str, object]
+    num_warps: int
+    dynamic: tuple[str, ...]       # the runtime arguments the kernel does not specialize on
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](**self.args, **self.constexprs, num_warps=self.num_warps)
+
+
+def _shrink_launch(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
+                   a_addr: torch.Tensor, ranks: torch.Tensor, module_ids: Sequence[int],
+                   max_rank: int, config: KernelConfig) -> Launch:
     t, k_in = x.shape
-    config = config or choose_config(t, k_in, max_rank)
     _check_modules(module_ids)
     _check_pool(pool, x)
     _check_tables("a_addr", a_addr, ranks, meta, max_rank, x.device)
@@ -390,32 +421,28 @@ def paged_lora_shrink(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta
             or h.shape[2:] != (len(module_ids), padded) or h.stride(3) != 1 or h.device != x.device:
         raise ValueError(f"h must be fp32 [{config.split_k}, >={t}, {len(module_ids)}, {padded}] with unit last "
                          f"stride on {x.device} (see shrink_buffer), got {h.dtype} {tuple(h.shape)} on {h.device}")
-    if t == 0:
-        return
     num_rank_tiles = padded // config.block_r
     k_per_split = triton.cdiv(triton.cdiv(k_in, config.split_k), config.block_k) * config.block_k
     work = meta.work[config.block_m]
     inner = len(module_ids) * num_rank_tiles * config.split_k
-    grid = (meta.work_bound(t, config.block_m) * inner,)
     m0, m1, m2 = _pad3(module_ids, module_ids[0])
-    _shrink_kernel[grid](
-        x, pool, h, work, work.stride(0), meta.sorted_tokens, a_addr, ranks,
-        m0, m1, m2, k_in, max_rank, k_per_split,
-        x.stride(0), x.stride(1), a_addr.stride(0), a_addr.stride(1), ranks.stride(0),
-        h.stride(0), h.stride(1), h.stride(2),
-        BLOCK_M=config.block_m, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
-        NUM_RANK_TILES=num_rank_tiles, SPLIT_K=config.split_k, INNER=inner, EVEN_K=k_in % config.block_k == 0,
-        UPCAST=x.device.type == "cpu" and x.dtype == torch.bfloat16,
-        num_warps=config.num_warps)
+    args = dict(x_ptr=x, pool_ptr=pool, h_ptr=h, work_ptr=work, work_stride=work.stride(0),
+                sorted_ptr=meta.sorted_tokens, a_addr_ptr=a_addr, ranks_ptr=ranks, m0=m0, m1=m1, m2=m2, K=k_in,
+                max_rank=max_rank, k_per_split=k_per_split, split_k=config.split_k, num_rank_tiles=num_rank_tiles,
+                inner=inner, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_as=a_addr.stride(0),
+                stride_am=a_addr.stride(1), stride_rs=ranks.stride(0), stride_hs=h.stride(0),
+                stride_ht=h.stride(1), stride_hi=h.stride(2))
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
+                      EVEN_K=k_in % config.block_k == 0, UPCAST=x.device.type == "cpu" and x.dtype == torch.bfloat16)
+    return Launch(_shrink_kernel, (meta.work_bound(t, config.block_m) * inner,), args, constexprs, config.num_warps,
+                  _SHRINK_DYNAMIC)
 
 
-def paged_lora_expand(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
-                      b_addr: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
-                      module_ids: Sequence[int], slice_widths: Sequence[int], max_rank: int,
-                      config: KernelConfig | None = None) -> None:
-    """y[t, slice i] += scales[s, m_i] * (sum over splits of h[:, t, i, :r]) @ B^T."""
+def _expand_launch(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
+                   b_addr: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+                   module_ids: Sequence[int], slice_widths: Sequence[int], max_rank: int,
+                   config: KernelConfig) -> Launch:
     t = y.shape[0]
-    config = config or choose_config(t, 0, max_rank)
     _check_modules(module_ids)
     _check_pool(pool, y)
     _check_tables("b_addr", b_addr, ranks, meta, max_rank, y.device)
@@ -429,21 +456,58 @@ def paged_lora_expand(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta
             or h.shape[3] < max_rank or h.stride(3) != 1 or h.device != y.device:
         raise ValueError(f"h must be the fp32 shrink buffer [split, >={t}, {len(module_ids)}, >={max_rank}] "
                          f"on {y.device}, got {h.dtype} {tuple(h.shape)} on {h.device}")
-    if t == 0:
-        return
     work = meta.work[config.block_m]
     n_tiles = sum(triton.cdiv(w, config.block_n) for w in slice_widths)
-    grid = (meta.work_bound(t, config.block_m) * n_tiles,)
     m0, m1, m2 = _pad3(module_ids, module_ids[0])
     w0, w1, w2 = _pad3(slice_widths, 0)
-    _expand_kernel[grid](
-        y, h, pool, work, work.stride(0), meta.sorted_tokens, b_addr, ranks, scales,
-        m0, m1, m2, w0, w1, w2, max_rank, n_tiles,
-        y.stride(0), y.stride(1), b_addr.stride(0), b_addr.stride(1), ranks.stride(0),
-        h.stride(0), h.stride(1), h.stride(2),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_kr, SPLIT_K=h.shape[0],
-        RANK_P2=max(16, triton.next_power_of_2(max_rank)), EVEN_N=all(w % config.block_n == 0 for w in slice_widths),
-        num_warps=config.num_warps)
+    args = dict(y_ptr=y, h_ptr=h, pool_ptr=pool, work_ptr=work, work_stride=work.stride(0),
+                sorted_ptr=meta.sorted_tokens, b_addr_ptr=b_addr, ranks_ptr=ranks, scales_ptr=scales,
+                m0=m0, m1=m1, m2=m2, w0=w0, w1=w1, w2=w2, max_rank=max_rank, n_tiles=n_tiles,
+                stride_ym=y.stride(0), stride_yn=y.stride(1), stride_bs=b_addr.stride(0), stride_bm=b_addr.stride(1),
+                stride_rs=ranks.stride(0), stride_hs=h.stride(0), stride_ht=h.stride(1), stride_hi=h.stride(2))
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_kr, SPLIT_K=h.shape[0],
+                      RANK_P2=max(16, triton.next_power_of_2(max_rank)),
+                      EVEN_N=all(w % config.block_n == 0 for w in slice_widths))
+    return Launch(_expand_kernel, (meta.work_bound(t, config.block_m) * n_tiles,), args, constexprs, config.num_warps,
+                  _EXPAND_DYNAMIC)
+
+
+def paged_lora_shrink(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
+                      a_addr: torch.Tensor, ranks: torch.Tensor, module_ids: Sequence[int],
+                      max_rank: int, config: KernelConfig | None = None) -> None:
+    """h[sp, t, i, :r] = partial (over K split sp) of x[t] @ A^T, for tokens in segments."""
+    config = config or choose_config(x.shape[0], x.shape[1], max_rank)
+    launch = _shrink_launch(h, x, pool, meta, a_addr, ranks, module_ids, max_rank, config)
+    if x.shape[0]:
+        launch()
+
+
+def paged_lora_expand(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
+                      b_addr: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+                      module_ids: Sequence[int], slice_widths: Sequence[int], max_rank: int,
+                      config: KernelConfig) -> None:
+    """y[t, slice i] += scales[s, m_i] * (sum over splits of h[:, t, i, :r]) @ B^T, with the config
+    the shrink that wrote h used."""
+    launch = _expand_launch(y, h, pool, meta, b_addr, ranks, scales, module_ids, slice_widths, max_rank, config)
+    if y.shape[0]:
+        launch()
+
+
+def launch_plans(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
+                 a_addr: torch.Tensor, b_addr: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+                 module_ids: Sequence[int], slice_widths: Sequence[int], max_rank: int,
+                 config: KernelConfig | None = None) -> tuple[Launch, Launch]:
+    """The (shrink, expand) launches `paged_lora_linear` makes for these arguments, not run."""
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x must be [T, K] and y [T, N] with the same T, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if y.dtype != x.dtype:
+        raise ValueError(f"y is {y.dtype} but x is {x.dtype}")
+    _check_modules(module_ids)
+    _check_slices(y, module_ids, slice_widths)
+    config = config or choose_config(x.shape[0], x.shape[1], max_rank)
+    h = shrink_buffer(x.shape[0], len(module_ids), max_rank, config, x.device)
+    return (_shrink_launch(h, x, pool, meta, a_addr, ranks, module_ids, max_rank, config),
+            _expand_launch(y, h, pool, meta, b_addr, ranks, scales, module_ids, slice_widths, max_rank, config))
 
 
 def _check_tokens(t: int, meta: SegmentMeta) -> None:
@@ -461,13 +525,8 @@ def paged_lora_linear(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta
 
     y [T, sum(widths)] may be a strided view of the layer output; x [T, K]; pool 1-D, x's dtype.
     """
-    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x must be [T, K] and y [T, N] with the same T, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if y.dtype != x.dtype:
-        raise ValueError(f"y is {y.dtype} but x is {x.dtype}")
-    _check_modules(module_ids)
-    _check_slices(y, module_ids, slice_widths)
-    config = config or choose_config(x.shape[0], x.shape[1], max_rank)
-    h = shrink_buffer(x.shape[0], len(module_ids), max_rank, config, x.device)
-    paged_lora_shrink(h, x, pool, meta, a_addr, ranks, module_ids, max_rank, config)
-    paged_lora_expand(y, h, pool, meta, b_addr, ranks, scales, module_ids, slice_widths, max_rank, config)
+    shrink, expand = launch_plans(y, x, pool, meta, a_addr, b_addr, ranks, scales, module_ids, slice_widths,
+                                  max_rank, config)
+    if x.shape[0]:
+        shrink()
+        expand()

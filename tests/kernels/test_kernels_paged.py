@@ -140,9 +140,9 @@ def test_reference_matches_dense_weights(case: Case) -> None:
     assert_matches(case, got, dense_expected(case), ulps=1.0)
 
 
-def config_for(case: Case, t: int):
+def config_for(case: Case):
     k_in = LAYERS[case.layer][1]
-    return {"auto": None, "decode": decode_config(t, k_in, MAX_RANK), "prefill": prefill_config(t, k_in, MAX_RANK),
+    return {"auto": None, "decode": decode_config(k_in, MAX_RANK), "prefill": prefill_config(k_in, MAX_RANK),
             # uneven K split with an empty last split, 4 rank tiles, narrow output tiles
             "odd": KernelConfig(block_m=16, split_k=3, block_r=32, block_k=16, block_n=16, block_kr=16),
             }[case.variant]
@@ -163,7 +163,7 @@ def test_triton_matches_reference(case: Case) -> None:
     num_slots = case.sp.ranks.shape[0]
     meta = SegmentMeta(max_tokens=case.x.shape[0] + 2, max_slots=num_slots, device=DEVICE)
     meta.update(case.token_slot)
-    config = config_for(case, case.x.shape[0])
+    config = config_for(case)
     got = case.y_full.clone()
     if config is None:
         paged_lora_linear(view_y(case, got), case.x, case.sp.pool, meta, case.sp.a_addr, case.sp.b_addr,
