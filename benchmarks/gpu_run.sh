@@ -86,7 +86,9 @@ for s in "$@"; do
     throughput-base)
       throughput "$s" --system base ;;
     throughput-stock-gamma)
-      throughput "$s" --system stock --n-adapters none --max-loras 128 --lora-target-modules qkv_proj,o_proj ;;
+      # Own work dir: its adapter ids would get other ranks than the all-at-once runs gave them.
+      throughput "$s" --system stock --n-adapters none --max-loras 128 \
+          --lora-target-modules qkv_proj,o_proj --work-dir /dev/shm/slora-bench-gamma ;;
     throughput-report)
       step "$s"
       $PY "$REPO/benchmarks/report.py" --out-dir "$RES" 2>&1 | tee "$OUT/throughput-report.log"

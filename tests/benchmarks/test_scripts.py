@@ -60,23 +60,28 @@ def _gpu_run_steps() -> dict[str, list[str]]:
     text = open(os.path.join(REPO, "benchmarks", "gpu_run.sh")).read().replace("\\\n", " ")
     helper = re.search(r'benchmarks/throughput.py" (.*?) "\$@"', text).group(1)
     steps = {m.group(1): shlex.split(helper.replace('"$RES"', "RES")) + shlex.split(m.group(2))
-             for m in re.finditer(r'\n\s+(throughput-[a-z-]+)\)\s+throughput "\$s" ([^;]*);;', text)}
+             for m in re.finditer(r'\n\s+(throughput-[a-z-]+)\)\s+(?:#[^\n]*\n\s+)?throughput "\$s" ([^;]*);;', text)}
     assert set(steps) == {"throughput-plugin", "throughput-stock", "throughput-base",
                           "throughput-stock-gamma"}
     return steps
 
 
 def test_gpu_run_throughput_steps_parse_to_the_planned_traces():
-    from slora_plugin.bench_cli import _add_commands, _traces
     import argparse
+
+    from slora_plugin.bench_cli import _add_commands, _traces
+    from slora_plugin.bench_run import adapter_plan
 
     parser = argparse.ArgumentParser()
     _add_commands(parser)
-    got = {}
+    got, plans = {}, {}
     for step, argv in _gpu_run_steps().items():
         args = parser.parse_args(["run", *argv])
         assert args.deadline_s == 450 and args.out_dir == "RES"
-        got[step] = (args.system, [(t.spec.arrival, t.spec.n_adapters) for t in _traces(args)])
+        traces = _traces(args)
+        got[step] = (args.system, [(t.spec.arrival, t.spec.n_adapters) for t in traces])
+        if args.system != "base":
+            plans.setdefault(args.work_dir, []).append(adapter_plan(traces))
         if args.system == "stock":
             assert (args.max_loras, args.lora_target_modules) == (128, "qkv_proj,o_proj")
     gamma = ("gamma", 1000)
@@ -86,3 +91,8 @@ def test_gpu_run_throughput_steps_parse_to_the_planned_traces():
         "throughput-base": ("base", [("all", 0), gamma]),
         "throughput-stock-gamma": ("stock", [gamma]),
     }
+    # Steps sharing a work dir (adapters are reused there) give each adapter id the same rank.
+    for same_dir in plans.values():
+        for plan in same_dir[1:]:
+            common = set(plan) & set(same_dir[0])
+            assert {g: plan[g][0] for g in common} == {g: same_dir[0][g][0] for g in common}
