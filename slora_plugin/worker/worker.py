@@ -2,6 +2,8 @@
 
 What it adds to `vllm.v1.worker.gpu_worker.Worker`:
   - at start, refuses configurations the unified pool does not support (clear message);
+  - `init_device` / `initialize_from_config`: the runner captures one set of CUDA graphs (with
+    LoRA) and replays it for every batch, with or without adapters (`patches/lora_cudagraph.py`);
   - `load_model`: the model runner (V1 or V2) builds the plugin's LoRA manager, so vLLM's linear
     LoRA layers compute through the paged kernels and no stacked adapter buffers exist;
   - `initialize_from_config`: after the KV cache exists, checks that one block id is one
@@ -24,6 +26,7 @@ from vllm.v1.worker.gpu_worker import Worker
 
 from slora_plugin.layout import ModelDims
 from slora_plugin.patches import kv_pool
+from slora_plugin.patches import lora_cudagraph as graphs_patch
 from slora_plugin.patches import lora_worker as worker_patch
 from slora_plugin.pool.commands import LoadAdapter, StepCommands, commands_of
 from slora_plugin.worker.lora_layers import layer_index
@@ -115,6 +118,10 @@ class SLoRAWorker(Worker):
         self._in_flight: list[_InFlight] = []
 
     # -- model ------------------------------------------------------------------------------
+    def init_device(self) -> None:
+        super().init_device()
+        graphs_patch.capture_one_lora_case(self.model_runner, self.vllm_config.lora_config)
+
     def load_model(self, *args, **kwargs) -> None:
         with worker_patch.worker_lora_manager_class(SLoRAWorkerLoRAManager):
             super().load_model(*args, **kwargs)
@@ -132,6 +139,7 @@ class SLoRAWorker(Worker):
     def initialize_from_config(self, kv_cache_config) -> None:
         page_size = kv_pool.check_kv_cache_config(kv_cache_config)
         super().initialize_from_config(kv_cache_config)
+        graphs_patch.dispatch_to_lora_case(self.model_runner, self.vllm_config.lora_config)
         dtype = self.model_config.dtype
         itemsize = torch.empty(0, dtype=dtype).element_size()
         if page_size % itemsize:
