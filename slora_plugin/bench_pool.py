@@ -56,7 +56,7 @@ def pool_log_env(log_path: str) -> dict[str, str] | None:
         return None
     from vllm.logger import DEFAULT_LOGGING_CONFIG
 
-    cfg_path = log_path + ".config.json"
+    cfg_path = log_path + ".config"  # not *.json: the report globs throughput-*.json
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
     with open(cfg_path, "w", encoding="utf-8") as f:
         json.dump(logging_config(DEFAULT_LOGGING_CONFIG, os.path.abspath(log_path)), f, indent=1)

@@ -36,7 +36,7 @@ came).
 Output: `<out_dir>/throughput-<system>-<UTC stamp>.json` (see `bench_report`), rewritten after
 every trace so a cut command keeps what it finished, `...-requests.jsonl.gz` with every
 request's arrival, TTFT, end-to-end latency and TPOT, and for the plugin `...-pool.log` (the
-pool's log lines) with its logging config `...-pool.log.config.json`.
+pool's log lines) with its logging config `...-pool.log.config` (JSON).
 """
 
 from __future__ import annotations

@@ -322,8 +322,10 @@ def test_plugin_engine_starts_spawned_after_adapters_exist(tmp_path, tiny_model_
     assert (row["pages_total"], row["adapter_pages_peak"], row["adapters_resident_peak"]) == (
         900, 3 * (8 + distinct), 8 + distinct)
     assert row["preemptions"] == 5 and row["pool_preemptions"] == 1 and made[0].pokes == 2
-    assert data["environment"]["VLLM_LOGGING_CONFIG_PATH"] == path[:-5] + "-pool.log.config.json"
+    assert data["environment"]["VLLM_LOGGING_CONFIG_PATH"] == path[:-5] + "-pool.log.config"
     assert os.path.isfile(path[:-5] + "-pool.log")
+    import glob                          # the report's default pattern finds only results files
+    assert glob.glob(os.path.join(os.path.dirname(path), "throughput-*.json")) == [path]
     monkeypatch.setenv("VLLM_WORKER_MULTIPROC_METHOD", "fork")     # an explicit choice is kept
     path = run(RunOptions("base", [_trace(n_adapters=0, num_requests=4)], model=tiny_model_dir,
                           work_dir=str(tmp_path / "w"), out_dir=str(tmp_path / "out2")))
