@@ -202,12 +202,15 @@ def run_case(rank_name: str, sp, vllm_weights: dict, phase: str, tokens: int, di
     return rows
 
 
-#: Tuning data for a follow-up, from the same run: one field of the default config changed at a time.
+#: Tuning data for a follow-up, from the same run: one field of the default config changed at a time
+#: (the defaults are kernels/paged_lora.py's decode_config / prefill_config; kernels/NOTES.md).
 SWEEP = {
-    ("decode", 256, 256): [{}, {"block_r": 32}, {"block_k": 64}, {"block_k": 256}, {"split_k": 2}, {"split_k": 8},
-                           {"block_n": 64}, {"block_n": 256}, {"block_kr": 32}, {"num_warps": 8}],
-    ("prefill", PREFILL_TOKENS, 16): [{}, {"block_r": 64}, {"block_k": 128}, {"num_warps": 4}, {"split_k": 2},
-                                      {"block_n": 256}, {"block_kr": 64}],
+    ("decode", 256, 256): [{}, {"split_k": 4}, {"block_r": 32}, {"block_n": 128}, {"block_k": 64},
+                           {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 8}],
+    ("decode", 64, 64): [{}, {"split_k": 4}, {"block_r": 32}, {"num_stages": 4}],
+    ("prefill", PREFILL_TOKENS, 16): [{}, {"block_r": 128}, {"block_r": 32}, {"block_k": 64}, {"num_warps": 8},
+                                      {"num_stages": 2}, {"num_stages": 4}, {"block_n": 64}, {"block_kr": 16}],
+    ("prefill", PREFILL_TOKENS, 1): [{}, {"block_r": 32}, {"block_r": 16}],
 }
 
 

@@ -71,7 +71,7 @@ def specialization(launch) -> dict[str, tuple]:
 def compile_key(launch) -> tuple:
     return (launch.kernel.__name__ if hasattr(launch.kernel, "__name__") else launch.kernel.fn.__name__,
             tuple(sorted(specialization(launch).items())), tuple(sorted(launch.constexprs.items())),
-            launch.num_warps)
+            launch.num_warps, launch.num_stages)
 
 
 def test_startup_compiles_few_kernels() -> None:
@@ -127,7 +127,7 @@ def compile_for_h100(launch):
     signature.update({k: "constexpr" for k in launch.constexprs})
     signature = {name: signature[name] for name in kernel.arg_names}
     return triton.compile(ASTSource(kernel, signature, constants, attrs), target=GPUTarget(*H100),
-                          options={"num_warps": launch.num_warps})
+                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
 
 
 def async_copy_sizes(ptx: str) -> set[int]:
