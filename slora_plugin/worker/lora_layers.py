@@ -4,7 +4,8 @@ Each subclass keeps everything vLLM's machinery reads (`output_slices`, `n_slice
 *shapes* of `lora_a_stacked`/`lora_b_stacked`, which `create_dummy_lora` and the sharding
 helpers use) but allocates no stacked buffers: the stacks are `device="meta"` tensors, and
 `set_lora`/`reset_lora` do nothing because the weights already sit in the adapter's KV pages.
-The forward adds the LoRA delta with `torch.ops.slora.lora_linear`, keyed by the module name,
+The forward adds the LoRA delta with `torch.ops.slora.lora_linear`, keyed by the module name
+(encoded as vLLM's `LayerName`, a graph input, so every decoder layer compiles to the same graph),
 so the op finds the pool and tables at call time.
 """
 
@@ -24,6 +25,7 @@ from vllm.lora.layers import (
 
 import slora_plugin.worker.ops  # noqa: F401  (registers torch.ops.slora.lora_linear)
 from slora_plugin.layout import MODULE_INDEX, PACKED_MODULES
+from slora_plugin.patches.layer_name import encode_layer_name
 
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -57,6 +59,7 @@ class PagedLoRALayer:
     """Mixin placed before a vLLM `*WithLoRA` class."""
 
     slora_key: str = ""
+    slora_layer_name: object = None  # slora_key as the op's graph-input argument
     slora_module_ids: list[int]
     slora_slice_widths: list[int]
 
@@ -73,6 +76,7 @@ class PagedLoRALayer:
         ids = module_ids_of(module_name, self.n_slices)  # type: ignore[attr-defined]
         layer_index(module_name)
         self.slora_key = module_name
+        self.slora_layer_name = encode_layer_name(module_name)
         self.slora_module_ids = list(ids)
         self.slora_slice_widths = [int(w) for w in self.output_slices]  # type: ignore[attr-defined]
 
@@ -89,7 +93,7 @@ class PagedLoRALayer:
         if x.ndim == 3 and output.ndim == 3:
             output = output.flatten(0, 1)
             x = x.flatten(0, 1)
-        torch.ops.slora.lora_linear(output, x, self.slora_key, self.slora_module_ids,
+        torch.ops.slora.lora_linear(output, x, self.slora_layer_name, self.slora_module_ids,
                                     self.slora_slice_widths)
         if original_shape is not None:
             output = output.reshape(original_shape)

@@ -1,10 +1,20 @@
 """The `slora::lora_linear` custom op: paged LoRA for one vLLM linear layer.
 
-Why an op keyed by a string: torch.compile traces the model (and CUDA graphs are captured)
-while vLLM is still profiling memory, before the real KV cache -- and therefore the page pool --
-exists; V2's profile run even activates LoRA. So the op takes the layer's key and looks up the
-pool, the slot tables and the per-step segment metadata *when it runs*, the way vLLM's attention
-op looks up its KV cache. With no pool yet (or an empty one) it leaves `y` unchanged.
+Why an op keyed by the layer's name: torch.compile traces the model (and CUDA graphs are
+captured) while vLLM is still profiling memory, before the real KV cache -- and therefore the page
+pool -- exists; V2's profile run even activates LoRA. So the op takes the layer's name and looks
+up the pool, the slot tables and the per-step segment metadata *when it runs*, the way vLLM's
+attention op looks up its KV cache. With no pool yet (or an empty one) it leaves `y` unchanged.
+
+How it is registered, for start-up time and per-call cost (see patches/layer_name.py):
+  - the name is a vLLM `LayerName` (an opaque value torch.compile lifts as a graph input), not a
+    str constant: the decoder layers' graph pieces stay identical, so vLLM compiles one and
+    reuses it for the others instead of compiling every layer (~7x the compile time);
+  - it mutates `y` in place like vLLM's own `lora_shrink`/`lora_expand`: Inductor re-inplaces it
+    (no copy of `y`), and vLLM's punica path shows the same graph shape;
+  - it is defined directly on a `torch.library.Library` (as vLLM's `direct_register_custom_op`
+    does) rather than with `torch.library.custom_op`, whose Python dispatch costs ~4x more per
+    call when the op runs outside a CUDA graph (eager, or prefill batches past the largest graph).
 
 One `PagedLoRARuntime` per process holds that state; the worker's LoRA model manager installs it.
 """
@@ -14,7 +24,9 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from torch.library import Library
 
+from slora_plugin.patches.layer_name import LayerNameType, resolve_layer_name
 from slora_plugin.worker.tables import SlotTables
 
 #: Returns a layer's KV-cache tensor (whose storage is the pool), or None before it exists.
@@ -132,17 +144,26 @@ def current() -> PagedLoRARuntime | None:
     return _RUNTIME
 
 
-@torch.library.custom_op("slora::lora_linear", mutates_args=("y",))
-def lora_linear(y: torch.Tensor, x: torch.Tensor, layer_key: str, module_ids: list[int],
+#: Holds the `slora` op namespace: an op lives as long as its library object.
+_LIB = Library("slora", "FRAGMENT")
+
+
+def lora_linear(y: torch.Tensor, x: torch.Tensor, layer: LayerNameType, module_ids: list[int],
                 slice_widths: list[int]) -> None:
-    """y[:, off_i:off_i+w_i] += LoRA_i(x) for the adapter of each token, slice i = module_ids[i]."""
+    """y[:, off_i:off_i+w_i] += LoRA_i(x) for the adapter of each token, slice i = module_ids[i];
+    `layer` is the module name, encoded with `patches.layer_name.encode_layer_name`."""
     rt = _RUNTIME
     if rt is None:
         return
-    rt.apply(y, x, layer_key, module_ids, slice_widths)
+    rt.apply(y, x, resolve_layer_name(layer), module_ids, slice_widths)
 
 
-@lora_linear.register_fake
-def _lora_linear_fake(y: torch.Tensor, x: torch.Tensor, layer_key: str, module_ids: list[int],
-                      slice_widths: list[int]) -> None:
+def _lora_linear_fake(y: torch.Tensor, x: torch.Tensor, layer: LayerNameType,
+                      module_ids: list[int], slice_widths: list[int]) -> None:
     return None
+
+
+_LIB.define("lora_linear" + torch.library.infer_schema(lora_linear, mutates_args=["y"]))
+for _key in ("CPU", "CUDA"):
+    _LIB.impl("lora_linear", lora_linear, _key)
+torch.library.register_fake("slora::lora_linear", _lora_linear_fake, lib=_LIB)

@@ -28,6 +28,7 @@ from vllm.model_executor.layers.linear import (  # noqa: E402
 )
 from vllm.model_executor.models.interfaces import SupportsLoRA  # noqa: E402
 
+from slora_plugin.patches.layer_name import encode_layer_name as enc  # noqa: E402
 from slora_plugin.worker import ops  # noqa: E402
 from slora_plugin.worker.lora_layers import PagedLoRALayer  # noqa: E402
 from slora_plugin.worker.lora_manager import AdapterNotResidentError, SLoRAModelManager  # noqa: E402
@@ -207,22 +208,23 @@ def test_op_without_pool_leaves_output_unchanged(vllm_cpu):
     y = torch.randn(4, 8)
     before = y.clone()
     ops.install(None)
-    torch.ops.slora.lora_linear(y, torch.randn(4, 8), "model.layers.0.self_attn.o_proj", [3], [8])
+    torch.ops.slora.lora_linear(y, torch.randn(4, 8), enc("model.layers.0.self_attn.o_proj"),
+                                [3], [8])
     assert torch.equal(y, before)
     rt = ops.PagedLoRARuntime(num_slots=2, max_rank=4, max_tokens=16, device="cpu")
     ops.install(rt)
     try:
         rt.bind_layer("k", lambda: torch.empty(0))  # KV cache not allocated yet
-        torch.ops.slora.lora_linear(y, torch.randn(4, 8), "k", [3], [8])
-        torch.ops.slora.lora_linear(y, torch.randn(4, 8), "unbound", [3], [8])
+        torch.ops.slora.lora_linear(y, torch.randn(4, 8), enc("k"), [3], [8])
+        torch.ops.slora.lora_linear(y, torch.randn(4, 8), enc("unbound"), [3], [8])
         assert torch.equal(y, before)
     finally:
         ops.install(None)
 
 
 class _Lease:
-    def __init__(self, spec, pages, log):
-        self.spec, self.pages, self.log = spec, pages, log
+    def __init__(self, spec, raw, log):
+        self.spec, self.raw, self.log = spec, raw, log
 
     def __enter__(self):
         self.log.append("get")
@@ -233,18 +235,28 @@ class _Lease:
 
 
 class _Store:
-    """The host store's contract: spec/get (lease with pinned pages)/prefetch."""
+    """The host store's contract: spec/get (lease with the raw pinned adapter)/prefetch."""
 
     def __init__(self, dims, layouts, g):
+        from slora_plugin.raw_format import RawAdapter, raw_layout
+
         self.dims, self.layouts, self.g, self.log, self.prefetched = dims, layouts, g, [], []
-        self.pages = {p: torch.randn(dims.num_hidden_layers, lay.num_pages, PAGE, generator=g)
-                      for p, lay in layouts.items()}
+        self.raws = {}
+        for p, lay in layouts.items():
+            rl = raw_layout(lay, dims.num_hidden_layers, torch.float32)
+            raw = RawAdapter(torch.zeros(rl.nbytes, dtype=torch.uint8), rl)
+            for rm in rl.modules:
+                raw.a(rm.module).copy_(torch.randn(raw.a(rm.module).shape, generator=g))
+                raw.b(rm.module).copy_(torch.randn(raw.b(rm.module).shape, generator=g))
+                raw.scales()[:, rm.index] = 0.5
+                raw.layer_ranks()[:, rm.index] = rm.rank
+            self.raws[p] = raw
 
     def get(self, path):
         from types import SimpleNamespace
 
         lay = self.layouts[path]
-        return _Lease(SimpleNamespace(num_pages=lay.num_pages, layout=lay), self.pages[path], self.log)
+        return _Lease(SimpleNamespace(num_pages=lay.num_pages, layout=lay), self.raws[path], self.log)
 
     def prefetch(self, paths):
         self.prefetched.extend(paths)
@@ -254,6 +266,8 @@ def test_worker_applies_evict_load_prefetch(vllm_cpu, tiny_dims, monkeypatch):
     from types import SimpleNamespace
 
     from slora_plugin.pool.commands import LoadAdapter, StepCommands
+    from raw_pages import render_pages
+    from slora_plugin.worker.page_loader import PageLoader
     from slora_plugin.worker.worker import SLoRAWorker
 
     g = torch.Generator().manual_seed(2)
@@ -263,6 +277,7 @@ def test_worker_applies_evict_load_prefetch(vllm_cpu, tiny_dims, monkeypatch):
     store = _Store(tiny_dims, {"/a/x": layout}, g)
     w = object.__new__(SLoRAWorker)
     w.adapter_store, w.page_elems, w._copy_stream, w._in_flight = store, PAGE, None, []
+    w._page_loader = PageLoader("cpu", 0)
     w._layer_pools = [SimpleNamespace(kv_cache=p) for p in pools]
     w.model_config = SimpleNamespace(dtype=torch.float32)
     w.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(model_manager=mgr))
@@ -270,8 +285,9 @@ def test_worker_applies_evict_load_prefetch(vllm_cpu, tiny_dims, monkeypatch):
     blocks = tuple(range(30, 30 - layout.num_pages, -1))  # descending: one copy per page
     w.apply_commands(StepCommands(load=(LoadAdapter(5, "x", "/a/x", blocks),),
                                   prefetch=(("y", "/a/y"),)))
+    pages = render_pages(store.raws["/a/x"], layout, kernel=False)
     for l, pool in enumerate(pools):
-        torch.testing.assert_close(pool[list(blocks)], store.pages["/a/x"][l])
+        assert torch.equal(pool[list(blocks)], pages[l])
     assert mgr.is_resident(5) and store.prefetched == ["/a/y"] and store.log == ["get"]
     mgr.add_adapter(mgr.resident_model(5))
     mgr.activate_adapter(5)
