@@ -107,9 +107,10 @@ def synthesize(directory: str, count: int, ranks: list[int], dims: ModelDims, ta
 def check_directory(directory: str, dims: ModelDims | None, max_rank: int = 128) -> tuple[int, list[AdapterError]]:
     """(number of adapters, problems). With `dims`: exactly the server's validation (config and
     a full load); without: everything that does not need the model."""
-    from slora_plugin.adapters.loader import check_weights_file, read_packed
+    from slora_plugin.adapters.loader import check_weights_file, read_raw
     from slora_plugin.adapters.spec import build_spec, files_key
     from slora_plugin.adapters.validate import check_fields, load_config_json
+    from slora_plugin.raw_format import RawAdapter, raw_layout
 
     index = AdapterIndex(directory)
     names = index.scan()
@@ -121,8 +122,8 @@ def check_directory(directory: str, dims: ModelDims | None, max_rank: int = 128)
             path = index.locate(name)
             if dims is not None:
                 spec = build_spec(name, path, files_key(path), dims, page, max_rank)
-                out = torch.empty(dims.num_hidden_layers, spec.num_pages, page, dtype=torch.float32)
-                read_packed(spec, dims, out)
+                layout = raw_layout(spec.layout, dims.num_hidden_layers, torch.float32)
+                read_raw(spec, dims, RawAdapter(torch.empty(layout.nbytes, dtype=torch.uint8), layout))
             else:
                 with open(os.path.join(path, CONFIG_NAME), "rb") as f:
                     check_fields(load_config_json(f.read(), name), name, max_rank)

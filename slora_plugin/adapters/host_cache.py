@@ -1,9 +1,10 @@
-"""Packed adapters in one pinned host buffer: LRU under a byte budget, loaded by a thread pool.
+"""Raw adapters in one pinned host buffer: LRU under a byte budget, loaded by a thread pool.
 
-The worker copies an adapter's pages to the GPU from here, so the bytes must be pinned (for an
-asynchronous, full-speed DMA) and already in page layout (one copy per layer, no reshuffling on
-the GPU). One buffer is pinned once (see `arena.py`); each adapter gets one contiguous block of
-it, viewed as (num_layers, num_pages, page_elems) in the serving dtype.
+The worker copies an adapter to the GPU from here, so the bytes must be pinned (for an
+asynchronous, full-speed DMA). They are in the adapter's raw form (`slora_plugin/raw_format.py`:
+one record per layer, A and B as the file has them) -- a plain copy of the file, so loading is
+memcpy-bound; the GPU writes the pages from it. One buffer is pinned once (see `arena.py`); each
+adapter gets one contiguous block of it.
 
 Rules that keep a busy server healthy:
   - concurrent requests for one adapter share one load (the others wait for it);
@@ -26,9 +27,10 @@ import torch
 
 from slora_plugin.adapters.arena import Arena
 from slora_plugin.adapters.errors import AdapterError, HostCacheFullError
-from slora_plugin.adapters.loader import read_packed
+from slora_plugin.adapters.loader import read_raw
 from slora_plugin.adapters.spec import AdapterSpec
 from slora_plugin.layout import ModelDims
+from slora_plugin.raw_format import RawAdapter, raw_layout
 
 Key = tuple[str, str]  # (real path, content_id)
 
@@ -39,18 +41,18 @@ class _Entry:
     spec: AdapterSpec
     offset: int
     nbytes: int
-    pages: torch.Tensor
+    raw: RawAdapter
     refs: int = 0
 
 
 class Lease:
-    """A packed adapter pinned in the host cache until `release()` (or the end of `with`)."""
+    """A raw adapter pinned in the host cache until `release()` (or the end of `with`)."""
 
     def __init__(self, cache: "HostCache", entry: _Entry) -> None:
         self._cache, self._entry = cache, entry
         self.spec: AdapterSpec = entry.spec
-        #: (num_layers, num_pages, page_elems) in the serving dtype, pinned when CUDA is there.
-        self.pages: torch.Tensor = entry.pages
+        #: The adapter's raw form (buffer pinned when CUDA is there, and its layout).
+        self.raw: RawAdapter = entry.raw
         self._released = False
 
     def release(self) -> None:
@@ -65,8 +67,9 @@ class Lease:
         self.release()
 
 
-def packed_bytes(spec: AdapterSpec, dims: ModelDims, dtype: torch.dtype) -> int:
-    return dims.num_hidden_layers * spec.num_pages * spec.layout.page_elems * dtype.itemsize
+def raw_bytes(spec: AdapterSpec, dims: ModelDims, dtype: torch.dtype) -> int:
+    """Host bytes of an adapter's raw form."""
+    return raw_layout(spec.layout, dims.num_hidden_layers, dtype).nbytes
 
 
 class HostCache:
@@ -91,7 +94,7 @@ class HostCache:
 
     # ---- public -------------------------------------------------------------------------------
     def get(self, spec: AdapterSpec) -> Lease:
-        """The packed adapter, loading it (once, however many callers) if it is not cached."""
+        """The raw adapter, loading it (once, however many callers) if it is not cached."""
         key = (spec.path, spec.content_id)
         waited = False  # a call counts once: as a hit, a miss (it started the load) or a join
         while True:
@@ -160,18 +163,18 @@ class HostCache:
 
     def _load(self, spec: AdapterSpec, key: Key) -> None:
         t0 = time.perf_counter()
-        nbytes = packed_bytes(spec, self.dims, self.dtype)
+        layout = raw_layout(spec.layout, self.dims.num_hidden_layers, self.dtype)
+        nbytes = layout.nbytes
         try:
             if Arena.rounded(nbytes) > self.arena.capacity:
-                raise AdapterError(spec.name, None, f"needs {nbytes} bytes packed, more than the whole "
+                raise AdapterError(spec.name, None, f"needs {nbytes} host bytes, more than the whole "
                                                     f"host cache ({self.arena.capacity} bytes); raise "
                                                     f"slora.host_cache_bytes")
             with self._cv:
                 offset = self._allocate(spec, nbytes)
-            pages = self.buffer[offset:offset + nbytes].view(self.dtype).view(
-                self.dims.num_hidden_layers, spec.num_pages, spec.layout.page_elems)
+            raw = RawAdapter(self.buffer[offset:offset + nbytes], layout)
             try:
-                read_packed(spec, self.dims, pages)
+                read_raw(spec, self.dims, raw)
             except BaseException:
                 with self._cv:
                     self.arena.free(offset)
@@ -188,7 +191,7 @@ class HostCache:
         dt = time.perf_counter() - t0
         with self._cv:
             self._forget_path(spec.path)  # older contents of the same directory are stale
-            self._entries[key] = _Entry(key, spec, offset, nbytes, pages)
+            self._entries[key] = _Entry(key, spec, offset, nbytes, raw)
             self._loading.pop(key, None)
             c = self._counters
             c["loads"] += 1

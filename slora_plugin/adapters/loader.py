@@ -1,21 +1,28 @@
-"""Read an adapter's safetensors file and write it, packed and scaled, into its pages.
+"""Read an adapter's safetensors file into its raw host form (see `slora_plugin/raw_format.py`).
 
-The page layout comes from `slora_plugin.layout.plan_layout` (the one shared definition);
-`layout.pack_layer` is its reference writer. This module writes the same bytes much faster
-(tests check bit equality against `pack_layer`): rows that the layout placed back to back are
-copied as one block, and every element of the destination is written exactly once (rows, the
-unused rows of layers with a smaller rank, and the page tails are zeroed, nothing twice), so a
-32 MiB adapter costs one read and one write of each byte.
+Why raw: the page layout wants B transposed and scaled, which the CPU does at ~1.4 GB/s; the
+GPU does it for free while it scatters the rows into pages (`kernels/page_writer.py`). So this
+module only copies: the safetensors header is parsed here and every tensor whose dtype is the
+serving dtype is read by `preadv` straight from the page cache into its place in the pinned
+buffer (consecutive tensors in one call; no intermediate tensor, and the GIL is released while
+the kernel copies, so loader threads scale). A tensor of another dtype is read into a scratch
+tensor and converted (B with its scale folded in, one rounding: see raw_format.py), and so is a
+B whose layer rank is below the module's layout rank (its rows are narrower).
 
-PEFT's scale (`alpha / r`, `alpha / sqrt(r)` with rsLoRA, per layer and module from
-`alpha_pattern` / `rank_pattern`) is folded into B in fp32, then cast to the serving dtype.
+Validation is unchanged: names, shapes and dtypes before any byte is read, and no NaN/Inf
+(after scaling and conversion to the serving dtype) checked on the raw copy with vectorised
+reductions, naming the first bad layer and module. The pages are written later, on the GPU,
+only from an adapter that passed.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -23,7 +30,8 @@ from safetensors import safe_open
 from slora_plugin.adapters.errors import AdapterError
 from slora_plugin.adapters.peft_format import MODULE_PARENT, WEIGHTS_NAME, tensor_name
 from slora_plugin.adapters.spec import AdapterSpec
-from slora_plugin.layout import ModelDims, PageLayout
+from slora_plugin.layout import ModelDims
+from slora_plugin.raw_format import RawAdapter
 
 #: PEFT's tensor names: `base_model.model.` prefix optional (some exporters drop it), and an
 #: optional adapter-name segment (`lora_A.default.weight`, as in an unfiltered state_dict).
@@ -31,93 +39,62 @@ TENSOR_RE = re.compile(
     r"^(?:base_model\.model\.)?model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)\.lora_([AB])"
     r"(?:\.([A-Za-z0-9_\-]+))?\.weight$")
 DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
-
-Run = tuple[int, int, int]  # (first row, row count, adapter-local element offset)
+#: Bytes per element of every safetensors dtype (to check sizes before refusing the dtype).
+ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+            "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+#: A header larger than this is not a LoRA adapter's (safetensors' own limit).
+MAX_HEADER = 100_000_000
+#: Buffers per `preadv` call (Linux IOV_MAX is 1024).
+MAX_IOV = 512
 
 
 @dataclass(frozen=True)
-class PackPlan:
-    """Contiguous row runs of every module's A and B, and the element ranges no row covers."""
+class TensorEntry:
+    """One tensor of a safetensors file: dtype name, shape, absolute byte range in the file."""
 
-    a_runs: dict[str, tuple[Run, ...]]
-    b_runs: dict[str, tuple[Run, ...]]
-    gaps: tuple[tuple[int, int], ...]  # (offset, length)
-
-
-def _runs(rows: tuple[int, ...], length: int) -> tuple[Run, ...]:
-    runs: list[list[int]] = []
-    for k, off in enumerate(rows):
-        if runs and runs[-1][2] + runs[-1][1] * length == off:
-            runs[-1][1] += 1
-        else:
-            runs.append([k, 1, off])
-    return tuple((k, n, off) for k, n, off in runs)
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
 
 
-def pack_plan(layout: PageLayout) -> PackPlan:
-    """The copy plan of a layout (cached: thousands of adapters share a handful of layouts;
-    a layout is a function of its page size and its modules' ranks and shapes)."""
-    key = (layout.page_elems, tuple((m, p.rank, p.in_features, p.out_features)
-                                    for m, p in layout.modules.items()))
-    plan = _PLANS.get(key)
-    if plan is None:
-        plan = _PLANS[key] = _make_pack_plan(layout)
-    return plan
+def open_weights(path: str) -> BinaryIO:
+    """The weight file, unbuffered (every read is a `preadv` into its destination)."""
+    return open(path, "rb", buffering=0)
 
 
-_PLANS: dict[tuple, PackPlan] = {}
-
-
-def _make_pack_plan(layout: PageLayout) -> PackPlan:
-    a, b, covered = {}, {}, []
-    for m, pl in layout.modules.items():
-        a[m] = _runs(pl.a_rows, pl.in_features)
-        b[m] = _runs(pl.b_rows, pl.out_features)
-        covered += [(off, n * pl.in_features) for _, n, off in a[m]]
-        covered += [(off, n * pl.out_features) for _, n, off in b[m]]
-    gaps, pos = [], 0
-    for off, n in sorted(covered):
-        if off > pos:
-            gaps.append((pos, off - pos))
-        pos = max(pos, off + n)
-    total = layout.num_pages * layout.page_elems
-    if pos < total:
-        gaps.append((pos, total - pos))
-    return PackPlan(a, b, tuple(gaps))
-
-
-def _write_rows(flat: torch.Tensor, runs: tuple[Run, ...], src: torch.Tensor, length: int,
-                scale: float | None = None) -> None:
-    """Rows k of `src` (times `scale`, if given) into `flat`; `src` may have fewer rows than the
-    layout's rank: the rest are zeroed."""
-    have = src.shape[0]
-    for k0, n, off in runs:
-        dst = flat[off:off + n * length].view(n, length)
-        m = max(0, min(n, have - k0))
-        if m and scale is None:
-            dst[:m].copy_(src[k0:k0 + m])
-        elif m:
-            # fp16/bf16/fp32 `mul` computes in fp32 (opmath) with the scalar as fp32 and rounds
-            # once into `dst`: the same bits as (src.float() * scale).to(dst.dtype).
-            torch.mul(src[k0:k0 + m], scale, out=dst[:m])
-        if m < n:
-            dst[m:].zero_()
-
-
-def pack_adapter_layer(layout: PageLayout, plan: PackPlan, weights: dict[str, tuple[torch.Tensor, torch.Tensor]],
-                       scales: dict[str, float], out: torch.Tensor) -> None:
-    """One layer: `weights[m] = (A (r_l, in), B (out, r_l))` with r_l <= the layout's rank (a
-    module absent from `weights` gets zero rows). `out` is (num_pages, page_elems)."""
-    flat = out.view(-1)
-    for off, n in plan.gaps:
-        flat[off:off + n].zero_()
-    empty = torch.empty(0, 1, dtype=out.dtype)
-    for m, pl in layout.modules.items():
-        a, b = weights.get(m, (empty, empty))
-        _write_rows(flat, plan.a_runs[m], a, pl.in_features)
-        if b.dtype not in (out.dtype, torch.float32):
-            b = b.to(torch.float32)  # one rounding only: never bf16 -> fp16 through a third type
-        _write_rows(flat, plan.b_runs[m], b.t(), pl.out_features, scales.get(m, 1.0))
+def read_header(f: BinaryIO) -> dict[str, TensorEntry]:
+    """Parse and check a safetensors header: every tensor's bytes lie inside the file and match
+    its shape and dtype. ValueError says what is wrong."""
+    size = os.fstat(f.fileno()).st_size
+    if size < 8:
+        raise ValueError(f"the file has {size} bytes: no safetensors header")
+    n = int.from_bytes(os.pread(f.fileno(), 8, 0), "little")
+    if n > min(size - 8, MAX_HEADER):
+        raise ValueError(f"header length {n} does not fit in the file ({size} bytes)")
+    raw = os.pread(f.fileno(), n, 8)
+    if len(raw) != n:
+        raise ValueError("the file ended inside the header")
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    entries = {}
+    for key, v in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (b, e) = v["dtype"], v["shape"], v["data_offsets"]
+            ok = isinstance(dtype, str) and all(type(x) is int and x >= 0 for x in (*shape, b, e))
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"tensor {key!r} has a malformed header entry")
+        if b > e or 8 + n + e > size:
+            raise ValueError(f"tensor {key!r} lies past the end of the file (truncated?)")
+        if dtype in ITEMSIZE and e - b != math.prod(shape) * ITEMSIZE[dtype]:
+            raise ValueError(f"tensor {key!r} has {e - b} bytes, not those of {dtype} {list(shape)}")
+        entries[key] = TensorEntry(dtype, tuple(shape), 8 + n + b, 8 + n + e)
+    return entries
 
 
 def tensor_map(keys: list[str], spec: AdapterSpec, dims: ModelDims) -> dict[tuple[int, str, str], str]:
@@ -147,59 +124,145 @@ def tensor_map(keys: list[str], spec: AdapterSpec, dims: ModelDims) -> dict[tupl
     return found
 
 
-def read_packed(spec: AdapterSpec, dims: ModelDims, out: torch.Tensor) -> None:
-    """Validate the weight file of `spec` and write its pages into `out`,
-    a (num_layers, num_pages, page_elems) tensor in the serving dtype."""
-    name, layout = spec.name, spec.layout
-    plan = pack_plan(layout)
+def read_raw(spec: AdapterSpec, dims: ModelDims, out: RawAdapter) -> None:
+    """Validate the weight file of `spec` and write its raw form into `out` (whose layout is
+    `raw_layout(spec.layout, num_layers, dtype)`). AdapterError for anything wrong."""
+    name = spec.name
     try:
-        with safe_open(spec.weights_file, framework="pt") as f:
-            names = tensor_map(list(f.keys()), spec, dims)
+        with open_weights(spec.weights_file) as f:
+            entries = read_header(f)
+            names = tensor_map(list(entries), spec, dims)
             for (layer, module, which), key in names.items():
-                _check_slice(f.get_slice(key), key, spec, dims, layer, module, which)
-            for layer in range(dims.num_hidden_layers):
-                weights, scales = {}, {}
-                for module, ranks in spec.plan.layer_ranks.items():
-                    if ranks[layer]:
-                        weights[module] = (f.get_tensor(names[(layer, module, "A")]),
-                                           f.get_tensor(names[(layer, module, "B")]))
-                        scales[module] = spec.plan.layer_scales[module][layer]
-                pack_adapter_layer(layout, plan, weights, scales, out[layer])
+                _check_entry(entries[key], key, spec, dims, layer, module, which)
+            _fill(f.fileno(), spec, entries, names, out)
     except AdapterError:
         raise
-    except Exception as e:  # safetensors raises its own errors for corrupt/truncated files
+    except Exception as e:  # a corrupt or truncated file, or one changed while being read
         raise AdapterError(name, WEIGHTS_NAME, f"cannot be read: {type(e).__name__}: {e}") from None
-    # One fast pass: a sum is NaN/Inf iff an element is, or it overflowed (then look closely).
-    if not math.isfinite(float(out.sum())):
-        where = _where_not_finite(out, layout)
-        if where:
-            raise AdapterError(name, WEIGHTS_NAME, where)
+    where = where_not_finite(out)
+    if where:
+        raise AdapterError(name, WEIGHTS_NAME, where)
 
 
-def _check_slice(sl, key: str, spec: AdapterSpec, dims: ModelDims, layer: int, module: str, which: str) -> None:
-    dtype = sl.get_dtype()
-    if dtype not in DTYPES:
-        raise AdapterError(spec.name, WEIGHTS_NAME, f"tensor {key!r} has dtype {dtype}; "
+def _check_entry(entry: TensorEntry, key: str, spec: AdapterSpec, dims: ModelDims, layer: int,
+                 module: str, which: str) -> None:
+    if entry.dtype not in DTYPES:
+        raise AdapterError(spec.name, WEIGHTS_NAME, f"tensor {key!r} has dtype {entry.dtype}; "
                                                     f"supported: {sorted(DTYPES)}")
     r = spec.plan.layer_ranks[module][layer]
     fin, fout = dims.module_io(module)
     want = [r, fin] if which == "A" else [fout, r]
-    if list(sl.get_shape()) != want:
-        raise AdapterError(spec.name, WEIGHTS_NAME, f"tensor {key!r} has shape {list(sl.get_shape())}, "
+    if list(entry.shape) != want:
+        raise AdapterError(spec.name, WEIGHTS_NAME, f"tensor {key!r} has shape {list(entry.shape)}, "
                                                     f"expected {want} (rank {r} from the config)")
 
 
-def _where_not_finite(out: torch.Tensor, layout: PageLayout) -> str | None:
-    """Name the first layer/module with a NaN/Inf (after scaling and the cast to the dtype)."""
-    for layer in range(out.shape[0]):
-        flat = out[layer].reshape(-1)
-        for m, pl in layout.modules.items():
-            for which, rows, n in (("A", pl.a_rows, pl.in_features), ("B", pl.b_rows, pl.out_features)):
-                for off in rows:
-                    if not bool(torch.isfinite(flat[off:off + n]).all()):
-                        return (f"layer {layer} {m} lora_{which} has NaN or Inf values (after scaling "
-                                f"and conversion to {out.dtype})")
-    return None
+def _fill(fd: int, spec: AdapterSpec, entries: dict[str, TensorEntry],
+          names: dict[tuple[int, str, str], str], out: RawAdapter) -> None:
+    """Every record of `out`: header, A and B of every module (zero rows where the layer's rank
+    is below the layout rank, or where the module is not adapted in that layer)."""
+    raw, dtype = out.layout, out.layout.dtype
+    isz, rb, L = dtype.itemsize, raw.record_bytes, raw.num_layers
+    buf = out.buffer
+    mv = memoryview(buf.numpy())
+    scales = torch.zeros(L, out.scales().shape[1], dtype=torch.float32)
+    ranks = torch.zeros(L, out.layer_ranks().shape[1], dtype=torch.int32)
+    direct: list[tuple[int, int, memoryview]] = []  # (file begin, file end, destination)
+    for rm in raw.modules:
+        layer_ranks, layer_scales = spec.plan.layer_ranks[rm.module], spec.plan.layer_scales[rm.module]
+        a_len, b_len = rm.rank * rm.in_features * isz, rm.out_features * rm.rank * isz
+        for layer in range(L):
+            r = layer_ranks[layer]
+            a_at, b_at = layer * rb + rm.a_offset * isz, layer * rb + rm.b_offset * isz
+            ranks[layer, rm.index] = r
+            if not r:
+                buf[a_at:a_at + a_len].zero_()
+                buf[b_at:b_at + b_len].zero_()
+                continue
+            scale = layer_scales[layer]
+            a = entries[names[(layer, rm.module, "A")]]
+            if DTYPES[a.dtype] == dtype:
+                direct.append((a.begin, a.end, mv[a_at:a_at + a.end - a.begin]))
+            else:
+                out.a(rm.module)[layer, :r].copy_(_read_tensor(fd, a))
+            if r < rm.rank:
+                buf[a_at + r * rm.in_features * isz:a_at + a_len].zero_()
+            b = entries[names[(layer, rm.module, "B")]]
+            if DTYPES[b.dtype] == dtype and r == rm.rank:
+                direct.append((b.begin, b.end, mv[b_at:b_at + b_len]))
+            else:
+                dst = out.b(rm.module)[layer]
+                src = _read_tensor(fd, b)
+                if src.dtype == dtype:
+                    dst[:, :r].copy_(src)
+                else:  # convert once with the scale folded in (fp32 math, one rounding)
+                    torch.mul(src if src.dtype == torch.float32 else src.float(), scale, out=dst[:, :r])
+                    scale = 1.0
+                dst[:, r:].zero_()
+            scales[layer, rm.index] = scale
+    out.scales().copy_(scales)
+    out.layer_ranks().copy_(ranks)
+    direct.sort(key=lambda t: t[0])
+    i = 0
+    while i < len(direct):  # runs of tensors that follow each other in the file: one call each
+        j = i + 1
+        while j < len(direct) and j - i < MAX_IOV and direct[j][0] == direct[j - 1][1]:
+            j += 1
+        _pread_into(fd, [d for _, _, d in direct[i:j]], direct[i][0])
+        i = j
+
+
+def _read_tensor(fd: int, entry: TensorEntry) -> torch.Tensor:
+    t = torch.empty(entry.shape, dtype=DTYPES[entry.dtype])
+    _pread_into(fd, [memoryview(t.view(-1).view(torch.uint8).numpy())], entry.begin)
+    return t
+
+
+def _pread_into(fd: int, bufs: list[memoryview], offset: int) -> None:
+    """Fill `bufs` with the file's bytes from `offset` on (short reads continued)."""
+    while bufs:
+        n = os.preadv(fd, bufs, offset)
+        if n <= 0:
+            raise EOFError("the file ended early (truncated while being read?)")
+        offset += n
+        while bufs and n >= len(bufs[0]):
+            n -= len(bufs[0])
+            bufs = bufs[1:]
+        if bufs and n:
+            bufs = [bufs[0][n:]] + bufs[1:]
+
+
+def where_not_finite(out: RawAdapter) -> str | None:
+    """The first layer/module whose A or (scaled, converted) B has a NaN or Inf, else None.
+
+    One vectorised reduction per module and matrix over all layers: a sum is NaN/Inf iff an
+    element is, or it overflowed (then the layer is looked at closely). B is multiplied by its
+    scale on the GPU; where a scale exceeds 1 the product may overflow the dtype, so there the
+    largest |B| (amax and amin) times the scale is checked, rounded as the GPU rounds it.
+    """
+    raw, dtype = out.layout, out.layout.dtype
+    bad: list[tuple[int, int, str]] = []
+    for rm in raw.modules:
+        a = out.a(rm.module).flatten(1)
+        b = out.b(rm.module).flatten(1)
+        scale = out.scales()[:, rm.index].abs()
+        bad += [(l, rm.index, "A") for l in _bad_rows(a)]
+        if bool((scale > 1).any()):
+            peak = torch.maximum(b.amax(1), -b.amin(1)).float()
+            bad += [(int(l), rm.index, "B") for l in torch.nonzero(~(peak * scale).to(dtype).isfinite())]
+        else:
+            bad += [(l, rm.index, "B") for l in _bad_rows(b)]
+    if not bad:
+        return None
+    layer, index, which = min(bad)
+    module = next(rm.module for rm in raw.modules if rm.index == index)
+    return (f"layer {layer} {module} lora_{which} has NaN or Inf values (after scaling and "
+            f"conversion to {dtype})")
+
+
+def _bad_rows(x: torch.Tensor) -> list[int]:
+    sums = x.sum(1)
+    return [int(l) for l in torch.nonzero(~sums.isfinite()) if not bool(x[int(l)].isfinite().all())]
 
 
 def check_weights_file(name: str, path: str) -> None:

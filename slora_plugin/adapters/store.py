@@ -1,9 +1,10 @@
-"""`AdapterStore`: the host adapter store's one entry point (names -> specs -> packed pages).
+"""`AdapterStore`: the host adapter store's one entry point (names -> specs -> raw pinned adapters).
 
 Who uses what:
   - the scheduler: `spec(name).num_pages` (config only, cheap, cached);
-  - the worker: `get(name)` -> a `Lease` whose `.pages` (num_layers, num_pages, page_elems) it
-    copies into the adapter's KV blocks, then releases; `prefetch(names)` for queued requests.
+  - the worker: `get(name)` -> a `Lease` whose `.raw` (a `RawAdapter`: pinned buffer + layout,
+    see raw_format.py) it copies to the GPU, which writes the adapter's KV blocks from it; it
+    releases the lease once the copy is done; `prefetch(names)` for queued requests.
 A name is directory-relative (`org/name`), else a Hugging Face Hub id found in the local HF
 cache; an absolute path to an adapter directory (what `LoRARequest.lora_path` carries) is
 accepted too. Errors are `AdapterError`s, remembered until the files change.
@@ -26,7 +27,7 @@ __all__ = ["AdapterStore", "AdapterSpec", "AdapterError", "AdapterNotFoundError"
 
 
 class AdapterStore:
-    """Validated, packed, pinned adapters for one model, page size and serving dtype."""
+    """Validated, pinned adapters (raw form) for one model, page size and serving dtype."""
 
     def __init__(self, dims: ModelDims, page_elems: int, dtype: torch.dtype, *,
                  adapter_dir: str | None, max_rank: int, host_cache_bytes: int, loader_threads: int,
@@ -71,10 +72,10 @@ class AdapterStore:
             raise type(result)(result.adapter, result.file, result.reason)
         return result
 
-    # ---- packed pages -------------------------------------------------------------------------
+    # ---- raw adapters -------------------------------------------------------------------------
     def get(self, name_or_path: str) -> Lease:
-        """The packed pinned pages (loaded once, however many callers); release the lease
-        (or use `with`) once they are copied to the GPU."""
+        """The raw pinned adapter (loaded once, however many callers); release the lease
+        (or use `with`) once it is copied to the GPU."""
         return self.cache.get(self.spec(name_or_path))
 
     def prefetch(self, names: Iterable[str]) -> None:

@@ -10,16 +10,17 @@ What it adds to `vllm.v1.worker.gpu_worker.Worker`:
     contiguous page of every layer, points each LoRA layer at its decoder layer's pool, and opens
     the host adapter store with that page size;
   - `execute_model`: applies the scheduler's commands (evict, then load, then host prefetch)
-    before the step runs. Loads copy pinned host pages into the KV pages on a copy stream that
-    first waits for the compute stream (async scheduling may still run the previous step), and
-    the compute stream waits for the copies before this step's forward.
+    before the step runs. Loads copy each raw pinned adapter to the GPU and write its pages there
+    (`page_loader.py`) on a copy stream that first waits for the compute stream (async scheduling
+    may still run the previous step), and the compute stream waits for the loads before this
+    step's forward.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from vllm.v1.worker.gpu_worker import Worker
@@ -29,9 +30,11 @@ from slora_plugin.patches import kv_pool
 from slora_plugin.patches import lora_cudagraph as graphs_patch
 from slora_plugin.patches import lora_worker as worker_patch
 from slora_plugin.pool.commands import LoadAdapter, StepCommands, commands_of
+from slora_plugin.raw_format import record_bytes_bound
 from slora_plugin.worker.lora_layers import layer_index
 from slora_plugin.worker.lora_manager import SLoRAModelManager, SLoRAWorkerLoRAManager, plugin_config
 from slora_plugin.worker.ops import pool_view
+from slora_plugin.worker.page_loader import PageLoader
 
 
 class SLoRAScopeError(ValueError):
@@ -67,34 +70,6 @@ def check_scope(vllm_config: Any) -> None:
                               + ". Disable the plugin or change these settings.")
 
 
-def block_runs(block_ids: Sequence[int]) -> list[tuple[int, int, int]]:
-    """(first block, first page, length) of each run of consecutive block ids, in page order:
-    one copy per run instead of one per page."""
-    runs: list[tuple[int, int, int]] = []
-    for page, block in enumerate(block_ids):
-        if runs and runs[-1][0] + runs[-1][2] == block:
-            b, p, n = runs[-1]
-            runs[-1] = (b, p, n + 1)
-        else:
-            runs.append((block, page, 1))
-    return runs
-
-
-def copy_pages(pools: Sequence[torch.Tensor], host_pages: torch.Tensor,
-               block_ids: Sequence[int], page_elems: int) -> None:
-    """host_pages (num_layers, num_pages, page_elems) -> page i of layer l = block block_ids[i]
-    of pools[l] (flat). Non-blocking from pinned memory: call on the copy stream."""
-    if host_pages.shape[0] != len(pools) or host_pages.shape[1] != len(block_ids) \
-            or host_pages.shape[2] != page_elems:
-        raise ValueError(f"host pages are {tuple(host_pages.shape)}, expected "
-                         f"({len(pools)}, {len(block_ids)}, {page_elems})")
-    runs = block_runs(block_ids)
-    for pool, pages in zip(pools, host_pages):
-        blocks = pool[: pool.numel() // page_elems * page_elems].view(-1, page_elems)
-        for block, page, n in runs:
-            blocks[block: block + n].copy_(pages[page: page + n], non_blocking=True)
-
-
 @dataclass
 class _InFlight:
     event: torch.cuda.Event | None
@@ -115,6 +90,7 @@ class SLoRAWorker(Worker):
         self.page_elems = 0
         self._layer_pools: list[Any] = []  # decoder layer -> attention module (holds kv_cache)
         self._copy_stream: torch.cuda.Stream | None = None
+        self._page_loader: PageLoader | None = None
         self._in_flight: list[_InFlight] = []
 
     # -- model ------------------------------------------------------------------------------
@@ -176,6 +152,7 @@ class SLoRAWorker(Worker):
                                           loader_threads=c.loader_threads)
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(device=self.device)
+        self._page_loader = PageLoader(self.device, record_bytes_bound(dims, c.max_lora_rank, dtype))
 
     def _pools(self) -> list[torch.Tensor]:
         dtype = self.model_config.dtype
@@ -222,11 +199,11 @@ class SLoRAWorker(Worker):
             event = None
             if self._copy_stream is not None:
                 with torch.cuda.stream(self._copy_stream):
-                    copy_pages(pools, lease.pages, load.block_ids, self.page_elems)
+                    self._page_loader.load(pools, lease.raw, lease.spec.layout, load.block_ids)
                     event = torch.cuda.Event()
                     event.record(self._copy_stream)
             else:
-                copy_pages(pools, lease.pages, load.block_ids, self.page_elems)
+                self._page_loader.load(pools, lease.raw, lease.spec.layout, load.block_ids)
         except BaseException:
             lease_stack.close()
             raise

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from slora_plugin.adapters import AdapterStore
 from slora_plugin.adapters.arena import ALIGN, Arena
 from slora_plugin.adapters.errors import HostCacheFullError
-from slora_plugin.adapters.host_cache import packed_bytes
+from slora_plugin.adapters.host_cache import raw_bytes
 from slora_plugin.adapters.peft_format import write_random_adapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -29,7 +29,7 @@ def test_many_threads_one_adapter_one_load(tmp_path, tiny_dims):
         barrier.wait()
         try:
             with store.get("a") as lease:
-                results.append(lease.pages.data_ptr())
+                results.append(lease.raw.buffer.data_ptr())
         except Exception as e:  # noqa: BLE001 - collected and asserted below
             errors.append(e)
 
@@ -70,17 +70,17 @@ def test_lru_eviction_respects_leases_and_budget(tmp_path, tiny_dims):
         write_random_adapter(str(tmp_path / f"a{i}"), tiny_dims, 8, TARGETS, seed=i)
     probe = AdapterStore(tiny_dims, 512, torch.float16, adapter_dir=str(tmp_path), max_rank=16,
                          host_cache_bytes=1 << 20, loader_threads=1)
-    one = Arena.rounded(packed_bytes(probe.spec("a0"), tiny_dims, torch.float16))
+    one = Arena.rounded(raw_bytes(probe.spec("a0"), tiny_dims, torch.float16))
     probe.close()
     store = AdapterStore(tiny_dims, 512, torch.float16, adapter_dir=str(tmp_path), max_rank=16,
                          host_cache_bytes=3 * one, loader_threads=2, wait_timeout_s=0.5)
     held = store.get("a0")  # leased: must survive any pressure
-    snapshot = held.pages.clone()
+    snapshot = held.raw.buffer.clone()
     for i in range(1, 6):
         with store.get(f"a{i}"):
             s = store.stats()
             assert s["bytes_used"] <= s["capacity_bytes"] == 3 * one
-    assert torch.equal(held.pages, snapshot)
+    assert torch.equal(held.raw.buffer, snapshot)
     s = store.stats()
     assert s["evictions"] >= 3 and s["leased"] == 1
     with store.get("a4"):  # most recent: still cached
@@ -106,6 +106,6 @@ def test_prefetch_does_not_block_and_fills_the_cache(tmp_path, tiny_dims):
         store.prefetch(["p0", "p1", "p2", "p1", "missing", "../escape"])
         for i in range(3):
             with store.get(f"p{i}") as lease:
-                assert lease.pages.dtype == torch.bfloat16
+                assert lease.raw.layout.dtype == torch.bfloat16
         s = store.stats()
         assert s["loads"] == 3 and s["prefetches"] == 3 and s["misses"] + s["hits"] + s["joins"] == 3

@@ -113,14 +113,14 @@ def test_random_corruption_gives_adapter_error_and_spares_others(tmp_path_factor
     file = _corrupt(bad, how, tiny_dims, lambda lo, hi: data.draw(st.integers(lo, hi)))
     with _store(root, tiny_dims) as store:
         with store.get("good") as lease:
-            before = lease.pages.clone()
+            before = lease.raw.buffer.clone()
         for _ in range(2):  # the second time the remembered error is raised
             with pytest.raises(AdapterError) as e:
                 store.get("bad").release()
             assert e.value.adapter == "bad" and e.value.file == file and e.value.reason
         store.prefetch(["bad", "good"])  # never raises
         with store.get("good") as lease:
-            assert torch.equal(lease.pages, before)
+            assert torch.equal(lease.raw.buffer, before)
         s = store.stats()
         assert s["load_errors"] + s["specs_bad"] >= 1
     assert os.path.isdir(good)
@@ -135,8 +135,8 @@ def test_error_is_remembered_until_the_files_change(tmp_path, tiny_dims, monkeyp
     bad[tensor_name(0, "q_proj", "A")] = bad[tensor_name(0, "q_proj", "A")].clone().fill_(float("nan"))
     save_file(bad, os.path.join(path, WEIGHTS_NAME))
     reads = []
-    real = loader.safe_open
-    monkeypatch.setattr(loader, "safe_open", lambda *a, **k: reads.append(a) or real(*a, **k))
+    real = loader.open_weights
+    monkeypatch.setattr(loader, "open_weights", lambda *a, **k: reads.append(a) or real(*a, **k))
     with _store(tmp_path, tiny_dims) as store:
         for _ in range(3):
             with pytest.raises(AdapterError, match="layer 0 q_proj lora_A has NaN"):
@@ -145,7 +145,7 @@ def test_error_is_remembered_until_the_files_change(tmp_path, tiny_dims, monkeyp
         save_file(tensors, os.path.join(path, WEIGHTS_NAME))  # the operator fixes it
         os.utime(os.path.join(path, WEIGHTS_NAME), ns=(1, 10**18))
         with store.get("a") as lease:
-            assert lease.pages.isfinite().all()
+            assert all(lease.raw.a(m).isfinite().all() and lease.raw.b(m).isfinite().all() for m in TARGETS)
         # config fixed the same way
         cfg = json.load(open(os.path.join(path, CONFIG_NAME)))
         cfg["use_dora"] = True
@@ -172,3 +172,27 @@ def test_unknown_name_is_not_found_and_not_remembered(tmp_path, tiny_dims):
         _good(tmp_path, tiny_dims, "later")  # added while running: found on the first request
         with store.get("later") as lease:
             assert lease.spec.name == "later"
+
+
+@pytest.mark.parametrize("serve", [torch.float16, torch.bfloat16])
+def test_scaled_overflow_and_large_sums(tmp_path, tiny_dims, serve):
+    """B finite in the file but past the dtype's range once multiplied by its scale is refused
+    (the GPU would write Inf); values whose sum overflows but that are all finite are accepted."""
+    big = torch.finfo(serve).max
+    tensors = random_weights(tiny_dims, {m: 8 for m in TARGETS}, torch.Generator().manual_seed(5), serve)
+    ok = dict(tensors)
+    key = tensor_name(1, "q_proj", "A")
+    ok[key] = torch.full_like(ok[key], big / 4)  # finite, sums to Inf
+    write_adapter(str(tmp_path / "sums"), adapter_config(8, 8, TARGETS), ok)  # scale 1
+    bad = dict(tensors)
+    key = tensor_name(1, "v_proj", "B")
+    bad[key] = bad[key].clone()
+    bad[key][3, 2] = big / 1.5  # finite, x2 overflows
+    write_adapter(str(tmp_path / "scaled"), adapter_config(8, 16, TARGETS), bad)  # scale 2
+    with AdapterStore(tiny_dims, 512, serve, adapter_dir=str(tmp_path), max_rank=32,
+                      host_cache_bytes=1 << 20, loader_threads=1) as store:
+        with store.get("sums"):
+            pass
+        with pytest.raises(AdapterError, match="layer 1 v_proj lora_B has NaN or Inf values "
+                                               r"\(after scaling"):
+            store.get("scaled")

@@ -1,4 +1,4 @@
-"""Pure helpers of the worker: page copies, scope refusal, KV layout checks."""
+"""Pure helpers of the worker: page loads (CPU path), scope refusal, KV layout checks."""
 
 from __future__ import annotations
 
@@ -8,23 +8,36 @@ import pytest
 import torch
 
 from slora_plugin.patches.kv_pool import KVLayoutError, check_blocks_first
-from slora_plugin.worker.worker import block_runs, copy_pages, scope_problems
+from slora_plugin.worker.page_loader import PageLoader
+from slora_plugin.worker.worker import scope_problems
 
 
-def test_block_runs_merge_consecutive_ids():
-    assert block_runs([4, 5, 6, 9, 10, 2]) == [(4, 0, 3), (9, 3, 2), (2, 5, 1)]
-    assert block_runs([]) == []
+def test_page_loader_writes_every_page_of_every_layer_at_its_blocks(tiny_dims):
+    """CPU path of the worker's load: raw records -> the pages the reference writer gives, at
+    the scheduler's block ids; no other block touched; a wrong block count is refused."""
+    from raw_pages import render_pages
+    from slora_plugin.layout import plan_layout
+    from slora_plugin.raw_format import RawAdapter, raw_layout
 
-
-def test_copy_pages_places_every_page_of_every_layer():
-    host = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 4)
-    pools = [torch.zeros(10 * 4) for _ in range(2)]
-    copy_pages(pools, host, [7, 8, 1], 4)
-    for l in range(2):
-        assert torch.equal(pools[l].view(10, 4)[[7, 8, 1]], host[l])
-        assert int((pools[l].view(10, 4)[[0, 2, 3, 4, 5, 6, 9]] != 0).sum()) == 0
-    with pytest.raises(ValueError, match="expected"):
-        copy_pages(pools, host, [7, 8], 4)
+    layout = plan_layout({"q_proj": 3, "o_proj": 2}, tiny_dims, 128)
+    rl = raw_layout(layout, tiny_dims.num_hidden_layers, torch.float16)
+    raw = RawAdapter(torch.zeros(rl.nbytes, dtype=torch.uint8), rl)
+    g = torch.Generator().manual_seed(0)
+    for rm in rl.modules:
+        raw.a(rm.module).copy_(torch.randn(raw.a(rm.module).shape, generator=g))
+        raw.b(rm.module).copy_(torch.randn(raw.b(rm.module).shape, generator=g))
+        raw.scales()[:, rm.index] = 3.0
+        raw.layer_ranks()[:, rm.index] = rm.rank
+    blocks = [7, 8, 1, 4, 2][:layout.num_pages]
+    pools = [torch.zeros(10 * 128, dtype=torch.float16) for _ in range(tiny_dims.num_hidden_layers)]
+    PageLoader("cpu", 0).load(pools, raw, layout, blocks)
+    pages = render_pages(raw, layout, kernel=False)
+    others = [b for b in range(10) if b not in blocks]
+    for l, pool in enumerate(pools):
+        assert torch.equal(pool.view(10, 128)[blocks], pages[l])
+        assert int((pool.view(10, 128)[others] != 0).sum()) == 0
+    with pytest.raises(ValueError, match="pages but got"):
+        PageLoader("cpu", 0).load(pools, raw, layout, blocks[:-1])
 
 
 def _cfg(tp=1, pp=1, kv=None, sleep=False, sharded=False, lora=True):
