@@ -1,6 +1,8 @@
 """`SLoRAWorker`: vLLM's GPU worker with adapters served from KV pages.
 
 What it adds to `vllm.v1.worker.gpu_worker.Worker`:
+  - first, in a child process, one torch CPU thread unless OMP_NUM_THREADS is set (`threads.py`:
+    a forked engine core otherwise hangs on its first parallel CPU op if the parent used some);
   - at start, refuses configurations the unified pool does not support (clear message);
   - `init_device` / `initialize_from_config`: the runner captures one set of CUDA graphs (with
     LoRA) and replays it for every batch, with or without adapters (`patches/lora_cudagraph.py`);
@@ -35,6 +37,7 @@ from slora_plugin.worker.lora_layers import layer_index
 from slora_plugin.worker.lora_manager import SLoRAModelManager, SLoRAWorkerLoRAManager, plugin_config
 from slora_plugin.worker.ops import pool_view
 from slora_plugin.worker.page_loader import PageLoader
+from slora_plugin.worker.threads import limit_child_torch_threads
 
 
 class SLoRAScopeError(ValueError):
@@ -81,6 +84,7 @@ class SLoRAWorker(Worker):
 
     def __init__(self, vllm_config, local_rank: int, rank: int, distributed_init_method: str,
                  is_driver_worker: bool = False) -> None:
+        limit_child_torch_threads()
         check_scope(vllm_config)
         self.slora_config = plugin_config(vllm_config)
         super().__init__(vllm_config=vllm_config, local_rank=local_rank, rank=rank,
