@@ -72,6 +72,16 @@ def raw_bytes(spec: AdapterSpec, dims: ModelDims, dtype: torch.dtype) -> int:
     return raw_layout(spec.layout, dims.num_hidden_layers, dtype).nbytes
 
 
+def _one_intra_op_thread() -> None:
+    """Each loader thread runs its torch ops (the finite check's reductions, conversions) on
+    one core. Torch's OpenMP would start a team of `cores` threads per loader thread, and a few
+    loader threads would then oversubscribe the CPU many times over: that is why loads did not
+    scale with threads. Loads scale with loader threads instead. (This sets OpenMP's count for
+    the calling thread and torch's default for threads started later; threads that already ran
+    a parallel torch op, like the engine's main thread, keep theirs.)"""
+    torch.set_num_threads(1)
+
+
 class HostCache:
     """The pinned arena, its LRU index and the loader threads."""
 
@@ -83,7 +93,8 @@ class HostCache:
         # One allocation for the whole budget; pinned only where there is a GPU to copy to.
         self.buffer = torch.empty(self.arena.capacity, dtype=torch.uint8, pin_memory=self.pinned)
         self.wait_timeout_s = wait_timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="slora-load")
+        self._pool = ThreadPoolExecutor(max_workers=loader_threads, thread_name_prefix="slora-load",
+                                        initializer=_one_intra_op_thread)
         self._cv = threading.Condition()
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # LRU first
         self._loading: dict[Key, Future] = {}

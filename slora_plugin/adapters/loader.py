@@ -165,8 +165,9 @@ def _fill(fd: int, spec: AdapterSpec, entries: dict[str, TensorEntry],
     isz, rb, L = dtype.itemsize, raw.record_bytes, raw.num_layers
     buf = out.buffer
     mv = memoryview(buf.numpy())
-    scales = torch.zeros(L, out.scales().shape[1], dtype=torch.float32)
-    ranks = torch.zeros(L, out.layer_ranks().shape[1], dtype=torch.int32)
+    slots = out.scales().shape[1]
+    scales = [[0.0] * slots for _ in range(L)]  # Python lists: one tensor op at the end
+    ranks = [[0] * slots for _ in range(L)]
     direct: list[tuple[int, int, memoryview]] = []  # (file begin, file end, destination)
     for rm in raw.modules:
         layer_ranks, layer_scales = spec.plan.layer_ranks[rm.module], spec.plan.layer_scales[rm.module]
@@ -174,7 +175,7 @@ def _fill(fd: int, spec: AdapterSpec, entries: dict[str, TensorEntry],
         for layer in range(L):
             r = layer_ranks[layer]
             a_at, b_at = layer * rb + rm.a_offset * isz, layer * rb + rm.b_offset * isz
-            ranks[layer, rm.index] = r
+            ranks[layer][rm.index] = r
             if not r:
                 buf[a_at:a_at + a_len].zero_()
                 buf[b_at:b_at + b_len].zero_()
@@ -199,9 +200,9 @@ def _fill(fd: int, spec: AdapterSpec, entries: dict[str, TensorEntry],
                     torch.mul(src if src.dtype == torch.float32 else src.float(), scale, out=dst[:, :r])
                     scale = 1.0
                 dst[:, r:].zero_()
-            scales[layer, rm.index] = scale
-    out.scales().copy_(scales)
-    out.layer_ranks().copy_(ranks)
+            scales[layer][rm.index] = scale
+    out.scales().copy_(torch.tensor(scales, dtype=torch.float32))
+    out.layer_ranks().copy_(torch.tensor(ranks, dtype=torch.int32))
     direct.sort(key=lambda t: t[0])
     i = 0
     while i < len(direct):  # runs of tensors that follow each other in the file: one call each
