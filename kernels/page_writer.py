@@ -63,10 +63,11 @@ def _page_writer_kernel(src_ptr, hdr_f32_ptr, hdr_i32_ptr, pools_ptr, blocks_ptr
     dtype = src_ptr.dtype.element_ty
     pool = tl.load(pools_ptr + layer0 + j).to(tl.pointer_type(dtype), bitcast=True)
     if kind == 2:  # zero a piece of a page gap (it never straddles a page)
-        offs = c0 + tl.arange(0, BLOCK_R * BLOCK_C)
-        local = tl.load(rows_ptr + row0)
-        base = tl.load(blocks_ptr + local // page_elems) * page_elems + local % page_elems
-        tl.store(pool + base + offs, tl.zeros([BLOCK_R * BLOCK_C], dtype), mask=offs < c_end)
+        # (names distinct from the other branch's: compiled Triton merges same-named values)
+        span = c0 + tl.arange(0, BLOCK_R * BLOCK_C)
+        gap = tl.load(rows_ptr + row0)
+        gap_at = tl.load(blocks_ptr + gap // page_elems) * page_elems + gap % page_elems
+        tl.store(pool + gap_at + span, tl.zeros([BLOCK_R * BLOCK_C], dtype), mask=span < c_end)
     else:
         slot = tl.load(job + 1)
         src_off = tl.load(job + 2)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -124,9 +125,11 @@ def tensor_map(keys: list[str], spec: AdapterSpec, dims: ModelDims) -> dict[tupl
     return found
 
 
-def read_raw(spec: AdapterSpec, dims: ModelDims, out: RawAdapter) -> None:
+def read_raw(spec: AdapterSpec, dims: ModelDims, out: RawAdapter, readers: Executor | None = None,
+             parts: int = 1) -> None:
     """Validate the weight file of `spec` and write its raw form into `out` (whose layout is
-    `raw_layout(spec.layout, num_layers, dtype)`). AdapterError for anything wrong."""
+    `raw_layout(spec.layout, num_layers, dtype)`). With `readers`, the file's bytes are read in
+    `parts` concurrent pieces. AdapterError for anything wrong."""
     name = spec.name
     try:
         with open_weights(spec.weights_file) as f:
@@ -134,7 +137,7 @@ def read_raw(spec: AdapterSpec, dims: ModelDims, out: RawAdapter) -> None:
             names = tensor_map(list(entries), spec, dims)
             for (layer, module, which), key in names.items():
                 _check_entry(entries[key], key, spec, dims, layer, module, which)
-            _fill(f.fileno(), spec, entries, names, out)
+            _fill(f.fileno(), spec, entries, names, out, readers, parts)
     except AdapterError:
         raise
     except Exception as e:  # a corrupt or truncated file, or one changed while being read
@@ -158,7 +161,8 @@ def _check_entry(entry: TensorEntry, key: str, spec: AdapterSpec, dims: ModelDim
 
 
 def _fill(fd: int, spec: AdapterSpec, entries: dict[str, TensorEntry],
-          names: dict[tuple[int, str, str], str], out: RawAdapter) -> None:
+          names: dict[tuple[int, str, str], str], out: RawAdapter, readers: Executor | None = None,
+          parts: int = 1) -> None:
     """Every record of `out`: header, A and B of every module (zero rows where the layer's rank
     is below the layout rank, or where the module is not adapted in that layer)."""
     raw, dtype = out.layout, out.layout.dtype
@@ -204,8 +208,26 @@ def _fill(fd: int, spec: AdapterSpec, entries: dict[str, TensorEntry],
     out.scales().copy_(torch.tensor(scales, dtype=torch.float32))
     out.layer_ranks().copy_(torch.tensor(ranks, dtype=torch.int32))
     direct.sort(key=lambda t: t[0])
+    total = sum(e - b for b, e, _ in direct)
+    pieces, cut, done = [], 0, 0
+    for i, (b, e, _) in enumerate(direct):  # `parts` slices of about equal bytes
+        done += e - b
+        if done * parts >= total * (len(pieces) + 1) or i == len(direct) - 1:
+            pieces.append(direct[cut:i + 1])
+            cut = i + 1
+    if readers is None or len(pieces) < 2:
+        for piece in pieces:
+            _read_runs(fd, piece)
+    else:
+        for future in [readers.submit(_read_runs, fd, piece) for piece in pieces]:
+            future.result()
+
+
+def _read_runs(fd: int, direct: list[tuple[int, int, memoryview]]) -> None:
+    """Read (file begin, file end, destination) entries sorted by begin: one `preadv` per run
+    of tensors that follow each other in the file."""
     i = 0
-    while i < len(direct):  # runs of tensors that follow each other in the file: one call each
+    while i < len(direct):
         j = i + 1
         while j < len(direct) and j - i < MAX_IOV and direct[j][0] == direct[j - 1][1]:
             j += 1

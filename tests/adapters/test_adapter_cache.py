@@ -109,3 +109,24 @@ def test_prefetch_does_not_block_and_fills_the_cache(tmp_path, tiny_dims):
                 assert lease.raw.layout.dtype == torch.bfloat16
         s = store.stats()
         assert s["loads"] == 3 and s["prefetches"] == 3 and s["misses"] + s["hits"] + s["joins"] == 3
+
+
+def test_reads_split_over_threads_give_the_same_raw_bytes(tmp_path, tiny_dims):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from slora_plugin.adapters.loader import read_raw
+    from slora_plugin.raw_format import RawAdapter, raw_layout
+
+    write_random_adapter(str(tmp_path / "s"), tiny_dims, 8, TARGETS + ["down_proj"], seed=4)
+    with AdapterStore(tiny_dims, 512, torch.float16, adapter_dir=str(tmp_path), max_rank=16,
+                      host_cache_bytes=1 << 20, loader_threads=1) as store:
+        spec = store.spec("s")
+    layout = raw_layout(spec.layout, tiny_dims.num_hidden_layers, torch.float16)
+    whole = RawAdapter(torch.zeros(layout.nbytes, dtype=torch.uint8), layout)
+    read_raw(spec, tiny_dims, whole)
+    with ThreadPoolExecutor(3) as readers:
+        for parts in (2, 3, 7, 100):
+            split = RawAdapter(torch.full((layout.nbytes,), 7, dtype=torch.uint8), layout)
+            read_raw(spec, tiny_dims, split, readers, parts)
+            used = 64 + sum(m.rank * (m.in_features + m.out_features) for m in layout.modules) * 2
+            assert torch.equal(split.records()[:, :used], whole.records()[:, :used])

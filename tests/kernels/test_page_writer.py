@@ -135,7 +135,7 @@ def test_page_loader_on_gpu_equals_reference_under_chunking():
             adapters.append((layout, raw))
         staging = 2 * max(r.layout.record_bytes for _, r in adapters)  # 2 records: 3 runs of 6 layers
         loader = PageLoader("cuda", staging)
-        nb = 64
+        nb = 256
         pools = [torch.full((nb * page,), -7.0, dtype=dtype, device="cuda")
                  for _ in range(dims.num_hidden_layers)]
         ref = [torch.full((nb * page,), -7.0, dtype=dtype) for _ in range(dims.num_hidden_layers)]
