@@ -18,6 +18,7 @@ from slora_plugin.layout import MODULES, ModelDims, pack_layer, plan_layout
 from slora_plugin.raw_format import RawAdapter, raw_layout, record_bytes_bound
 
 DIMS = ModelDims.from_hf_config(SimpleNamespace(**TINY_LLAMA))
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled there, interpreted here
 DT = [torch.float16, torch.bfloat16, torch.float32]
 BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
@@ -60,14 +61,16 @@ def test_kernel_and_reference_equal_pack_layer(ranks, page, dtype, seed, first):
     blocks = torch.randperm(nb, generator=g)[:layout.num_pages]
     outside = [b for b in range(nb) if b not in blocks.tolist()]
     # NaN everywhere: anything not written shows; the blocks outside the adapter must stay NaN
-    pools = [torch.full((nb * page,), float("nan"), dtype=dtype) for _ in range(DIMS.num_hidden_layers)]
-    ref = [p.clone() for p in pools]
+    pools = [torch.full((nb * page,), float("nan"), dtype=dtype, device=DEVICE)
+             for _ in range(DIMS.num_hidden_layers)]
+    ref = [torch.full((nb * page,), float("nan"), dtype=dtype) for _ in range(DIMS.num_hidden_layers)]
     plan = writer_plan(layout, raw.layout)
-    table = torch.tensor([p.data_ptr() for p in pools], dtype=torch.int64)
+    table = torch.tensor([p.data_ptr() for p in pools], dtype=torch.int64, device=DEVICE)
     # records from `first` on, staged alone (as a later run of a chunked load is)
-    staged = raw.records()[first:].reshape(-1).clone()
-    write_pages(table, staged, raw.layout, plan.jobs, plan.rows, plan.block_r, plan.block_c, blocks,
-                first, DIMS.num_hidden_layers - first, page)
+    staged = raw.records()[first:].reshape(-1).to(DEVICE)
+    write_pages(table, staged, raw.layout, plan.jobs.to(DEVICE), plan.rows.to(DEVICE), plan.block_r,
+                plan.block_c, blocks.to(DEVICE), first, DIMS.num_hidden_layers - first, page)
+    pools = [p.cpu() for p in pools]
     write_pages_ref(ref, raw.records()[first:], raw.layout, layout, blocks.tolist(), first)
     bits = BITS[dtype]
     for layer in range(first, DIMS.num_hidden_layers):
