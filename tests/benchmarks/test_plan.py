@@ -127,3 +127,17 @@ def test_tuned_stock_wraps_the_layers_the_adapters_touch():
     custom = make_plan(LLAMA_2_7B, [{"q_proj": 8}], kv_gib=50, stock_targets={"mine": ["o_proj"]})
     assert list(custom.rows[0].stock) == ["mine"]
     assert custom.rows[0].stock["mine"][0] == stock_slot_bytes(MEM, 1, 8, ["o_proj"])
+
+
+def test_gpu_scripts_model_config_matches_the_plan():
+    """The GPU smoke/isolation scripts read benchmarks/configs/llama-2-7b; the harness writes
+    plan.LLAMA_2_7B. Both describe the model every result is compared on: they must agree."""
+    import json
+    import os
+
+    from slora_plugin.plan import LLAMA_2_7B
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "configs", "llama-2-7b",
+                        "config.json")
+    with open(path, encoding="utf-8") as f:
+        assert json.load(f) == LLAMA_2_7B
