@@ -36,7 +36,8 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "test": ["pytest>=7", "hypothesis>=6.100", "peft>=0.13"],
+        # matplotlib: the report tests draw the benchmark plots
+        "test": ["pytest>=7", "hypothesis>=6.100", "peft>=0.13", "matplotlib>=3.7"],
         "bench": ["tqdm>=4.60", "matplotlib>=3.7", "numpy>=1.24"],
     },
     entry_points={
