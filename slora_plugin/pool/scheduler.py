@@ -35,6 +35,7 @@ from vllm.v1.request import Request, RequestStatus
 from slora_plugin.config import ADDITIONAL_CONFIG_KEY, SLoRAConfig
 from slora_plugin.patches import scheduler as vllm_patch
 from slora_plugin.pool.commands import attach
+from slora_plugin.pool.metrics import PoolMetrics, describe_export
 from slora_plugin.pool.page_pool import AdapterNeed, PagePool, WaitForDrain
 
 logger = init_logger("vllm.slora.pool")
@@ -203,6 +204,9 @@ class _SLoRAScheduling:
         self.num_preemptions = 0
         self._failed: list[tuple[Request, str]] = []
         self._last_stats_log = time.monotonic()
+        self.pool_metrics = PoolMetrics.for_config(self.vllm_config) if self.log_stats else None
+        if self.pool_metrics is not None:
+            logger.info(describe_export())
 
     # ------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
@@ -231,6 +235,8 @@ class _SLoRAScheduling:
                 finish_reason=request.get_finished_reason(), stop_reason=reason,
                 events=request.take_events(), trace_headers=request.trace_headers))
         self._failed.clear()
+        if self.pool_metrics is not None:
+            self.pool_metrics.update(self.pool_stats())
         if self.log_stats and time.monotonic() - self._last_stats_log >= STATS_LOG_INTERVAL_S:
             self._last_stats_log = time.monotonic()
             logger.info("slora page pool: %s", self.pool_stats())
