@@ -68,3 +68,27 @@ def test_blocks_first_check():
         check_blocks_first(torch.zeros(2, nb, heads * bs * hd // 2, dtype=torch.float16), nb, page, "l0")
     with pytest.raises(KVLayoutError, match="expected"):
         check_blocks_first(kv, nb + 1, page, "l0")
+
+
+def test_add_lora_refuses_a_broken_adapter_naming_it(tmp_path, tiny_dims):
+    """`vllm serve`'s resolver calls the worker's add_lora: a broken config must raise there,
+    with the adapter, the file and the reason, while a valid adapter is accepted."""
+    from vllm.lora.request import LoRARequest
+
+    from slora_plugin.adapters.errors import AdapterError
+    from slora_plugin.adapters.peft_format import write_random_adapter
+    from slora_plugin.adapters.store import AdapterStore
+    from slora_plugin.worker.worker import SLoRAWorker
+
+    good = write_random_adapter(str(tmp_path / "good"), tiny_dims, 4, ["q_proj"])
+    bad = write_random_adapter(str(tmp_path / "bad"), tiny_dims, 4, ["q_proj"], use_dora=True)
+    store = AdapterStore(tiny_dims, 256, torch.float16, adapter_dir=str(tmp_path), max_rank=16,
+                         host_cache_bytes=1 << 20, loader_threads=1)
+    w = object.__new__(SLoRAWorker)
+    w.adapter_store = store
+    try:
+        assert w.add_lora(LoRARequest("good", 1, good)) is True
+        with pytest.raises(AdapterError, match=r"(?s)bad.*adapter_config.json.*(?i:dora)"):
+            w.add_lora(LoRARequest("bad", 2, bad))
+    finally:
+        store.close()
