@@ -3,8 +3,7 @@
 
 from __future__ import annotations
 
-import json
-import os
+from slora_plugin.plan import write_model_config as _write_config
 
 #: A Llama-style config small enough for CPU tests but with GQA (4 query heads, 2 KV heads).
 TINY_LLAMA = {
@@ -29,7 +28,4 @@ TINY_LLAMA = {
 
 def write_model_config(directory: str, overrides: dict | None = None) -> str:
     """Write a config.json (no weights: tests use load_format='dummy' or only the config)."""
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
-        json.dump({**TINY_LLAMA, **(overrides or {})}, f, indent=2)
-    return directory
+    return _write_config(directory, {**TINY_LLAMA, **(overrides or {})})
