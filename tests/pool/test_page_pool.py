@@ -50,9 +50,20 @@ class KV:
         return run
 
 
+def pool_of(blocks):
+    """A PagePool over `blocks` fake blocks, with its allocator and a KV stand-in on the same blocks."""
+    alloc = FakeAllocator(blocks)
+    return alloc, PagePool(alloc), KV(alloc)
+
+
+def admit_idle(pool, kv, lora_id, pages):
+    """Load adapter `lora_id` (no KV blocks) and release it: resident and idle."""
+    pool.admit(need(lora_id, pages), kv.attempt(0))
+    pool.release(lora_id)
+
+
 def test_admit_loads_once_and_counts_references():
-    alloc = FakeAllocator(10)
-    pool, kv = PagePool(alloc), KV(alloc)
+    alloc, pool, kv = pool_of(10)
     assert pool.admit(need(1, 3), kv.attempt(2)) is not None
     assert pool.admit(need(1, 3), kv.attempt(2)) is not None
     assert pool.loads == 1 and pool.resident(1).refs == 2 and pool.adapter_pages == 3
@@ -66,8 +77,7 @@ def test_admit_loads_once_and_counts_references():
 
 
 def test_idle_adapters_are_evicted_least_recently_used_first():
-    alloc = FakeAllocator(9)
-    pool, kv = PagePool(alloc), KV(alloc)
+    alloc, pool, kv = pool_of(9)
     for i in (1, 2, 3):
         pool.admit(need(i, 2), kv.attempt(0))
     pool.take_commands()
@@ -79,11 +89,9 @@ def test_idle_adapters_are_evicted_least_recently_used_first():
 
 
 def test_failed_admission_undoes_its_evictions():
-    alloc = FakeAllocator(8)
-    pool, kv = PagePool(alloc), KV(alloc)
+    alloc, pool, kv = pool_of(8)
     for i in (1, 2):
-        pool.admit(need(i, 3), kv.attempt(0))
-        pool.release(i)
+        admit_idle(pool, kv, i, 3)
     pool.take_commands()
     before = (pool.held_blocks(), sorted(alloc.free_ids), pool.evictions)
     assert pool.admit(need(3, 2), kv.attempt(7)) is None  # 7 + 2 > 8 even with both evicted
@@ -93,18 +101,15 @@ def test_failed_admission_undoes_its_evictions():
 
 
 def test_the_requests_own_idle_adapter_is_never_evicted_for_it():
-    alloc = FakeAllocator(6)
-    pool, kv = PagePool(alloc), KV(alloc)
-    pool.admit(need(1, 3), kv.attempt(0))
-    pool.release(1)
+    alloc, pool, kv = pool_of(6)
+    admit_idle(pool, kv, 1, 3)
     assert pool.admit(need(1, 3), kv.attempt(4)) is None  # would fit only by evicting itself
     assert pool.admit(need(1, 3), kv.attempt(3)) is not None
     assert pool.loads == 1 and pool.evictions == 0
 
 
 def test_grow_evicts_idle_then_gives_up():
-    alloc = FakeAllocator(6)
-    pool, kv = PagePool(alloc), KV(alloc)
+    alloc, pool, kv = pool_of(6)
     pool.admit(need(1, 2), kv.attempt(0))
     pool.admit(need(2, 2), kv.attempt(0))
     pool.release(1)
@@ -115,19 +120,15 @@ def test_grow_evicts_idle_then_gives_up():
 
 
 def test_load_and_evict_in_one_step_never_reach_the_workers():
-    alloc = FakeAllocator(4)
-    pool, kv = PagePool(alloc), KV(alloc)
-    pool.admit(need(1, 2), kv.attempt(0))
-    pool.release(1)
+    alloc, pool, kv = pool_of(4)
+    admit_idle(pool, kv, 1, 2)
     pool.admit(None, kv.attempt(4))  # evicts adapter 1 before its load was sent
     assert not pool.take_commands()
 
 
 def test_evict_and_reload_in_one_step_sends_both():
-    alloc = FakeAllocator(4)
-    pool, kv = PagePool(alloc), KV(alloc)
-    pool.admit(need(1, 2), kv.attempt(0))
-    pool.release(1)
+    alloc, pool, kv = pool_of(4)
+    admit_idle(pool, kv, 1, 2)
     pool.take_commands()
     pool.evict_idle()
     pool.admit(need(1, 2), kv.attempt(0))
@@ -136,8 +137,7 @@ def test_evict_and_reload_in_one_step_sends_both():
 
 
 def test_changed_content_reloads_when_idle_and_waits_while_used():
-    alloc = FakeAllocator(8)
-    pool, kv = PagePool(alloc), KV(alloc)
+    alloc, pool, kv = pool_of(8)
     pool.admit(need(1, 2, "old"), kv.attempt(0))
     with pytest.raises(WaitForDrain):
         pool.admit(need(1, 2, "new"), kv.attempt(0))
@@ -150,8 +150,7 @@ def test_changed_content_reloads_when_idle_and_waits_while_used():
 
 
 def test_prefetch_hints_each_adapter_once_until_loaded():
-    alloc = FakeAllocator(8)
-    pool, kv = PagePool(alloc), KV(alloc)
+    alloc, pool, kv = pool_of(8)
     pool.admit(need(1, 2), kv.attempt(0))
     queued = [(1, "a1", "/a/1"), (2, "a2", "/a/2"), (2, "a2", "/a/2"), (3, "a3", "/a/3"),
               (4, "a4", "/a/4")]
