@@ -34,12 +34,10 @@ def write_adapters(directory: str, count: int, seed: int, std: float) -> list[tu
     (name, rank) each. The directory is reused only if it was written with the same `std`."""
     import torch
 
-    from slora_plugin.adapters.peft_format import adapter_config, tensor_name, write_adapter
-    from slora_plugin.layout import ModelDims
+    from slora_plugin.adapters.peft_format import adapter_config, random_weights, write_adapter
+    from slora_plugin.plan import ModelMemory, load_model_config
 
-    with open(os.path.join(LLAMA2_CONFIG_DIR, "config.json")) as f:
-        dims = ModelDims.from_hf_config(argparse.Namespace(**json.load(f)))
-    fin, fout = dims.module_io("o_proj")
+    dims = ModelMemory.from_config(load_model_config(LLAMA2_CONFIG_DIR)).dims
     out = []
     g = torch.Generator().manual_seed(seed)
     for j in range(count):
@@ -47,10 +45,7 @@ def write_adapters(directory: str, count: int, seed: int, std: float) -> list[tu
         name = f"iso-{j:04d}-r{rank}-s{std:g}"
         path = os.path.join(directory, name)
         if not os.path.exists(os.path.join(path, "adapter_model.safetensors")):
-            tensors = {}
-            for layer in range(dims.num_hidden_layers):
-                tensors[tensor_name(layer, "o_proj", "A")] = (torch.randn(rank, fin, generator=g) * std).half()
-                tensors[tensor_name(layer, "o_proj", "B")] = (torch.randn(fout, rank, generator=g) * std).half()
+            tensors = random_weights(dims, {"o_proj": rank}, g, torch.float16, std)
             write_adapter(path, adapter_config(rank, 2 * rank, ["o_proj"]), tensors)
         out.append((name, rank))
     return out

@@ -26,10 +26,9 @@ def write_adapters(adapter_dir: str, ranks: list[int]) -> list[str]:
     import torch
 
     from slora_plugin.adapters.peft_format import write_random_adapter
-    from slora_plugin.layout import ModelDims
+    from slora_plugin.plan import ModelMemory, load_model_config
 
-    with open(os.path.join(LLAMA2_CONFIG_DIR, "config.json")) as f:
-        dims = ModelDims.from_hf_config(argparse.Namespace(**json.load(f)))
+    dims = ModelMemory.from_config(load_model_config(LLAMA2_CONFIG_DIR)).dims
     names = []
     for i, r in enumerate(ranks):
         name = f"smoke-r{r}-{i}"
