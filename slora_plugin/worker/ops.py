@@ -64,7 +64,6 @@ class PagedLoRARuntime:
         self.max_rank = max_rank
         self.max_tokens = max_tokens
         self.token_slot = torch.full((max_tokens,), -1, dtype=torch.int32, device=self.device)
-        self.num_tokens = 0
         self.meta = None
         if self.device.type == "cuda":
             from slora_plugin.kernels.paged_lora import SegmentMeta
@@ -78,9 +77,6 @@ class PagedLoRARuntime:
         """Tell the op where layer `layer_key`'s pool comes from (resolved at every call)."""
         self._sources[layer_key] = source
         self._pools.pop(layer_key, None)
-
-    def bound_layers(self) -> list[str]:
-        return list(self._sources)
 
     def pool(self, layer_key: str, dtype: torch.dtype) -> torch.Tensor | None:
         source = self._sources.get(layer_key)
@@ -106,7 +102,6 @@ class PagedLoRARuntime:
             raise ValueError(f"{n} tokens in a step but the LoRA metadata holds {self.max_tokens}")
         self.token_slot[:n].copy_(slots.to(torch.int32), non_blocking=True)
         self.token_slot[n:].fill_(-1)
-        self.num_tokens = n
         if self.meta is not None:
             # only the step's real tokens: CUDA-graph padding rows past them get no adapter
             self.meta.update(self.token_slot[:n])
@@ -138,10 +133,6 @@ def install(runtime: PagedLoRARuntime | None) -> None:
     """Make `runtime` the one the op uses in this process (None: the op is a no-op)."""
     global _RUNTIME
     _RUNTIME = runtime
-
-
-def current() -> PagedLoRARuntime | None:
-    return _RUNTIME
 
 
 #: Holds the `slora` op namespace: an op lives as long as its library object.
