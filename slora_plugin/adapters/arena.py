@@ -37,10 +37,9 @@ class Arena:
     def alloc(self, nbytes: int) -> int | None:
         """Offset of a fresh block of at least `nbytes`, or None if no free block is big enough."""
         size = self.rounded(nbytes)
-        for off in self._free_offsets:
+        for i, off in enumerate(self._free_offsets):
             room = self._free_sizes[off]
             if room >= size:
-                i = bisect.bisect_left(self._free_offsets, off)
                 del self._free_offsets[i]
                 del self._free_sizes[off]
                 if room > size:

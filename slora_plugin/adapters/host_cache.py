@@ -41,7 +41,6 @@ class _Entry:
     key: Key
     spec: AdapterSpec
     offset: int
-    nbytes: int
     raw: RawAdapter
     refs: int = 0
 
@@ -216,7 +215,7 @@ class HostCache:
         dt = time.perf_counter() - t0
         with self._cv:
             self._forget_path(spec.path)  # older contents of the same directory are stale
-            self._entries[key] = _Entry(key, spec, offset, nbytes, raw)
+            self._entries[key] = _Entry(key, spec, offset, raw)
             self._loading.pop(key, None)
             c = self._counters
             c["loads"] += 1

@@ -45,10 +45,6 @@ class AdapterSpec:
         return self.layout.num_pages
 
     @property
-    def config_file(self) -> str:
-        return os.path.join(self.path, CONFIG_NAME)
-
-    @property
     def weights_file(self) -> str:
         return os.path.join(self.path, WEIGHTS_NAME)
 
