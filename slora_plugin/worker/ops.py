@@ -42,7 +42,7 @@ def pool_view(kv: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | Non
     if kv is None or not isinstance(kv, torch.Tensor) or kv.numel() == 0:
         return None
     storage = kv.untyped_storage()
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if storage.nbytes() == 0 or storage.nbytes() % itemsize:
         return None
     raw = torch.empty(0, dtype=torch.uint8, device=kv.device).set_(storage)

@@ -121,7 +121,7 @@ class SLoRAWorker(Worker):
         super().initialize_from_config(kv_cache_config)
         graphs_patch.dispatch_to_lora_case(self.model_runner, self.vllm_config.lora_config)
         dtype = self.model_config.dtype
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         if page_size % itemsize:
             raise SLoRAScopeError(f"KV page of {page_size} bytes is not a whole number of "
                                   f"{dtype} elements")
