@@ -84,6 +84,9 @@ class PagePool:
         self._hinted: set[int] = set()
         self.loads = 0
         self.evictions = 0
+        #: pages held by resident adapters, kept up to date by _load/_evict/_restore (read
+        #: every step for the pool statistics: no sum over thousands of adapters)
+        self._adapter_pages = 0
 
     # ----------------------------------------------------------------- queries
     def resident(self, lora_id: int) -> Resident | None:
@@ -91,7 +94,7 @@ class PagePool:
 
     @property
     def adapter_pages(self) -> int:
-        return sum(len(e.block_ids) for e in self._entries.values())
+        return self._adapter_pages
 
     @property
     def num_resident(self) -> int:
@@ -224,6 +227,7 @@ class PagePool:
     def _load(self, need: AdapterNeed) -> Resident:
         entry = Resident(need, tuple(self._alloc.allocate(need.num_pages)) if need.num_pages else ())
         self._entries[need.lora_id] = entry
+        self._adapter_pages += len(entry.block_ids)
         self._step_loaded[need.lora_id] = None
         self._hinted.discard(need.lora_id)
         self.loads += 1
@@ -235,6 +239,7 @@ class PagePool:
 
     def _evict(self, lora_id: int) -> Resident:
         entry = self._entries.pop(lora_id)
+        self._adapter_pages -= len(entry.block_ids)
         assert entry.refs == 0, "only idle adapters are evicted"
         del self._idle[lora_id]
         if entry.on_workers:
@@ -254,6 +259,7 @@ class PagePool:
         if entry.block_ids:
             self._alloc.reclaim(entry.block_ids)
         self._entries[lora_id] = entry
+        self._adapter_pages += len(entry.block_ids)
         self._idle[lora_id] = None
         self._idle.move_to_end(lora_id, last=False)
         if entry.on_workers:
