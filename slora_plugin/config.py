@@ -173,3 +173,20 @@ def load_config(additional_config: Mapping[str, Any] | None,
     raw = raw_settings(additional_config, environ)
     return None if raw is None else SLoRAConfig.from_mapping(raw)
 
+
+
+def engine_settings(vllm_config: Any) -> SLoRAConfig:
+    """The settings the engine runs with, as `patches/engine_args.py` wrote them into
+    `additional_config` in the process that built the config (the scheduler and the workers may
+    live in other processes, with another environment: they must not re-read it).
+
+    The one reader for the plugin's own classes, so that they can never disagree; raises if the
+    plugin is off in that config (the scheduler or worker class was set without the switch).
+    """
+    cfg = load_config(getattr(vllm_config, "additional_config", None), environ={})
+    if cfg is None:
+        raise SLoRAConfigError(
+            "slora-plugin's scheduler or worker was started but additional_config has no enabled "
+            "'slora' settings: enable the plugin with additional_config={'slora': {...}} or "
+            f"{ENV_ADAPTER_DIR} / {ENV_CONFIG}, not by setting worker_cls or scheduler_cls alone")
+    return cfg

@@ -32,7 +32,7 @@ from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
 from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
 from vllm.v1.request import Request, RequestStatus
 
-from slora_plugin.config import ADDITIONAL_CONFIG_KEY, SLoRAConfig
+from slora_plugin.config import engine_settings
 from slora_plugin.patches import scheduler as vllm_patch
 from slora_plugin.pool.commands import attach
 from slora_plugin.pool.metrics import PoolMetrics, describe_export
@@ -173,12 +173,6 @@ def kv_spec_of(kv_cache_config: KVCacheConfig) -> FullAttentionSpec:
     return spec
 
 
-def config_of(vllm_config: Any) -> SLoRAConfig:
-    """The plugin settings written into additional_config by patches/engine_args.py."""
-    raw = (vllm_config.additional_config or {}).get(ADDITIONAL_CONFIG_KEY) or {}
-    return SLoRAConfig.from_mapping(raw)
-
-
 class _SLoRAScheduling:
     """Mixed in before vLLM's Scheduler or AsyncScheduler (see `scheduler_class`)."""
 
@@ -187,7 +181,7 @@ class _SLoRAScheduling:
     def __init__(self, *args: Any, pages_of: PagesOf | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         vllm_patch.check_instance(self)
-        self.slora_config = config_of(self.vllm_config)
+        self.slora_config = engine_settings(self.vllm_config)
         spec = kv_spec_of(self.kv_cache_config)
         self.page_elems = spec.page_size_bytes // self.vllm_config.model_config.dtype.itemsize
         num_blocks = self.kv_cache_config.num_blocks

@@ -10,13 +10,12 @@ request only after issuing its adapter's load, so a miss here is a bug, reported
 
 from __future__ import annotations
 
-from typing import Any
 
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
-from slora_plugin.config import SLoRAConfig, load_config
+from slora_plugin.config import engine_settings
 from slora_plugin.layout import PACKED_MODULES, PageLayout
 from slora_plugin.patches import lora_layers as layers_patch
 from slora_plugin.patches import lora_worker as worker_patch
@@ -29,12 +28,6 @@ class AdapterNotResidentError(RuntimeError):
     """A step asked for an adapter whose pages were never loaded (or were evicted)."""
 
 
-def plugin_config(vllm_config: Any) -> SLoRAConfig:
-    """The plugin settings as process 0 wrote them into `additional_config` (defaults if absent)."""
-    cfg = load_config(getattr(vllm_config, "additional_config", None), environ={})
-    return cfg if cfg is not None else SLoRAConfig()
-
-
 class SLoRAModelManager(LRUCacheLoRAModelManager):
     """Slots are rows of the page tables; adapters are registered only while resident."""
 
@@ -42,7 +35,7 @@ class SLoRAModelManager(LRUCacheLoRAModelManager):
                  device, vllm_config) -> None:
         if lora_config.fully_sharded_loras:
             raise PagedLoRAError("slora-plugin does not support fully_sharded_loras")
-        self.slora_config = plugin_config(vllm_config)
+        self.slora_config = engine_settings(vllm_config)
         self._resident: dict[int, tuple[SlotRows, int]] = {}  # lora_id -> (rows, rank)
         self._dummies: set[int] = set()
         with layers_patch.paged_lora_classes():

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from vllm.v1.worker.gpu_worker import Worker
 
+from slora_plugin.config import engine_settings
 from slora_plugin.layout import ModelDims
 from slora_plugin.patches import kv_pool
 from slora_plugin.patches import lora_cudagraph as graphs_patch
@@ -34,7 +35,7 @@ from slora_plugin.patches import lora_worker as worker_patch
 from slora_plugin.pool.commands import LoadAdapter, StepCommands, commands_of
 from slora_plugin.raw_format import record_bytes_bound
 from slora_plugin.worker.lora_layers import layer_index
-from slora_plugin.worker.lora_manager import SLoRAModelManager, SLoRAWorkerLoRAManager, plugin_config
+from slora_plugin.worker.lora_manager import SLoRAModelManager, SLoRAWorkerLoRAManager
 from slora_plugin.worker.ops import pool_view
 from slora_plugin.worker.page_loader import PageLoader
 from slora_plugin.worker.threads import limit_child_torch_threads
@@ -86,7 +87,7 @@ class SLoRAWorker(Worker):
                  is_driver_worker: bool = False) -> None:
         limit_child_torch_threads()
         check_scope(vllm_config)
-        self.slora_config = plugin_config(vllm_config)
+        self.slora_config = engine_settings(vllm_config)
         super().__init__(vllm_config=vllm_config, local_rank=local_rank, rank=rank,
                          distributed_init_method=distributed_init_method,
                          is_driver_worker=is_driver_worker)

@@ -71,3 +71,16 @@ def test_parse_bytes(text, n):
 def test_round_trip_through_dict(tmp_path):
     cfg = SLoRAConfig(adapter_dir=str(tmp_path), target_modules=("o_proj",))
     assert SLoRAConfig.from_mapping(cfg.to_dict()) == cfg
+
+
+def test_engine_settings_is_the_one_reader_and_refuses_a_config_without_the_switch(tmp_path):
+    from types import SimpleNamespace
+
+    from slora_plugin.config import engine_settings
+
+    on = SimpleNamespace(additional_config={"slora": SLoRAConfig(adapter_dir=str(tmp_path)).to_dict()})
+    assert engine_settings(on) == SLoRAConfig(adapter_dir=str(tmp_path))
+    assert engine_settings(SimpleNamespace(additional_config={"slora": True})) == SLoRAConfig()
+    for off in ({}, {"slora": {"enabled": False}}, None):
+        with pytest.raises(SLoRAConfigError, match="no enabled 'slora' settings"):
+            engine_settings(SimpleNamespace(additional_config=off))

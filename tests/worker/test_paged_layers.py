@@ -50,7 +50,7 @@ def vllm_cpu():
     tu.PIN_MEMORY = False
     from vllm.config import DeviceConfig
 
-    vc = VllmConfig(device_config=DeviceConfig(device="cpu"))
+    vc = VllmConfig(device_config=DeviceConfig(device="cpu"), additional_config={"slora": {}})
     with set_current_vllm_config(vc):
         init_distributed_environment(1, 0, f"tcp://127.0.0.1:{_free_port()}", 0, "gloo")
         initialize_model_parallel(1, 1)
