@@ -13,7 +13,7 @@ accepted too. Errors are `AdapterError`s, remembered until the files change.
 from __future__ import annotations
 
 import threading
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
 from slora_plugin.adapters.host_cache import HostCache, Lease
 from slora_plugin.adapters.sources import AdapterSources
 from slora_plugin.adapters.spec import AdapterSpec, build_spec, files_key
+from slora_plugin.adapters.targets import check_wrapped, wrapped_modules
 from slora_plugin.layout import ModelDims
 
 __all__ = ["AdapterStore", "AdapterSpec", "AdapterError", "AdapterNotFoundError", "Lease"]
@@ -32,10 +33,14 @@ class AdapterStore:
     def __init__(self, dims: ModelDims, page_elems: int, dtype: torch.dtype, *,
                  adapter_dir: str | None, max_rank: int, host_cache_bytes: int, loader_threads: int,
                  hf_cache_dir: str | None = None, hub_download: bool = False,
-                 wait_timeout_s: float = 60.0) -> None:
+                 wait_timeout_s: float = 60.0,
+                 lora_target_modules: Sequence[str] | None = None) -> None:
+        """`lora_target_modules`: the engine's `LoRAConfig.target_modules` (None: every module
+        has LoRA layers); an adapter targeting a module without them is refused by `spec`."""
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"serving dtype {dtype} is not supported (float16, bfloat16, float32)")
         self.dims, self.page_elems, self.dtype, self.max_rank = dims, page_elems, dtype, max_rank
+        self.wrapped = wrapped_modules(lora_target_modules)
         self.sources = AdapterSources(adapter_dir, hf_cache_dir, hub_download)
         self.index = self.sources.index
         self.cache = HostCache(dims, dtype, host_cache_bytes, loader_threads, wait_timeout_s)
@@ -53,7 +58,8 @@ class AdapterStore:
 
     # ---- specs --------------------------------------------------------------------------------
     def spec(self, name_or_path: str) -> AdapterSpec:
-        """Config-level validation (no weights read); cached until either file changes."""
+        """Config-level validation (no weights read), including that every module the adapter
+        targets has LoRA layers in this engine; cached until either file changes."""
         name, path = self.locate(name_or_path)
         key = files_key(path)
         with self._lock:
@@ -62,6 +68,7 @@ class AdapterStore:
             try:
                 result: AdapterSpec | AdapterError = build_spec(
                     name, path, key, self.dims, self.page_elems, self.max_rank)
+                check_wrapped(result, self.wrapped)
             except AdapterError as e:
                 result = e
             cached = (key, result)
