@@ -21,7 +21,8 @@ def spec_store(vllm_config: Any, cfg: SLoRAConfig, page_elems: int) -> AdapterSt
     dims = ModelDims.from_hf_config(model_config.hf_config,
                                     tp_size=vllm_config.parallel_config.tensor_parallel_size)
     return AdapterStore(dims, page_elems, model_config.dtype, adapter_dir=cfg.adapter_dir,
-                        max_rank=cfg.max_lora_rank, host_cache_bytes=0, loader_threads=1)
+                        max_rank=cfg.max_lora_rank, host_cache_bytes=0, loader_threads=1,
+                        lora_target_modules=vllm_config.lora_config.target_modules)
 
 
 def default_pages_of(vllm_config: Any, cfg: SLoRAConfig,

@@ -154,7 +154,8 @@ class SLoRAWorker(Worker):
         self.adapter_store = AdapterStore(dims, self.page_elems, dtype,
                                           adapter_dir=c.adapter_dir, max_rank=c.max_lora_rank,
                                           host_cache_bytes=c.host_cache_bytes,
-                                          loader_threads=c.loader_threads)
+                                          loader_threads=c.loader_threads,
+                                          lora_target_modules=self.vllm_config.lora_config.target_modules)
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(device=self.device)
         self._page_loader = PageLoader(self.device, record_bytes_bound(dims, c.max_lora_rank, dtype))
