@@ -5,7 +5,10 @@ vLLM treats as opaque. This wrapper reads it in process 0, before the config is 
 the plugin is on: runs the version guard, turns on LoRA with the settings the paged design
 needs, and writes the parsed settings back into `additional_config["slora"]` so that every other
 process (engine core, workers) reads the same validated values. When the switch is off the
-original method runs untouched.
+original method runs untouched. Once the config is built (the model's layer count is known), the
+modules that get LoRA layers are chosen (`slora_plugin.adapters.targets.choose_target_modules`:
+slora.target_modules, else the modules the adapters of slora.adapter_dir target) and written into
+`LoRAConfig.target_modules`, which the workers' LoRA manager and both adapter stores read.
 Written against vLLM 0.26.0.
 """
 
@@ -14,8 +17,12 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from vllm.logger import init_logger
+
 from slora_plugin.config import ADDITIONAL_CONFIG_KEY, SLoRAConfig, SLoRAConfigError, load_config
 from slora_plugin.patches.guard import Requires
+
+logger = init_logger("vllm.slora.engine_args")
 
 VLLM_VERSION = "0.26.0"
 REQUIRES = (
@@ -67,6 +74,20 @@ def configure_engine_args(args: Any, cfg: SLoRAConfig) -> None:
         cc.cudagraph_specialize_lora = False
 
 
+def configure_lora_targets(vllm_config: Any, cfg: SLoRAConfig) -> None:
+    """Set `LoRAConfig.target_modules` to the modules that get LoRA layers, once, in the process
+    that builds the config (the engine core and the workers receive it with the config)."""
+    from slora_plugin.adapters.targets import choose_target_modules
+    from slora_plugin.layout import ModelDims
+
+    hf = vllm_config.model_config.hf_config
+    hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
+    lora_config = vllm_config.lora_config
+    choice = choose_target_modules(cfg, ModelDims.from_hf_config(hf), lora_config.target_modules)
+    lora_config.target_modules = list(choice.target_modules) if choice.target_modules else None
+    logger.info("slora: LoRA layers on %s; %s", ", ".join(choice.wrapped), choice.reason)
+
+
 def configure_vllm_config(vllm_config: Any) -> None:
     """After the config is built: the scheduler variant matching the final async_scheduling."""
     from slora_plugin.pool.scheduler import scheduler_class
@@ -90,6 +111,7 @@ def apply() -> None:
         configure_engine_args(self, cfg)
         vllm_config = original(self, *args, **kwargs)
         configure_vllm_config(vllm_config)
+        configure_lora_targets(vllm_config, cfg)
         return vllm_config
 
     create_engine_config._slora_wrapped = True  # type: ignore[attr-defined]
