@@ -31,9 +31,12 @@ POOL_LOGGER = "vllm.slora.pool"
 #: Prefix of the scheduler's line: `logger.info("slora page pool: %s", self.pool_stats())`.
 POOL_MESSAGE = "slora page pool: "
 PREEMPTION_METRIC = "vllm:num_preemptions"
+#: Cumulative counts in the pool line only in some setups (the worker's blocking host loads:
+#: when it shares the scheduler's process, as with TP=1); a row gets their growth over its trace.
+OPTIONAL_COUNTS = ("host_load_hits", "host_load_waits", "host_load_wait_s")
 #: Row keys this module fills (None where unknown: stock/base pools, no log line).
 POOL_KEYS = ("adapter_loads", "adapter_evictions", "pages_total", "adapter_pages_peak",
-             "adapters_resident_peak")
+             "adapters_resident_peak", *OPTIONAL_COUNTS)
 
 
 def logging_config(base: Mapping[str, Any], log_path: str) -> dict[str, Any]:
@@ -86,6 +89,8 @@ def pool_fields(before: Mapping[str, int] | None, during: Sequence[Mapping[str, 
     if before is None or after is None:
         return {**dict.fromkeys(POOL_KEYS), "pool_samples": len(during)}
     seen = [*during, after]
+    optional = {key: (round(after[key] - before[key], 6) if key in after and key in before
+                      else None) for key in OPTIONAL_COUNTS}
     return {
         "adapter_loads": after["adapter_loads"] - before["adapter_loads"],
         "adapter_evictions": after["adapter_evictions"] - before["adapter_evictions"],
@@ -94,6 +99,7 @@ def pool_fields(before: Mapping[str, int] | None, during: Sequence[Mapping[str, 
         "adapters_resident_peak": max(s["adapters_resident"] for s in seen),
         "pool_samples": len(during),
         "pool_preemptions": after["preemptions"] - before["preemptions"],
+        **optional,
     }
 
 

@@ -12,7 +12,8 @@ specs the command ran) and `rows`. A row is one (system, trace): `system` (base,
 `e2e_quantiles_s` (101 percentiles, for CDF plots), `settings`, `init_s`, what the runner
 knows of memory (`kv_cache_tokens`, `gpu_mem_used_peak_mib`) and counters (`preemptions`;
 for the plugin `adapter_loads`, `adapter_evictions`, `pages_total`, `adapter_pages_peak`,
-`adapters_resident_peak`; see `bench_pool`). Counters may be absent (older files) or None
+`adapters_resident_peak`, `host_load_hits`, `host_load_waits`, `host_load_wait_s`; see
+`bench_pool`). Counters may be absent (older files) or None
 (unknown); the table shows "-" for both.
 """
 
@@ -140,7 +141,7 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
     base = {r["_shape"]: r["output_tok_per_s"] for r in rows if r["system"] == "base"}
     head = ["trace", "system", "adapters", "done/req", "req/s", "out tok/s", "vs base",
             "TTFT p50/p99 s", "TPOT p50/p99 ms", "SLO TTFT", "preempt", "loads / evictions",
-            "adapter pages peak", "KV tokens", "init s", "settings"]
+            "adapter pages peak", "host-load waits (s)", "KV tokens", "init s", "settings"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         ref = base.get(r["_shape"])
@@ -157,6 +158,8 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             f"{_num(r.get('adapter_loads'), 0)} / {_num(r.get('adapter_evictions'), 0)}",
             "-" if r.get("adapter_pages_peak") is None
             else f"{_num(r['adapter_pages_peak'], 0)} of {_num(r.get('pages_total'), 0)}",
+            "-" if r.get("host_load_waits") is None
+            else f"{_num(r['host_load_waits'], 0)} ({_num(r.get('host_load_wait_s'), 1)})",
             _num(r.get("kv_cache_tokens"), 0), _num(r["init_s"], 1), _settings(r["settings"]),
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -29,9 +29,11 @@ the GPU), not the working set; torch's peak counters live in the engine-core pro
 not visible here.
 
 Counters (`bench_pool`). Every row has `preemptions` (vLLM's counter, over the trace); plugin
-rows have `adapter_loads`, `adapter_evictions`, `pages_total`, `adapter_pages_peak` and
-`adapters_resident_peak` from the page pool's log (None for stock and base, or when no pool line
-came).
+rows have `adapter_loads`, `adapter_evictions`, `pages_total`, `adapter_pages_peak`,
+`adapters_resident_peak`, and the worker's host loads by whether the step had to wait for the
+disk: `host_load_hits`, `host_load_waits`, `host_load_wait_s` (seconds the steps waited), from
+the page pool's log (None for stock and base, or when no pool line came; the host counts also
+when the worker runs in another process than the scheduler, TP > 1).
 
 Output: `<out_dir>/throughput-<system>-<UTC stamp>.json` (see `bench_report`), rewritten after
 every trace so a cut command keeps what it finished, `...-requests.jsonl.gz` with every
@@ -450,7 +452,8 @@ def run(opts: RunOptions) -> str:
         print(f"[bench] {opts.system} {trace.spec.label}: {row['req_per_s']:.2f} req/s, "
               f"{row['output_tok_per_s']:.1f} out tok/s, TTFT p50 {row['ttft_p50_s']} s, "
               f"preemptions {row['preemptions']}, adapter loads {row['adapter_loads']}, "
-              f"evictions {row['adapter_evictions']}"
+              f"evictions {row['adapter_evictions']}, host-load waits {row['host_load_waits']} "
+              f"({row['host_load_wait_s']} s)"
               + (" (cut by the deadline)" if cut else ""), flush=True)
         if opts.system == "stock":
             for lora_id in list(llm.llm_engine.list_loras()):

@@ -48,11 +48,14 @@ class _Entry:
 class Lease:
     """A raw adapter pinned in the host cache until `release()` (or the end of `with`)."""
 
-    def __init__(self, cache: "HostCache", entry: _Entry) -> None:
+    def __init__(self, cache: "HostCache", entry: _Entry, waited_s: float = 0.0) -> None:
         self._cache, self._entry = cache, entry
         self.spec: AdapterSpec = entry.spec
         #: The adapter's raw form (buffer pinned when CUDA is there, and its layout).
         self.raw: RawAdapter = entry.raw
+        #: Seconds `get()` blocked for a load to finish; 0.0 when the copy was already cached.
+        #: (The worker's step blocks this long: it is what admission by readiness avoids.)
+        self.waited_s = waited_s
         self._released = False
 
     def release(self) -> None:
@@ -110,6 +113,10 @@ class HostCache:
         self._entries: OrderedDict[Key, _Entry] = OrderedDict()  # LRU first
         self._loading: dict[Key, Future] = {}
         self._failed: dict[Key, AdapterError] = {}
+        # By path, for the scheduler's readiness checks (no file-system access, no content id):
+        self._latest: dict[str, Key] = {}  # path -> key of its newest cached entry
+        self._loading_paths: dict[str, int] = {}  # path -> loads in flight
+        self._failed_paths: dict[str, Key] = {}  # path -> its remembered failure (one at most)
         self._closed = False
         self._counters = dict(hits=0, misses=0, joins=0, prefetches=0, evictions=0, load_errors=0,
                               loads=0, bytes_loaded=0, load_seconds_total=0.0, load_seconds_max=0.0)
@@ -118,7 +125,9 @@ class HostCache:
     def get(self, spec: AdapterSpec) -> Lease:
         """The raw adapter, loading it (once, however many callers) if it is not cached."""
         key = (spec.path, spec.content_id)
-        waited = False  # a call counts once: as a hit, a miss (it started the load) or a join
+        # A call counts once: as a hit, a miss (it started the load) or a join. It waited from
+        # its first look if that found no entry (None: it has not waited).
+        since: float | None = None
         while True:
             with self._cv:
                 self._check_open()
@@ -128,15 +137,16 @@ class HostCache:
                 if entry is not None:
                     entry.refs += 1
                     self._entries.move_to_end(key)
-                    self._counters["hits"] += 0 if waited else 1
-                    return Lease(self, entry)
+                    self._counters["hits"] += 0 if since is not None else 1
+                    return Lease(self, entry, 0.0 if since is None else time.perf_counter() - since)
                 future = self._loading.get(key)
                 if future is None:
                     future = self._start(spec, key)
-                    self._counters["misses"] += 0 if waited else 1
-                elif not waited:
+                    self._counters["misses"] += 0 if since is not None else 1
+                elif since is None:
                     self._counters["joins"] += 1
-                waited = True
+                if since is None:
+                    since = time.perf_counter()
             future.result()  # raises the load's error; on success, loop to lease the entry
 
     def prefetch(self, spec: AdapterSpec) -> None:
@@ -148,6 +158,25 @@ class HostCache:
                 return
             self._start(spec, key)
             self._counters["prefetches"] += 1
+
+    def path_ready(self, path: str) -> bool:
+        """Whether `get()` for the newest content of `path` seen here would return without
+        waiting for the disk: its copy is cached (it then becomes the most recently used entry,
+        so the loads started after this check evict it last) or its load failed (get raises at
+        once). No file-system access; a file changed since its load is not noticed here (get
+        then loads the new content, and waits)."""
+        with self._cv:
+            key = self._latest.get(path)
+            if key is not None:
+                self._entries.move_to_end(key)
+                return True
+            return path in self._failed_paths
+
+    def path_busy(self, path: str) -> bool:
+        """Whether `path` is cached, loading, or known bad (a prefetch would do nothing)."""
+        with self._cv:
+            return (path in self._latest or path in self._loading_paths
+                    or path in self._failed_paths)
 
     def failed(self, spec: AdapterSpec) -> AdapterError | None:
         with self._cv:
@@ -178,7 +207,17 @@ class HostCache:
     def _start(self, spec: AdapterSpec, key: Key) -> Future:
         future = self._pool.submit(self._load, spec, key)
         self._loading[key] = future
+        self._loading_paths[key[0]] = self._loading_paths.get(key[0], 0) + 1
         return future
+
+    def _done_loading(self, key: Key) -> None:
+        if self._loading.pop(key, None) is None:
+            return
+        left = self._loading_paths[key[0]] - 1
+        if left:
+            self._loading_paths[key[0]] = left
+        else:
+            del self._loading_paths[key[0]]
 
     def _release(self, entry: _Entry) -> None:
         with self._cv:
@@ -205,10 +244,11 @@ class HostCache:
                 raise
         except BaseException as e:
             with self._cv:
-                self._loading.pop(key, None)
+                self._done_loading(key)
                 if isinstance(e, AdapterError) and not isinstance(e, HostCacheFullError):
                     self._forget_path(spec.path)
                     self._failed[key] = e
+                    self._failed_paths[spec.path] = key
                     self._counters["load_errors"] += 1
                 self._cv.notify_all()
             raise
@@ -216,7 +256,8 @@ class HostCache:
         with self._cv:
             self._forget_path(spec.path)  # older contents of the same directory are stale
             self._entries[key] = _Entry(key, spec, offset, raw)
-            self._loading.pop(key, None)
+            self._latest[spec.path] = key
+            self._done_loading(key)
             c = self._counters
             c["loads"] += 1
             c["bytes_loaded"] += nbytes
@@ -246,6 +287,8 @@ class HostCache:
 
     def _evict(self, entry: _Entry) -> None:
         del self._entries[entry.key]
+        if self._latest.get(entry.key[0]) == entry.key:
+            del self._latest[entry.key[0]]
         self.arena.free(entry.offset)
         self._counters["evictions"] += 1
 
@@ -253,5 +296,6 @@ class HostCache:
         """Drop unleased entries and remembered errors of an older content of `path`."""
         for key in [k for k in self._failed if k[0] == path]:
             del self._failed[key]
+        self._failed_paths.pop(path, None)
         for entry in [e for e in self._entries.values() if e.key[0] == path and e.refs == 0]:
             self._evict(entry)

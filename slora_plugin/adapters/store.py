@@ -4,7 +4,10 @@ Who uses what:
   - the scheduler: `spec(name).num_pages` (config only, cheap, cached);
   - the worker: `get(name)` -> a `Lease` whose `.raw` (a `RawAdapter`: pinned buffer + layout,
     see raw_format.py) it copies to the GPU, which writes the adapter's KV blocks from it; it
-    releases the lease once the copy is done; `prefetch(names)` for queued requests.
+    releases the lease once the copy is done; `prefetch(names)` for queued requests;
+  - the scheduler, when it shares the worker's process (`pool/worker_link.py`): `ready(name)`
+    and `start(name)`, the readiness oracle of admission (`pool/admission.py`), cheap enough for
+    every waiting request of every step.
 A name is directory-relative (`org/name`), else a Hugging Face Hub id found in the local HF
 cache; an absolute path to an adapter directory (what `LoRARequest.lora_path` carries) is
 accepted too. Errors are `AdapterError`s, remembered until the files change.
@@ -45,6 +48,8 @@ class AdapterStore:
         self.index = self.sources.index
         self.cache = HostCache(dims, dtype, host_cache_bytes, loader_threads, wait_timeout_s)
         self._specs: dict[str, tuple[tuple, AdapterSpec | AdapterError]] = {}
+        self._located: dict[str, str] = {}  # name or path asked for -> real directory path
+        self._unloadable: set[str] = set()  # names whose spec failed in start()
         self._lock = threading.Lock()
 
     # ---- names --------------------------------------------------------------------------------
@@ -77,6 +82,9 @@ class AdapterStore:
         result = cached[1]
         if isinstance(result, AdapterError):
             raise type(result)(result.adapter, result.file, result.reason)
+        with self._lock:
+            self._located[name_or_path] = path
+            self._unloadable.discard(name_or_path)
         return result
 
     # ---- raw adapters -------------------------------------------------------------------------
@@ -93,6 +101,32 @@ class AdapterStore:
                 self.cache.prefetch(self.spec(name))
             except AdapterError:
                 continue
+
+    # ---- readiness (pool.admission.HostReadiness) ---------------------------------------------
+    def ready(self, name_or_path: str) -> bool:
+        """Whether `get(name_or_path)` would return (or raise) without waiting for the disk.
+        No file-system access: the name is mapped to its directory as the last `spec()` found
+        it; a name never specified here is not ready (`start` specifies it)."""
+        with self._lock:
+            if name_or_path in self._unloadable:
+                return True  # get raises at once; the scheduler fails the request
+            path = self._located.get(name_or_path)
+        return path is not None and self.cache.path_ready(path)
+
+    def start(self, name_or_path: str) -> None:
+        """Start the host load of `name_or_path` now, unless it is cached, loading or known
+        bad. Cheap when it is (no file-system access), so it may be called every step."""
+        with self._lock:
+            path = self._located.get(name_or_path)
+        if path is not None and self.cache.path_busy(path):
+            return
+        try:
+            spec = self.spec(name_or_path)
+        except AdapterError:
+            with self._lock:
+                self._unloadable.add(name_or_path)
+            return
+        self.cache.prefetch(spec)
 
     def stats(self) -> dict[str, float | int]:
         s = self.cache.stats()

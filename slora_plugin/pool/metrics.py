@@ -58,6 +58,16 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "adapter_evictions": ("slora:adapter_evictions", "Adapters evicted from the page pool."),
     "preemptions": ("slora:preemptions", "Requests preempted by the scheduler."),
 }
+#: Counters that pool_stats() has only in some setups (the worker's host-load waits: only when
+#: the worker shares the scheduler's process); published when present.
+OPTIONAL_COUNTERS: dict[str, tuple[str, str]] = {
+    "host_load_hits": ("slora:host_load_hits",
+                       "Adapter loads whose host copy was already in pinned memory."),
+    "host_load_waits": ("slora:host_load_waits",
+                        "Adapter loads for which the engine step waited for the disk read."),
+    "host_load_wait_s": ("slora:host_load_wait_seconds",
+                         "Seconds engine steps waited for adapter host copies."),
+}
 LABELS = ("model_name", "engine")
 
 
@@ -73,7 +83,8 @@ def _families() -> tuple[dict[str, Gauge], dict[str, Counter]]:
     one process may hold several schedulers (they differ by label)."""
     gauges = {key: Gauge(name, doc, LABELS, multiprocess_mode="mostrecent")
               for key, (name, doc) in GAUGES.items()}
-    counters = {key: Counter(name, doc, LABELS) for key, (name, doc) in COUNTERS.items()}
+    counters = {key: Counter(name, doc, LABELS)
+                for key, (name, doc) in {**COUNTERS, **OPTIONAL_COUNTERS}.items()}
     return gauges, counters
 
 
@@ -86,8 +97,8 @@ class PoolMetrics:
         labels = (str(model_name), str(engine))
         self._gauges = {key: g.labels(*labels) for key, g in gauges.items()}
         self._counters = {key: c.labels(*labels) for key, c in counters.items()}
-        self._last: dict[str, int] = {}
-        self._counted = {key: 0 for key in COUNTERS}
+        self._last: dict[str, int | float] = {}
+        self._counted: dict[str, int | float] = {key: 0 for key in self._counters}
 
     @classmethod
     def for_config(cls, vllm_config: Any) -> "PoolMetrics":
@@ -96,15 +107,18 @@ class PoolMetrics:
         engine = getattr(parallel, "data_parallel_index", parallel.data_parallel_rank)
         return cls(vllm_config.model_config.served_model_name, engine)
 
-    def update(self, stats: Mapping[str, int]) -> None:
+    def update(self, stats: Mapping[str, int | float]) -> None:
         """Publish `stats` (the scheduler's pool_stats()). Counters take the growth of the
-        pool's cumulative counts since the last update; a count that went down is an error."""
+        pool's cumulative counts since the last update; a count that went down is an error.
+        Keys of OPTIONAL_COUNTERS may be absent (then not published)."""
         for key, child in self._gauges.items():
             value = stats[key]
             if self._last.get(key) != value:
                 child.set(value)
                 self._last[key] = value
         for key, child in self._counters.items():
+            if key in OPTIONAL_COUNTERS and key not in stats:
+                continue
             grown = stats[key] - self._counted[key]
             if grown < 0:
                 raise ValueError(f"slora metrics: {key} went down from {self._counted[key]} "

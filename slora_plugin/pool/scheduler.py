@@ -37,6 +37,7 @@ from slora_plugin.patches import scheduler as vllm_patch
 from slora_plugin.pool.commands import attach
 from slora_plugin.pool.metrics import PoolMetrics, describe_export
 from slora_plugin.pool.page_pool import AdapterNeed, PagePool, WaitForDrain
+from slora_plugin.pool.worker_link import WorkerLink, engine_key, lookup
 
 logger = init_logger("vllm.slora.pool")
 
@@ -264,15 +265,23 @@ class _SLoRAScheduling:
 
         return self.kv_cache_manager.pool.prefetch_hints(queued(), depth, scan_limit=8 * depth)
 
+    def _worker_link(self) -> WorkerLink | None:
+        """The worker of this engine, when it runs in this process (see worker_link)."""
+        return lookup(engine_key(self.vllm_config))
+
     # ----------------------------------------------------------- operators
-    def pool_stats(self) -> dict[str, int]:
-        """Where the KV blocks are (pages = blocks; bytes = device bytes over all layers)."""
+    def pool_stats(self) -> dict[str, int | float]:
+        """Where the KV blocks are (pages = blocks; bytes = device bytes over all layers), and
+        cumulative counts. With the worker in this process, also its adapter loads by whether
+        the step waited for the host copy: `host_load_hits`, `host_load_waits`,
+        `host_load_wait_s` (absent otherwise: the worker's process keeps them)."""
         mgr = self.kv_cache_manager
         pool = mgr.pool
         total = mgr.block_pool.num_gpu_blocks - 1
         free = mgr.block_pool.get_num_free_blocks()
         adapter_pages = pool.adapter_pages
-        return {
+        link = self._worker_link()
+        stats: dict[str, int | float] = {
             "pages_total": total,
             "pages_free": free,
             "pages_kv": total - free - adapter_pages,
@@ -284,6 +293,9 @@ class _SLoRAScheduling:
             "adapter_evictions": pool.evictions,
             "preemptions": self.num_preemptions,
         }
+        if link is not None:
+            stats.update(link.waits.snapshot())
+        return stats
 
     def adapter_residency(self) -> list[dict]:
         """One entry per resident adapter (name, path, pages, bytes, requests using it)."""

@@ -15,7 +15,10 @@ What it adds to `vllm.v1.worker.gpu_worker.Worker`:
     before the step runs. Loads copy each raw pinned adapter to the GPU and write its pages there
     (`page_loader.py`) on a copy stream that first waits for the compute stream (async scheduling
     may still run the previous step), and the compute stream waits for the loads before this
-    step's forward.
+    step's forward. A load whose host copy is not in pinned memory yet blocks the step until
+    the disk read is done: `host_waits` counts the loads that did and the seconds they waited;
+  - publishes its host store (readiness oracle) and `host_waits` for a scheduler in the same
+    process (`pool/worker_link.py`), which then admits only requests whose adapter is ready.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from slora_plugin.patches import kv_pool
 from slora_plugin.patches import lora_cudagraph as graphs_patch
 from slora_plugin.patches import lora_worker as worker_patch
 from slora_plugin.pool.commands import LoadAdapter, StepCommands, commands_of
+from slora_plugin.pool.worker_link import HostLoadWaits, WorkerLink, engine_key, publish
 from slora_plugin.raw_format import record_bytes_bound
 from slora_plugin.worker.lora_layers import layer_index
 from slora_plugin.worker.lora_manager import SLoRAModelManager, SLoRAWorkerLoRAManager
@@ -97,6 +101,9 @@ class SLoRAWorker(Worker):
         self._copy_stream: torch.cuda.Stream | None = None
         self._page_loader: PageLoader | None = None
         self._in_flight: list[_InFlight] = []
+        #: Adapter loads by whether the step waited for the host copy (see worker_link).
+        self.host_waits = HostLoadWaits()
+        self._link: WorkerLink | None = None  # kept here: the registry holds it weakly
 
     # -- model ------------------------------------------------------------------------------
     def init_device(self) -> None:
@@ -156,6 +163,8 @@ class SLoRAWorker(Worker):
                                           host_cache_bytes=c.host_cache_bytes,
                                           loader_threads=c.loader_threads,
                                           lora_target_modules=self.vllm_config.lora_config.target_modules)
+        self._link = WorkerLink(readiness=self.adapter_store, waits=self.host_waits)
+        publish(engine_key(self.vllm_config), self._link)
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(device=self.device)
         self._page_loader = PageLoader(self.device, record_bytes_bound(dims, c.max_lora_rank, dtype))
@@ -197,6 +206,7 @@ class SLoRAWorker(Worker):
     def _load(self, load: LoadAdapter, pools: list[torch.Tensor]) -> None:
         lease_stack = ExitStack()
         lease = lease_stack.enter_context(self.adapter_store.get(load.path))
+        self.host_waits.record(lease.waited_s)
         try:
             if lease.spec.num_pages != len(load.block_ids):
                 raise RuntimeError(

@@ -225,6 +225,7 @@ def test_op_without_pool_leaves_output_unchanged(vllm_cpu):
 class _Lease:
     def __init__(self, spec, raw, log):
         self.spec, self.raw, self.log = spec, raw, log
+        self.waited_s = 0.25  # as if the step had waited for the disk
 
     def __enter__(self):
         self.log.append("get")
@@ -266,6 +267,7 @@ def test_worker_applies_evict_load_prefetch(vllm_cpu, tiny_dims, monkeypatch):
     from types import SimpleNamespace
 
     from slora_plugin.pool.commands import LoadAdapter, StepCommands
+    from slora_plugin.pool.worker_link import HostLoadWaits
     from raw_pages import render_pages
     from slora_plugin.worker.page_loader import PageLoader
     from slora_plugin.worker.worker import SLoRAWorker
@@ -278,6 +280,7 @@ def test_worker_applies_evict_load_prefetch(vllm_cpu, tiny_dims, monkeypatch):
     w = object.__new__(SLoRAWorker)
     w.adapter_store, w.page_elems, w._copy_stream, w._in_flight = store, PAGE, None, []
     w._page_loader = PageLoader("cpu", 0)
+    w.host_waits = HostLoadWaits()
     w._layer_pools = [SimpleNamespace(kv_cache=p) for p in pools]
     w.model_config = SimpleNamespace(dtype=torch.float32)
     w.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(model_manager=mgr))
@@ -289,6 +292,8 @@ def test_worker_applies_evict_load_prefetch(vllm_cpu, tiny_dims, monkeypatch):
     for l, pool in enumerate(pools):
         assert torch.equal(pool[list(blocks)], pages[l])
     assert mgr.is_resident(5) and store.prefetched == ["/a/y"] and store.log == ["get"]
+    assert w.host_waits.snapshot() == {"host_load_hits": 0, "host_load_waits": 1,
+                                       "host_load_wait_s": 0.25}
     mgr.add_adapter(mgr.resident_model(5))
     mgr.activate_adapter(5)
     slot = mgr.lora_index_to_id.index(5)

@@ -1,0 +1,90 @@
+"""What a worker shares with the scheduler when both run in one process.
+
+With tensor parallelism 1, vLLM's engine core runs the scheduler and the only worker in one
+process (`UniProcExecutor`, the same `VllmConfig` object). The worker then publishes here, under
+the engine's `VllmConfig.instance_id`, two things the scheduler can use directly:
+
+- its host adapter store as a readiness oracle (`pool.admission.HostReadiness`): the scheduler
+  admits a request only when its adapter's host copy is ready, and starts the host loads itself,
+  at once, instead of sending prefetch hints the worker would apply a step later;
+- the worker's count of blocking host loads (`HostLoadWaits`): how often, and for how long, a
+  step waited for an adapter's disk read; the scheduler adds it to `pool_stats()`.
+
+With workers in other processes (multiprocessing executor) nothing is published in the
+scheduler's process: `lookup` returns None, admission does not wait for host copies (the
+worker blocks as before; prefetch hints still go out) and `pool_stats()` has no `host_load_*`
+keys. Nothing here crosses a process boundary, so nothing here can be stale or wrong across one.
+
+Entries are weak: the registry never keeps a worker's pinned host cache alive.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from slora_plugin.pool.admission import HostReadiness
+
+
+class HostLoadWaits:
+    """Cumulative counts of the worker's adapter loads by whether the step had to wait for the
+    host copy. Written by the engine thread, read by the scheduler (same or another thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hits = 0
+        self._waits = 0
+        self._wait_s = 0.0
+
+    def record(self, waited_s: float) -> None:
+        """One load; `waited_s` is how long getting its host copy blocked (0.0: it was ready)."""
+        if waited_s < 0:
+            raise ValueError(f"waited_s must be >= 0, got {waited_s}")
+        with self._lock:
+            if waited_s > 0:
+                self._waits += 1
+                self._wait_s += waited_s
+            else:
+                self._hits += 1
+
+    def snapshot(self) -> dict[str, int | float]:
+        """`host_load_hits` (copy was ready), `host_load_waits` (the step waited),
+        `host_load_wait_s` (seconds waited in all)."""
+        with self._lock:
+            return {"host_load_hits": self._hits, "host_load_waits": self._waits,
+                    "host_load_wait_s": round(self._wait_s, 6)}
+
+
+@dataclass(eq=False)
+class WorkerLink:
+    """What one worker publishes: its readiness oracle and its wait counts."""
+
+    readiness: HostReadiness
+    waits: HostLoadWaits
+
+
+_lock = threading.Lock()
+_links: "weakref.WeakValueDictionary[str, WorkerLink]" = weakref.WeakValueDictionary()
+
+
+def engine_key(vllm_config: Any) -> str:
+    """The key of one engine: its `VllmConfig.instance_id` (the scheduler and the worker of one
+    engine core hold the same config)."""
+    key = getattr(vllm_config, "instance_id", None)
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"VllmConfig.instance_id must be a non-empty string, got {key!r}")
+    return key
+
+
+def publish(key: str, link: WorkerLink) -> None:
+    """Publish `link` for the engine `key`; the caller keeps it alive (held weakly here)."""
+    with _lock:
+        _links[key] = link
+
+
+def lookup(key: str) -> WorkerLink | None:
+    """The link a worker of engine `key` published in this process, if any."""
+    with _lock:
+        return _links.get(key)
