@@ -13,8 +13,12 @@ from typing import Any, Callable
 SUBCOMMAND_MODULES = ("slora_plugin.adapters.cli", "slora_plugin.bench_cli")
 
 
-def doctor_report(additional_config: dict[str, Any] | None) -> tuple[list[tuple[str, str]], bool]:
-    """(rows of (check, result), healthy). Never raises: every failure becomes a row."""
+def doctor_report(additional_config: dict[str, Any] | None,
+                  model: str | None = None) -> tuple[list[tuple[str, str]], bool]:
+    """(rows of (check, result), healthy). Never raises: every failure becomes a row.
+
+    `model` (a model directory, its config.json, or a name `bench plan` knows) lets the report
+    show which modules get LoRA layers when they are derived from the adapters."""
     rows: list[tuple[str, str]] = []
     ok = True
     for pkg in ("vllm", "torch", "triton"):
@@ -55,13 +59,32 @@ def doctor_report(additional_config: dict[str, Any] | None) -> tuple[list[tuple[
             rows.append(("effective config", json.dumps(cfg.to_dict(), sort_keys=True)))
     except ValueError as e:
         rows.append(("plugin switch", f"INVALID: {e}"))
-        ok = False
+        return rows, False
+    if cfg:
+        try:
+            rows.append(("LoRA layers", _lora_layers(cfg, model)))
+        except ValueError as e:
+            rows.append(("LoRA layers", f"INVALID: {e}"))
+            ok = False
     return rows, ok
+
+
+def _lora_layers(cfg: Any, model: str | None) -> str:
+    """The modules the engine would wrap (raises ValueError on a bad setting or model)."""
+    from slora_plugin.adapters.targets import choose_target_modules
+    from slora_plugin.plan import ModelMemory, load_model_config
+
+    if model is None and cfg.target_modules is None and cfg.adapter_dir:
+        return (f"the modules the adapters in {cfg.adapter_dir} target, chosen at engine start "
+                f"(pass --model to see them now)")
+    dims = ModelMemory.from_config(load_model_config(model)).dims if model else None
+    choice = choose_target_modules(cfg, dims)
+    return f"{', '.join(choice.wrapped)} ({choice.reason})"
 
 
 def _doctor(args: argparse.Namespace) -> int:
     extra = json.loads(args.additional_config) if args.additional_config else None
-    rows, ok = doctor_report(extra)
+    rows, ok = doctor_report(extra, args.model)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -73,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     doctor = sub.add_parser("doctor", help="versions, GPU, registration, guard, effective config")
     doctor.add_argument("--additional-config", help="JSON as given to vLLM's --additional-config")
+    doctor.add_argument("--model", help="model directory or config.json: also show which modules "
+                                        "get LoRA layers when derived from the adapters")
     doctor.set_defaults(func=_doctor)
     for name in SUBCOMMAND_MODULES:
         add: Callable[[Any], None] = importlib.import_module(name).add_subparser

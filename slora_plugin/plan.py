@@ -32,6 +32,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from slora_plugin.adapters.targets import packed_modules
 from slora_plugin.layout import MODULES, ModelDims, plan_layout
 
 GIB = 2**30
@@ -246,6 +247,9 @@ class Plan:
     max_lora_rank: int
     stock_targets: dict[str, tuple[str, ...] | None]
     rows: tuple[PlanRow, ...]
+    #: vLLM modules the plugin gives LoRA layers with slora.target_modules unset (the ones the
+    #: adapters target; see slora_plugin.adapters.targets).
+    plugin_targets: tuple[str, ...]
 
 
 def make_plan(model_cfg: Mapping[str, Any], adapters: Sequence[Mapping[str, int]], *,
@@ -293,8 +297,9 @@ def make_plan(model_cfg: Mapping[str, Any], adapters: Sequence[Mapping[str, int]
             left = (kv_budget - slots) // block_bytes
             stock[label] = (slots, left * block_size if left > 0 else -1)
         rows.append(PlanRow(k, used * block_bytes, plugin_tokens, stock))
+    plugin_targets = packed_modules(m for a in adapters for m, r in a.items() if r)
     return Plan(model_name, mem, gpu_gib * GIB, utilization, overhead_gib * GIB, kv_budget,
-                block_size, num_blocks, pages, max_rank, targets, tuple(rows))
+                block_size, num_blocks, pages, max_rank, targets, tuple(rows), plugin_targets)
 
 
 def format_plan(plan: Plan) -> str:
@@ -320,6 +325,8 @@ def format_plan(plan: Plan) -> str:
         f"Stock: max_loras = K slots padded to max_lora_rank {plan.max_lora_rank}; lora_target_modules "
         + "; ".join(f"'{k}' {','.join(v) if v else 'unset (every layer + embed_tokens + lm_head)'}"
                     for k, v in plan.stock_targets.items()),
+        f"Plugin: LoRA layers on {','.join(plan.plugin_targets)} (the modules the adapters target, "
+        f"with slora.target_modules unset)",
         "",
     ]
     labels = list(plan.rows[0].stock) if plan.rows else []

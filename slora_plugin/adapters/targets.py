@@ -92,7 +92,10 @@ def survey_directory(adapter_dir: str, dims: ModelDims, max_rank: int) -> Target
     Each config is validated exactly as `AdapterStore.spec` validates it (broken ones are
     skipped: they fail their own requests later). Identical config files are validated once,
     and reading stops as soon as every module is targeted, so a directory of thousands of
-    adapters made from a few recipes costs little more than reading their configs.
+    adapters made from a few recipes costs little more than reading their configs. The names
+    come from `AdapterIndex.scan` (no directory symlinked outside the root); the store's
+    per-file symlink check is not repeated (3 realpath calls per adapter, most of the cost): an
+    adapter it would refuse can only widen the set, never narrow it.
     """
     index = AdapterIndex(adapter_dir)
     names = index.scan()
@@ -105,9 +108,9 @@ def survey_directory(adapter_dir: str, dims: ModelDims, max_rank: int) -> Target
             break
         read += 1
         try:
-            with open(os.path.join(index.locate(name), CONFIG_NAME), "rb") as f:
+            with open(os.path.join(index.root, name, CONFIG_NAME), "rb") as f:
                 text = f.read()
-        except (AdapterError, OSError):
+        except OSError:
             skipped.append(name)
             continue
         if text not in by_text:
@@ -137,11 +140,12 @@ class TargetChoice:
     reason: str
 
 
-def choose_target_modules(cfg: SLoRAConfig, dims: ModelDims,
+def choose_target_modules(cfg: SLoRAConfig, dims: ModelDims | None,
                           vllm_target_modules: Sequence[str] | None = None) -> TargetChoice:
     """`slora.target_modules` if set, else vLLM's own `--lora-target-modules` if set, else the
     modules the adapters of `slora.adapter_dir` target, else (no directory, or no valid adapter
-    in it yet) every module."""
+    in it yet) every module. `dims` is needed only for the adapters (a regex or
+    `layers_to_transform` selects layers by index)."""
     for given, key in ((cfg.target_modules, "slora.target_modules"),
                        (vllm_target_modules, "vLLM's lora_target_modules")):
         if given is None:
@@ -149,12 +153,15 @@ def choose_target_modules(cfg: SLoRAConfig, dims: ModelDims,
         unknown = [t for t in given if t not in PACKED_MODULES and t not in PACKED_OF]
         if unknown:
             raise SLoRAConfigError(
-                f"{key}: {unknown} not a module the plugin can give LoRA layers; use vLLM "
+                f"{key}: {unknown} names no module the plugin can give LoRA layers; use vLLM "
                 f"names {list(ALL_PACKED)} (or the PEFT names {list(MODULES)})")
         return TargetChoice(tuple(given), wrapped_modules(given), f"set by {key}")
     if not cfg.adapter_dir:
         return TargetChoice(None, ALL_PACKED, "slora.target_modules unset and no "
                                               "slora.adapter_dir: every module")
+    if dims is None:
+        raise ValueError("choose_target_modules: the model's dims are needed to read the adapters "
+                         f"of {cfg.adapter_dir}")
     survey = survey_directory(cfg.adapter_dir, dims, cfg.max_lora_rank)
     bad = f", {len(survey.skipped)} skipped (broken config)" if survey.skipped else ""
     if not survey.modules:

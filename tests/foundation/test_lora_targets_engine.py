@@ -73,3 +73,19 @@ def test_default_all_modules_without_adapters(tiny_model_dir, tmp_path, cpu_plat
     assert vc.lora_config.target_modules is None
     _, vc = _config(tiny_model_dir, {})
     assert vc.lora_config.target_modules is None
+
+
+def test_doctor_and_plan_show_the_modules(tmp_path, tiny_model_dir, adapter_dir):
+    from slora_plugin.cli import doctor_report
+    from slora_plugin.plan import format_plan, make_plan
+    from tiny_model import TINY_LLAMA
+
+    slora = {"slora": {"adapter_dir": str(adapter_dir)}}
+    rows = dict(doctor_report(slora, tiny_model_dir)[0])
+    assert rows["LoRA layers"].startswith("qkv_proj, o_proj (slora.target_modules unset")
+    assert "pass --model" in dict(doctor_report(slora)[0])["LoRA layers"]
+    rows, ok = doctor_report({"slora": {"target_modules": ["o_proj", "lm_head"]}})
+    assert not ok and "['lm_head'] names no module" in dict(rows)["LoRA layers"]
+    plan = make_plan(TINY_LLAMA, [{"q_proj": 8}, {"down_proj": 8}], kv_gib=1)
+    assert plan.plugin_targets == ("qkv_proj", "down_proj")
+    assert "Plugin: LoRA layers on qkv_proj,down_proj" in format_plan(plan)
