@@ -69,7 +69,9 @@ class SLoRAConfig:
     loader_threads: int = 4
     #: Queued requests whose adapters are prefetched into host memory ahead of admission.
     prefetch_depth: int = 64
-    #: vLLM modules that get paged LoRA. None: every linear module an adapter may target.
+    #: vLLM modules that get paged LoRA (qkv_proj, o_proj, gate_up_proj, down_proj; PEFT names
+    #: select their fused module). None: the modules the adapters in adapter_dir target at engine
+    #: start (every module without adapters); see slora_plugin/adapters/targets.py.
     target_modules: tuple[str, ...] | None = None
     #: Skip the exact-version check (the name/signature guard still runs). For porting only.
     allow_untested_vllm: bool = False
