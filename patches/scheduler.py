@@ -16,7 +16,14 @@ What the plugin changes (the subclasses themselves are in `slora_plugin.pool.sch
 - `kv_cache_utils._gen_lora_extra_hash_keys` (looked up as a module global at call time by the
   request block hasher and by BlockPool) keys KV blocks by the adapter's *content* instead of
   its name, so an adapter re-registered under the same name with new weights never reuses KV
-  computed with the old weights (the vllm#42125 class of bug).
+  computed with the old weights (the vllm#42125 class of bug);
+- admission by host readiness hides waiting requests from one `Scheduler.schedule` call: they
+  are taken out of `waiting` / `skipped_waiting` before it and put back after it. That is the
+  only way to skip a request without stopping the loop: the waiting loop *breaks* when
+  `allocate_slots` returns None (everything behind waits too), and only its own checks
+  (`max_loras`, blocked statuses, the connector) `continue` past a request, moving it to
+  `skipped_waiting`. Held requests go where those skips go (front of `skipped_waiting`); the
+  unchecked rest keeps its places.
 
 Written against vLLM 0.26.0.
 """
@@ -24,6 +31,8 @@ Written against vLLM 0.26.0.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import heapq
 import uuid
 import weakref
 from typing import Any, Callable, Iterator, Sequence
@@ -60,11 +69,15 @@ REQUIRES = (
     Requires("vllm.v1.request:RequestStatus.FINISHED_ERROR"),
     Requires("vllm.v1.engine:EngineCoreOutput", ("request_id", "new_token_ids", "finish_reason",
                                                  "stop_reason")),
+    Requires("vllm.v1.core.sched.request_queue:SchedulingPolicy.FCFS"),
+    Requires("vllm.v1.core.sched.request_queue:RequestQueue.add_request", ("request",)),
+    Requires("vllm.v1.core.sched.request_queue:RequestQueue.prepend_request", ("request",)),
+    Requires("vllm.v1.core.sched.request_queue:RequestQueue.remove_requests", ("requests",)),
 )
 
 #: Instance attributes (set in vLLM's __init__, so invisible to REQUIRES) the subclasses read.
 SCHEDULER_ATTRIBUTES = ("kv_cache_manager", "kv_cache_config", "vllm_config", "requests",
-                        "waiting", "skipped_waiting", "running")
+                        "waiting", "skipped_waiting", "running", "policy", "max_num_running_reqs")
 MANAGER_ATTRIBUTES = ("block_pool",)
 BLOCK_POOL_ATTRIBUTES = ("blocks", "num_gpu_blocks", "null_block")
 
@@ -131,6 +144,55 @@ def holding_back(block_pool: Any, n: int) -> Iterator[None]:
         yield
     finally:
         del block_pool.get_num_free_blocks
+
+
+# ------------------------------------------------------------- waiting requests
+
+def waiting_in_order(scheduler: Any) -> list[Any]:
+    """The waiting requests in the order `schedule`'s waiting loop considers them
+    (`_select_waiting_queue_for_scheduling`): FCFS takes `skipped_waiting` first, then
+    `waiting`; priority scheduling takes the smaller head of the two (Request orders itself)."""
+    from vllm.v1.core.sched.request_queue import SchedulingPolicy
+
+    if scheduler.policy == SchedulingPolicy.FCFS:
+        return [*scheduler.skipped_waiting, *scheduler.waiting]
+    return list(heapq.merge(scheduler.skipped_waiting, scheduler.waiting))
+
+
+@dataclasses.dataclass
+class Hidden:
+    """Requests taken out of the waiting queues for one `schedule` call."""
+
+    held: list[Any]  # back to the front of skipped_waiting, in this order
+    later_skipped: list[Any]  # back to the end of skipped_waiting, in this order
+    later_waiting: list[Any]  # back to the end of waiting, in this order
+
+
+def hide(scheduler: Any, held: Sequence[Any], later: Sequence[Any]) -> Hidden:
+    """Take `held` and `later` out of the waiting queues. `later` must be a tail of the
+    consideration order (what follows it in either queue must be in it too), so that putting
+    it back at the queues' ends restores their order."""
+    hidden = Hidden(list(held), [], [])
+    if not held and not later:
+        return hidden
+    in_skipped = {id(r) for r in scheduler.skipped_waiting}
+    for r in later:
+        (hidden.later_skipped if id(r) in in_skipped else hidden.later_waiting).append(r)
+    gone = {*held, *later}
+    if in_skipped:
+        scheduler.skipped_waiting.remove_requests(gone)
+    scheduler.waiting.remove_requests(gone)
+    return hidden
+
+
+def unhide(scheduler: Any, hidden: Hidden) -> None:
+    """Put hidden requests back after `schedule` (see `Hidden`)."""
+    for r in hidden.later_skipped:
+        scheduler.skipped_waiting.add_request(r)
+    for r in hidden.later_waiting:
+        scheduler.waiting.add_request(r)
+    for r in reversed(hidden.held):
+        scheduler.skipped_waiting.prepend_request(r)
 
 
 # ------------------------------------------------------------- prefix-cache hash keys

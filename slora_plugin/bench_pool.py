@@ -31,9 +31,11 @@ POOL_LOGGER = "vllm.slora.pool"
 #: Prefix of the scheduler's line: `logger.info("slora page pool: %s", self.pool_stats())`.
 POOL_MESSAGE = "slora page pool: "
 PREEMPTION_METRIC = "vllm:num_preemptions"
-#: Cumulative counts in the pool line only in some setups (the worker's blocking host loads:
-#: when it shares the scheduler's process, as with TP=1); a row gets their growth over its trace.
-OPTIONAL_COUNTS = ("host_load_hits", "host_load_waits", "host_load_wait_s")
+#: Cumulative counts the pool line may lack (the worker's blocking host loads: only when it
+#: shares the scheduler's process, as with TP=1; the admission counts: older plugin versions);
+#: a row gets their growth over its trace, or None.
+OPTIONAL_COUNTS = ("host_load_hits", "host_load_waits", "host_load_wait_s", "admission_holds",
+                   "admission_forced")
 #: Row keys this module fills (None where unknown: stock/base pools, no log line).
 POOL_KEYS = ("adapter_loads", "adapter_evictions", "pages_total", "adapter_pages_peak",
              "adapters_resident_peak", *OPTIONAL_COUNTS)

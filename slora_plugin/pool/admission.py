@@ -12,7 +12,10 @@ requests in the order vLLM considers them and applies the result.
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Callable, Generic, Iterable, Protocol, TypeVar
+
+R = TypeVar("R")
 
 
 class HostReadiness(Protocol):
@@ -26,3 +29,70 @@ class HostReadiness(Protocol):
 
     def start(self, path: str) -> None:
         """Start reading the adapter into pinned memory now (no-op when ready or loading)."""
+
+
+@dataclass
+class AdmissionPlan(Generic[R]):
+    """What vLLM's waiting loop may see this step (the glue hides the rest, then puts it back).
+
+    `held`: checked and not ready; not admitted this step (vLLM's skip: to the front of the
+    skipped queue). `later`: not checked this step (beyond the scan); they keep their places.
+    `forced`: not ready, admitted anyway because nothing runs and nothing else could start.
+    `started`: adapters whose host loads this step asked for (started or already under way).
+    """
+
+    held: list[R] = field(default_factory=list)
+    later: list[R] = field(default_factory=list)
+    forced: R | None = None
+    started: int = 0
+
+
+def plan_admission(waiting: Iterable[R], adapter_of: Callable[[R], tuple[int, str] | None],
+                   resident: Callable[[int], bool], readiness: HostReadiness, *, slots: int,
+                   start_limit: int, scan_limit: int, idle: bool) -> AdmissionPlan[R]:
+    """Split the waiting requests (`waiting`, in the order vLLM considers them) for one step.
+
+    A request is admissible if it has no adapter, or its adapter (`adapter_of`: lora id, path)
+    is resident in the page pool or ready on the host. The host loads of the first
+    `start_limit` distinct adapters that are not resident start now (a no-op for those ready or
+    loading): the same horizon the old prefetch hints had, so the host cache holds at most that
+    many adapters ahead of admission instead of thrashing over the whole queue. The scan stops
+    after `scan_limit` requests, or once `slots` admissible requests (vLLM cannot start more
+    this step) and the start horizon are both covered; what it did not check is `later`.
+
+    Starvation: if `idle` (nothing runs) and no checked request is admissible, the first held
+    one is `forced` (admitted; the worker waits for its copy, as without this gate). Otherwise
+    running requests finish, or the started loads complete, so held requests are admitted later.
+    """
+    plan: AdmissionPlan[R] = AdmissionPlan()
+    admissible = 0
+    verdict: dict[int, bool] = {}  # lora id -> admissible this step
+    pending: set[int] = set()  # distinct non-resident adapters seen, in scan order
+    it = iter(waiting)
+    for scanned, request in enumerate(it):
+        if scanned >= scan_limit or (admissible >= slots and len(pending) >= start_limit):
+            plan.later.append(request)
+            plan.later.extend(it)
+            break
+        adapter = adapter_of(request)
+        if adapter is None:
+            admissible += 1
+            continue
+        lora_id, path = adapter
+        ok = verdict.get(lora_id)
+        if ok is None:
+            ok = resident(lora_id)
+            if not ok:
+                ok = readiness.ready(path)
+                if not ok and len(pending) < start_limit:
+                    readiness.start(path)
+                    plan.started += 1
+                pending.add(lora_id)
+            verdict[lora_id] = ok
+        if ok:
+            admissible += 1
+        else:
+            plan.held.append(request)
+    if idle and admissible == 0 and plan.held:
+        plan.forced = plan.held.pop(0)
+    return plan

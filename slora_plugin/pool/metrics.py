@@ -57,6 +57,12 @@ COUNTERS: dict[str, tuple[str, str]] = {
     "adapter_loads": ("slora:adapter_loads", "Adapters loaded into the page pool."),
     "adapter_evictions": ("slora:adapter_evictions", "Adapters evicted from the page pool."),
     "preemptions": ("slora:preemptions", "Requests preempted by the scheduler."),
+    "admission_holds": ("slora:admission_holds",
+                        "Request-steps a waiting request was held back because its adapter "
+                        "was neither resident nor in pinned host memory yet."),
+    "admission_forced": ("slora:admission_forced",
+                         "Requests admitted before their adapter's host copy was ready, because "
+                         "nothing else could run."),
 }
 #: Counters that pool_stats() has only in some setups (the worker's host-load waits: only when
 #: the worker shares the scheduler's process); published when present.

@@ -11,7 +11,15 @@ The residency logic itself is `page_pool.PagePool`; this module connects it to v
   request through `PagePool.grow`, and drops the request's adapter reference when vLLM frees it;
 - the scheduler checks each new request's adapter at arrival, finishes requests whose adapter is
   unusable with `FINISHED_ERROR` (reason in `stop_reason` and in the log) without touching the
-  others, attaches the workers' `StepCommands` to every `SchedulerOutput`, and keeps counters.
+  others, attaches the workers' `StepCommands` to every `SchedulerOutput`, and keeps counters;
+- admission by host readiness (`admission.py`): with a readiness oracle (the worker's host
+  store when it shares this process, see `worker_link.py`, or `host_readiness=` for tests), a
+  waiting request whose adapter is neither resident nor ready in pinned host memory is hidden
+  from vLLM's waiting loop for the step (the requests behind it are still considered), and its
+  host load starts at once; if nothing runs and nothing else is admissible, the first one is
+  admitted anyway. Without an oracle (workers in other processes, or `prefetch_depth` 0) every
+  request is admitted as it comes and the worker waits for host copies; queued adapters are then
+  prefetched by hints in the StepCommands.
 
 vLLM's own `max_loras` check (scheduler.py, waiting loop: a request whose lora id is new while
 `max_loras` distinct ids are already scheduled this step is moved to `skipped_waiting`) stays in
@@ -34,6 +42,7 @@ from vllm.v1.request import Request, RequestStatus
 
 from slora_plugin.config import engine_settings
 from slora_plugin.patches import scheduler as vllm_patch
+from slora_plugin.pool.admission import HostReadiness, plan_admission
 from slora_plugin.pool.commands import attach
 from slora_plugin.pool.metrics import PoolMetrics, describe_export
 from slora_plugin.pool.page_pool import AdapterNeed, PagePool, WaitForDrain
@@ -179,7 +188,8 @@ class _SLoRAScheduling:
 
     kv_cache_manager: SLoRAKVCacheManager
 
-    def __init__(self, *args: Any, pages_of: PagesOf | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, pages_of: PagesOf | None = None,
+                 host_readiness: HostReadiness | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         vllm_patch.check_instance(self)
         self.slora_config = engine_settings(self.vllm_config)
@@ -197,6 +207,11 @@ class _SLoRAScheduling:
         vllm_patch.apply()
         vllm_patch.set_content_key_resolver(mgr, "content_key")
         self.num_preemptions = 0
+        self._host_readiness = host_readiness
+        #: request-steps a waiting request was hidden for want of its adapter's host copy, and
+        #: requests admitted without it because nothing else could run (see admission.py)
+        self.admission_holds = 0
+        self.admission_forced = 0
         self._failed: list[tuple[Request, str]] = []
         self._last_stats_log = time.monotonic()
         self.pool_metrics = PoolMetrics.for_config(self.vllm_config) if self.log_stats else None
@@ -215,9 +230,49 @@ class _SLoRAScheduling:
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         self._fail_unusable()
-        output = super().schedule(*args, **kwargs)  # type: ignore[misc]
-        attach(output, self.kv_cache_manager.pool.take_commands(self._prefetch_hints()))
+        readiness = self._readiness()
+        hidden = self._hide_unready(readiness) if readiness is not None else None
+        try:
+            output = super().schedule(*args, **kwargs)  # type: ignore[misc]
+        finally:
+            if hidden is not None:
+                vllm_patch.unhide(self, hidden)
+        # With an oracle the host loads of queued adapters were started above, at once.
+        hints = self._prefetch_hints() if readiness is None else ()
+        attach(output, self.kv_cache_manager.pool.take_commands(hints))
         return output
+
+    def _readiness(self) -> HostReadiness | None:
+        if self.slora_config.prefetch_depth == 0:
+            return None  # no host loads ahead of admission: nothing to wait for
+        if self._host_readiness is not None:
+            return self._host_readiness
+        link = self._worker_link()
+        return link.readiness if link is not None else None
+
+    def _hide_unready(self, readiness: HostReadiness) -> vllm_patch.Hidden | None:
+        """Take the waiting requests whose adapters are not ready (and those not checked) out
+        of vLLM's queues for this step; see admission.plan_admission."""
+        waiting = vllm_patch.waiting_in_order(self)
+        if not waiting:
+            return None
+        pool = self.kv_cache_manager.pool
+        depth = self.slora_config.prefetch_depth
+
+        def adapter_of(request: Request) -> tuple[int, str] | None:
+            lr = request.lora_request
+            return None if lr is None else (lr.lora_int_id, lr.lora_path or lr.lora_name)
+
+        plan = plan_admission(
+            waiting, adapter_of, lambda lora_id: pool.resident(lora_id) is not None, readiness,
+            slots=self.max_num_running_reqs - len(self.running), start_limit=depth,
+            scan_limit=2 * self.max_num_running_reqs + 8 * depth, idle=not self.running)
+        self.admission_holds += len(plan.held)
+        if plan.forced is not None:
+            self.admission_forced += 1
+            logger.debug("request %s admitted before its adapter's host copy is ready: "
+                         "nothing else can run", plan.forced.request_id)
+        return vllm_patch.hide(self, plan.held, plan.later)
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> dict:
         outputs = super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]
@@ -292,6 +347,8 @@ class _SLoRAScheduling:
             "adapter_loads": pool.loads,
             "adapter_evictions": pool.evictions,
             "preemptions": self.num_preemptions,
+            "admission_holds": self.admission_holds,
+            "admission_forced": self.admission_forced,
         }
         if link is not None:
             stats.update(link.waits.snapshot())

@@ -6,6 +6,11 @@ reference count is exactly its holders, adapters are referenced exactly by their
 requests, and the workers' view (built only from the StepCommands) equals the pool's residency.
 Preemptions happen only when no idle adapter is resident. After all requests end, the free blocks
 plus the resident adapters' pages are the whole pool (minus the null block).
+
+Admission by host readiness is on (a fake host store whose loads finish after a few looks and
+whose copies the machine can drop): a request is admitted only with its adapter resident or
+ready on the host, except the one the starvation guard admits when nothing runs; every request
+still finishes.
 """
 
 from __future__ import annotations
@@ -27,14 +32,35 @@ from vllm_cpu import build_vllm_config, create_scheduler, engine_loop, lora, mak
 NUM_BLOCKS = 40
 NUM_ADAPTERS = 10
 BROKEN = 99  # lora id whose pages_of raises
-STEPS = {"total": 0, "preemptions": 0, "adapter_evictions": 0}
+STEPS = {"total": 0, "preemptions": 0, "adapter_evictions": 0, "admission_holds": 0}
+
+
+class SlowHost:
+    """Readiness oracle: a started load is ready after it has been looked at `delay` times."""
+
+    def __init__(self, delay: int) -> None:
+        self.delay = delay
+        self.ready_paths: set[str] = set()
+        self.loading: dict[str, int] = {}
+
+    def ready(self, path: str) -> bool:
+        if path in self.loading:
+            self.loading[path] -= 1
+            if self.loading[path] <= 0:
+                del self.loading[path]
+                self.ready_paths.add(path)
+        return path in self.ready_paths
+
+    def start(self, path: str) -> None:
+        if path not in self.ready_paths:
+            self.loading.setdefault(path, self.delay)
 
 
 def make_machine(vllm_config, async_scheduling: bool):
     class PoolMachine(RuleBasedStateMachine):
         @initialize(pages=st.lists(st.integers(0, 6), min_size=NUM_ADAPTERS,
-                                   max_size=NUM_ADAPTERS))
-        def setup(self, pages):
+                                   max_size=NUM_ADAPTERS), delay=st.integers(1, 4))
+        def setup(self, pages, delay):
             self.pages = dict(enumerate(pages, start=1))
             self.versions = {i: 0 for i in self.pages}
 
@@ -43,10 +69,11 @@ def make_machine(vllm_config, async_scheduling: bool):
                     raise AdapterError(lr.lora_name, "adapter_config.json", "r must be positive")
                 return self.pages[lr.lora_int_id], f"v{self.versions[lr.lora_int_id]}"
 
+            self.host = SlowHost(delay)
             self.sched = create_scheduler(
                 vllm_config=vllm_config, num_blocks=NUM_BLOCKS,
                 scheduler_cls=scheduler_class(async_scheduling),
-                scheduler_kwargs={"pages_of": pages_of})
+                scheduler_kwargs={"pages_of": pages_of, "host_readiness": self.host})
             self.mgr = self.sched.kv_cache_manager
             self.loop = engine_loop(self.sched)
             self.worker: dict[int, tuple[int, ...]] = {}
@@ -83,11 +110,27 @@ def make_machine(vllm_config, async_scheduling: bool):
         @rule(n=st.integers(1, 24))
         def steps(self, n):
             for _ in range(n):
+                resident = set(self.mgr.pool.held_blocks())
+                forced = self.sched.admission_forced
                 out = self.loop.step()
                 if out is not None:
                     self.apply_commands(out)
                     self.check_scheduled(out)
+                    # copies only become ready during a step (when looked at), never go away
+                    self.check_admitted_ready(out, resident, set(self.host.ready_paths),
+                                              self.sched.admission_forced - forced)
                 STEPS["total"] += 1
+
+        @rule(adapter=st.integers(1, NUM_ADAPTERS))
+        def drop_host_copy(self, adapter):
+            """The host cache evicts the adapter's pinned copy."""
+            self.host.ready_paths.discard(lora(adapter).lora_path)
+
+        def check_admitted_ready(self, out, resident, ready, forced):
+            unready = [r for r in out.scheduled_new_reqs if r.lora_request is not None
+                       and r.lora_request.lora_int_id not in resident
+                       and r.lora_request.lora_path not in ready]
+            assert len(unready) <= forced, "admitted without a host copy while not idle"
 
         @precondition(lambda self: bool(self.sched.requests))
         @rule(data=st.data())
@@ -162,7 +205,7 @@ def make_machine(vllm_config, async_scheduling: bool):
                 return
             STEPS["total"] += self.loop.run(max_steps=5000)
             stats = self.sched.pool_stats()
-            for key in ("preemptions", "adapter_evictions"):
+            for key in ("preemptions", "adapter_evictions", "admission_holds"):
                 STEPS[key] += stats[key]
             assert stats["pages_free"] + stats["pages_adapters"] == NUM_BLOCKS - 1
             assert stats["adapters_idle"] == stats["adapters_resident"]
@@ -199,3 +242,4 @@ def test_pool_state_machine(vllm_config, async_scheduling):
     # Each variant takes over 6,000 engine steps (both: well over 10,000), and memory
     # pressure really made the pool evict adapters and vLLM preempt requests.
     assert done["total"] >= 6_000 and done["preemptions"] > 0 and done["adapter_evictions"] > 0, done
+    assert done["admission_holds"] > 0, done

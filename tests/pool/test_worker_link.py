@@ -68,7 +68,7 @@ def test_optional_counters_are_published_when_present():
     metrics = PoolMetrics("test-host-waits", 0)
     base = {"pages_total": 10, "pages_free": 10, "pages_kv": 0, "pages_adapters": 0,
             "adapter_bytes": 0, "adapters_resident": 0, "adapters_idle": 0, "adapter_loads": 0,
-            "adapter_evictions": 0, "preemptions": 0}
+            "adapter_evictions": 0, "preemptions": 0, "admission_holds": 0, "admission_forced": 0}
     labels = {"model_name": "test-host-waits", "engine": "0"}
     name = OPTIONAL_COUNTERS["host_load_wait_s"][0] + "_total"
     metrics.update(base)  # absent: not published, no error
