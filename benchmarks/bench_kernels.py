@@ -17,7 +17,9 @@ graph, i.e. with its Python launch overhead) and not in `time_us`.
 Bandwidth: bytes that must move at least once over the time: shrink = x + every distinct
 adapter's real-rank A rows; expand = y + real-rank B rows; both = all of them (y counted once).
 `pct_copy_bw` compares with a device-to-device copy measured in the same run (read + write).
-Writes benchmarks/results/kernels-<date>.json and prints a markdown table. ~2-3 minutes on an H100.
+`no_adapter`: both ops at 1 and 256 tokens none of which has an adapter (the per-layer cost of a
+step without LoRA requests). Writes benchmarks/results/kernels-<date>.json and prints a markdown
+table. ~3 minutes on an H100.
 """
 
 from __future__ import annotations
@@ -206,10 +208,17 @@ def run_case(rank_name: str, sp, vllm_weights: dict, phase: str, tokens: int, di
 #: (the defaults are kernels/paged_lora.py's decode_config / prefill_config; kernels/NOTES.md).
 SWEEP = {
     ("decode", 256, 256): [{}, {"split_k": 4}, {"block_r": 32}, {"block_n": 128}, {"block_k": 64},
-                           {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 8}],
-    ("decode", 64, 64): [{}, {"split_k": 4}, {"block_r": 32}, {"num_stages": 4}],
+                           {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 8},
+                           {"shrink_programs_per_sm": 4, "expand_programs_per_sm": 2},
+                           {"shrink_programs_per_sm": 14, "expand_programs_per_sm": 8},
+                           {"shrink_programs_per_sm": 64, "expand_programs_per_sm": 64}],
+    ("decode", 64, 64): [{}, {"split_k": 4}, {"block_r": 32}, {"num_stages": 4},
+                         {"shrink_programs_per_sm": 14, "expand_programs_per_sm": 8}],
+    ("decode", 16, 16): [{}, {"small_split_k": 8}, {"small_tokens": 0}],   # small_tokens 0: split 2 (v2)
+    ("decode", 1, 1): [{}, {"small_split_k": 8}, {"small_split_k": 32}, {"small_tokens": 0}],
     ("prefill", PREFILL_TOKENS, 16): [{}, {"block_r": 128}, {"block_r": 32}, {"block_k": 64}, {"num_warps": 8},
-                                      {"num_stages": 2}, {"num_stages": 4}, {"block_n": 64}, {"block_kr": 16}],
+                                      {"num_stages": 2}, {"num_stages": 4}, {"block_n": 64}, {"block_kr": 16},
+                                      {"expand_programs_per_sm": 2}, {"expand_programs_per_sm": 6}],
     ("prefill", PREFILL_TOKENS, 1): [{}, {"block_r": 32}, {"block_r": 16}],
 }
 
@@ -232,6 +241,21 @@ def sweep(sp, meta: SegmentMeta, rep_ms: int) -> list[dict]:
                         "shrink_us": round(shrink_us, 2), "expand_us": round(expand_us, 2)})
             print(f"  sweep {phase} T={tokens} D={distinct} {change or 'default'}: shrink {shrink_us:.1f} us, "
                   f"expand {expand_us:.1f} us", file=sys.stderr)
+    return out
+
+
+def no_adapter_rows(sp, meta: SegmentMeta, rep_ms: int) -> list[dict]:
+    """Both ops on a batch whose tokens have no adapter: what a step without LoRA requests pays
+    (the launches of the persistent grids, each program finding no work)."""
+    out = []
+    for tokens in (1, 256):
+        meta.update(torch.full((tokens,), -1, dtype=torch.int32, device=DEVICE))
+        x = torch.randn(tokens, K_IN, dtype=DTYPE, device=DEVICE)
+        y = torch.zeros(tokens, sum(WIDTHS), dtype=DTYPE, device=DEVICE)
+        t_us, graphed = timed(lambda: paged_lora_linear(y, x, sp.pool, meta, sp.a_addr, sp.b_addr, sp.ranks,
+                                                        sp.scales, MODULE_IDS, WIDTHS, MAX_RANK), rep_ms)
+        out.append({"op": "both", "tokens": tokens, "time_us": round(t_us, 2), "graph": graphed})
+        print(f"  no adapter T={tokens}: both {t_us:.1f} us", file=sys.stderr)
     return out
 
 
@@ -279,11 +303,12 @@ def main() -> None:
             print(f"[{time.time() - started:5.0f}s] {rank_name} {phase} T={tokens} D={distinct}: both "
                   f"{r['time_us']:.1f} us ({r['pct_copy_bw']:.0f}% copy BW), vLLM {r['vllm_time_us']}", file=sys.stderr)
         pools.append(sp)
+    no_adapter = no_adapter_rows(pools[-1], meta, args.rep_ms)
     sweep_rows = [] if args.no_sweep else sweep(pools[-1], meta, args.rep_ms)
     date = datetime.date.today().isoformat()
     result = {"date": date, "device": device, "copy_gbps": round(copy_bw, 1), "dtype": str(DTYPE),
               "layer": "llama-2-7b qkv_proj", "vllm": VLLM_ERROR or "vllm.lora.ops.triton_ops",
-              "seconds": round(time.time() - started, 1), "rows": rows,
+              "seconds": round(time.time() - started, 1), "rows": rows, "no_adapter": no_adapter,
               "sweep": sweep_rows}
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"kernels-{date}.json")

@@ -10,9 +10,12 @@ Decode is memory-bound on the adapter weights, so tokens are grouped by slot int
 the device (`SegmentMeta.update`, once per engine step, shared by all layers) and each
 (segment, token tile) is one *work item*: every distinct adapter's rows are read once per tile,
 not once per token. The work list has a static upper bound (`SegmentMeta.work_bound`), so every
-grid depends only on the padded token count and static configuration; work items, rank tiles and
-output tiles past the real ones exit on the device. Nothing in the per-step path synchronises with
-the host, so the launches can be captured in CUDA graphs.
+grid depends only on the padded token count and static configuration. The kernels are persistent:
+at most `programs_per_sm` programs per SM loop over the tasks of the real work items, whose number
+`SegmentMeta.update` leaves in a device scalar, so a step with few (or no) adapter tokens does not
+pay for the worst-case grid (v2 started every task of the bound: +1.2 ms per Llama-2-7B decode step
+at 256 sequences without any adapter). Nothing in the per-step path synchronises with the host, so
+the launches can be captured in CUDA graphs.
 
 The prefill and decode variants are the same kernels with different tiles (`decode_config`,
 `prefill_config`, picked from the static token count by `choose_config`): decode uses 16-token
@@ -58,6 +61,18 @@ class KernelConfig:
     block_kr: int     # expand: rank rows per loop step
     num_warps: int = 4
     num_stages: int = 3  # software-pipeline depth of the K / rank loops (Triton's default)
+    # persistent grids: at most this many programs per SM loop over the tasks; one wave at the
+    # kernel's occupancy (registers, ptxas -v), so no program waits for a slot behind a whole loop
+    shrink_programs_per_sm: int = 4
+    expand_programs_per_sm: int = 4
+    small_tokens: int = 0     # calls of at most this many tokens split K in `small_split_k` instead
+    small_split_k: int = 1
+
+    def split_for(self, num_tokens: int) -> int:
+        """The K split of a call of `num_tokens` (static) tokens: few tokens have few work items,
+        so their shrink needs more programs per rank tile to keep the loads in flight. The split
+        is a runtime argument of both kernels: changing it compiles nothing."""
+        return self.small_split_k if num_tokens <= self.small_tokens else self.split_k
 
     def __post_init__(self) -> None:
         if self.block_m not in TILE_M:
@@ -66,8 +81,11 @@ class KernelConfig:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {v}")
-        if self.split_k < 1:
-            raise ValueError(f"split_k must be >= 1, got {self.split_k}")
+        if self.split_k < 1 or self.small_split_k < 1:
+            raise ValueError(f"split_k and small_split_k must be >= 1, got {self.split_k}, {self.small_split_k}")
+        if min(self.shrink_programs_per_sm, self.expand_programs_per_sm) < 1 or self.small_tokens < 0:
+            raise ValueError(f"programs per SM must be >= 1 and small_tokens >= 0, got {self.shrink_programs_per_sm}, "
+                             f"{self.expand_programs_per_sm}, {self.small_tokens}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise ValueError(f"num_warps must be a power of two <= 16 and num_stages >= 1, got "
                              f"{self.num_warps}, {self.num_stages}")
@@ -85,8 +103,16 @@ def decode_config(in_features: int, max_rank: int) -> KernelConfig:
     took expand from 197 to 163 us (half the h partials to gather per rank step) for +3% in shrink;
     expand tiles of 256 columns instead of 128 took it to 171 us (twice the B bytes per program, so
     the dependent table loads at a program's start are paid half as often).
+
+    At 16 tokens or fewer there are too few work items for that: a single adapter at one token
+    would have 2 programs per rank tile, each a 16-step dependent K loop (v2: 25 us for qkv at 1 x 1,
+    v1 with split 16: 14 us), so those calls split K in 16 (`small_split_k`, a runtime argument:
+    no compile more).
+
+    Programs per SM: shrink 72 registers -> 7, expand 128 -> 4 (4 warps, sm_90).
     """
-    return KernelConfig(block_m=16, split_k=2, block_r=16, block_k=128, block_n=256, block_kr=16)
+    return KernelConfig(block_m=16, split_k=2, block_r=16, block_k=128, block_n=256, block_kr=16,
+                        shrink_programs_per_sm=7, expand_programs_per_sm=4, small_tokens=16, small_split_k=16)
 
 
 def prefill_config(in_features: int, max_rank: int) -> KernelConfig:
@@ -100,7 +126,7 @@ def prefill_config(in_features: int, max_rank: int) -> KernelConfig:
     """
     block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
     return KernelConfig(block_m=64, split_k=1, block_r=block_r, block_k=128, block_n=128, block_kr=32,
-                        num_warps=4)
+                        num_warps=4, shrink_programs_per_sm=2, expand_programs_per_sm=3)
 
 
 def choose_config(num_tokens: int, in_features: int, max_rank: int) -> KernelConfig:
@@ -118,7 +144,10 @@ class SegmentMeta:
     After `update(token_slot)`:
       - `sorted_tokens[:T]`: token indices grouped by slot (stable);
       - `work[bm]` int32 [3, work_bound(max_tokens, bm)]: rows (slot, first position in
-        `sorted_tokens`, token count) of each work item, count 0 past the real items.
+        `sorted_tokens`, token count) of each work item, count 0 past the real items;
+      - `work_count[bm]` int32 [1]: the number of real work items (they come first, each with
+        count >= 1). The kernels' grids are sized by the static bound, but their programs loop
+        over the real items only, so a step without adapters costs one small launch per kernel.
     Slots outside [0, max_slots) are treated as -1 (no adapter): the check would need a host sync,
     and this way a bad slot can never index past the tables.
     """
@@ -139,6 +168,7 @@ class SegmentMeta:
         self.seg_start = torch.zeros(self.max_segments + 1, **i64)
         self.seg_len = torch.zeros(self.max_segments + 1, **i64)
         self.work = {bm: torch.zeros((3, self.work_bound(max_tokens, bm)), **i32) for bm in TILE_M}
+        self.work_count = {bm: torch.zeros(1, **i32) for bm in TILE_M}
         self._positions = torch.arange(max_tokens, **i64)
         self._work_index = {bm: torch.arange(self.work_bound(max_tokens, bm), **i64) for bm in TILE_M}
 
@@ -182,6 +212,7 @@ class SegmentMeta:
             work[0].copy_(torch.where(live, self.seg_slot[seg], 0))
             work[1].copy_(self.seg_start[seg] + tile * bm)
             work[2].copy_(torch.where(live, (self.seg_len[seg] - tile * bm).clamp(0, bm), 0))
+            self.work_count[bm].copy_(ends[-1:])
 
 
 # Row addresses that are multiples of 8 elements (16 bytes) allow 16-byte vector loads. Real
@@ -223,60 +254,63 @@ def _shrink_acc(x_ptr, pool_ptr, tok, m_mask, rows, r_mask, k_lo, k_hi, stride_x
 #: the alignment facts the 16-byte vector loads and stores rely on.
 _SHRINK_DYNAMIC = ("work_stride", "m0", "m1", "m2", "K", "max_rank", "split_k", "num_rank_tiles", "inner",
                    "stride_hs")
-_EXPAND_DYNAMIC = ("work_stride", "m0", "m1", "m2", "max_rank", "n_tiles", "stride_hs")
+_EXPAND_DYNAMIC = ("work_stride", "m0", "m1", "m2", "max_rank", "n_tiles", "split_k", "stride_hs")
 
 
 @triton.jit(do_not_specialize=_SHRINK_DYNAMIC)
-def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, sorted_ptr, a_addr_ptr, ranks_ptr,
+def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, count_ptr, sorted_ptr, a_addr_ptr, ranks_ptr,
                    m0, m1, m2, K, max_rank, k_per_split, split_k, num_rank_tiles, inner,
                    stride_xm, stride_xk, stride_as, stride_am, stride_rs,
                    stride_hs, stride_ht, stride_hi,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                    EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
-    """Program (work item; slice, rank tile, K split) -> h[split, tokens, slice, rank tile].
+    """Persistent: each program loops over the tasks (work item; slice, rank tile, K split) ->
+    h[split, tokens, slice, rank tile], the i-th of its tasks being pid + i * num_programs.
 
-    The work item varies slowest, so the programs that share its x rows run together (L2 reuse).
-    `inner` = slices * num_rank_tiles * split_k programs per work item.
+    The work item varies slowest, so the programs running together share its x rows (L2 reuse).
+    `inner` = slices * num_rank_tiles * split_k tasks per work item; only the `count_ptr` real
+    work items have tasks, and a rank tile past the adapter's rank costs three cached loads.
     """
-    pid = tl.program_id(0)
-    w = pid // inner
-    n_tok = tl.load(work_ptr + 2 * work_stride + w)
-    if n_tok == 0:
-        return
-    j = pid % inner
-    sl = j // (num_rank_tiles * split_k)
-    r0 = ((j // split_k) % num_rank_tiles) * BLOCK_R
-    sp = j % split_k
-    slot = tl.load(work_ptr + w).to(tl.int64)
-    m = tl.where(sl == 0, m0, tl.where(sl == 1, m1, m2))
-    r = tl.minimum(tl.load(ranks_ptr + slot * stride_rs + m), max_rank)
-    if r0 >= r:
-        return
-    start = tl.load(work_ptr + work_stride + w)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < n_tok
-    tok = tl.load(sorted_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
-    offs_r = r0 + tl.arange(0, BLOCK_R)
-    r_mask = offs_r < r
-    rows = tl.load(a_addr_ptr + slot * stride_as + m * stride_am + offs_r, mask=r_mask, other=0)
-    k_lo = sp * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    if tl.max(rows % 8, axis=0) == 0:
-        acc = _shrink_acc(x_ptr, pool_ptr, tok, m_mask, rows, r_mask, k_lo, k_hi, stride_xm, stride_xk,
-                          BLOCK_M, BLOCK_R, BLOCK_K, EVEN_K, True, UPCAST)
-    else:
-        acc = _shrink_acc(x_ptr, pool_ptr, tok, m_mask, rows, r_mask, k_lo, k_hi, stride_xm, stride_xk,
-                          BLOCK_M, BLOCK_R, BLOCK_K, EVEN_K, False, UPCAST)
-    h_ptrs = h_ptr + sp * stride_hs + tok[:, None] * stride_ht + sl * stride_hi + offs_r[None, :]
-    tl.store(h_ptrs, acc, mask=m_mask[:, None])
+    total = tl.load(count_ptr) * inner
+    for task in range(tl.program_id(0), total, tl.num_programs(0)):
+        w = task // inner
+        j = task % inner
+        sl = j // (num_rank_tiles * split_k)
+        r0 = ((j // split_k) % num_rank_tiles) * BLOCK_R
+        sp = j % split_k
+        slot = tl.load(work_ptr + w).to(tl.int64)
+        m = tl.where(sl == 0, m0, tl.where(sl == 1, m1, m2))
+        r = tl.minimum(tl.load(ranks_ptr + slot * stride_rs + m), max_rank)
+        if r0 < r:
+            n_tok = tl.load(work_ptr + 2 * work_stride + w)
+            start = tl.load(work_ptr + work_stride + w)
+            offs_m = tl.arange(0, BLOCK_M)
+            m_mask = offs_m < n_tok
+            tok = tl.load(sorted_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            r_mask = offs_r < r
+            rows = tl.load(a_addr_ptr + slot * stride_as + m * stride_am + offs_r, mask=r_mask, other=0)
+            k_lo = sp * k_per_split
+            k_hi = tl.minimum(k_lo + k_per_split, K)
+            if tl.max(rows % 8, axis=0) == 0:
+                acc = _shrink_acc(x_ptr, pool_ptr, tok, m_mask, rows, r_mask, k_lo, k_hi, stride_xm, stride_xk,
+                                  BLOCK_M, BLOCK_R, BLOCK_K, EVEN_K, True, UPCAST)
+            else:
+                acc = _shrink_acc(x_ptr, pool_ptr, tok, m_mask, rows, r_mask, k_lo, k_hi, stride_xm, stride_xk,
+                                  BLOCK_M, BLOCK_R, BLOCK_K, EVEN_K, False, UPCAST)
+            h_ptrs = h_ptr + sp * stride_hs + tok[:, None] * stride_ht + sl * stride_hi + offs_r[None, :]
+            tl.store(h_ptrs, acc, mask=m_mask[:, None])
 
 
 @triton.jit
-def _expand_acc(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask,
+def _expand_acc(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask, split_k,
                 stride_hs, stride_ht, stride_hi,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-                EVEN_N: tl.constexpr, ALIGNED: tl.constexpr):
-    """(sum over K splits of h[:, tok, sl, :r]) @ B^T[:r, offs_n] in fp32 (tf32 inputs)."""
+                STATIC_SPLIT: tl.constexpr, EVEN_N: tl.constexpr, ALIGNED: tl.constexpr):
+    """(sum over K splits of h[:, tok, sl, :r]) @ B^T[:r, offs_n] in fp32 (tf32 inputs).
+
+    STATIC_SPLIT: the call's split is the config's SPLIT_K, summed unrolled (a nested loop would
+    stop the pipelining of B); otherwise the `split_k` partials of a small call, in a loop."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, r, BLOCK_K):
@@ -290,75 +324,123 @@ def _expand_acc(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask,
             bt = tl.load(b_ptrs, mask=k_mask[:, None], other=0.0).to(tl.float32)
         else:
             bt = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0).to(tl.float32)
+        h_ptrs = h_ptr + tok[:, None] * stride_ht + sl * stride_hi + kk[None, :]
+        h_mask = m_mask[:, None] & k_mask[None, :]
         hk = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for sp in tl.static_range(SPLIT_K):  # unrolled: a nested loop would stop the pipelining of B
-            hk += tl.load(h_ptr + sp * stride_hs + tok[:, None] * stride_ht + sl * stride_hi + kk[None, :],
-                          mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        if STATIC_SPLIT:
+            for sp in tl.static_range(SPLIT_K):
+                hk += tl.load(h_ptrs + sp * stride_hs, mask=h_mask, other=0.0)
+        else:
+            for sp in range(split_k):
+                hk += tl.load(h_ptrs + sp * stride_hs, mask=h_mask, other=0.0)
         acc += tl.dot(hk, bt, input_precision="tf32")
     return acc
 
 
-@triton.jit(do_not_specialize=_EXPAND_DYNAMIC)
-def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, sorted_ptr, b_addr_ptr, ranks_ptr,
-                   scales_ptr, m0, m1, m2, w0, w1, w2, max_rank, n_tiles,
-                   stride_ym, stride_yn, stride_bs, stride_bm, stride_rs,
-                   stride_hs, stride_ht, stride_hi,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   SPLIT_K: tl.constexpr, RANK_P2: tl.constexpr, EVEN_N: tl.constexpr):
-    """Program (work item; output tile over all slices): y[tokens, tile] += scale * h @ B^T.
-
-    The work item varies slowest: its programs read consecutive columns of the same B^T rows.
-    """
-    pid = tl.program_id(0)
-    w = pid // n_tiles
-    n_tok = tl.load(work_ptr + 2 * work_stride + w)
-    if n_tok == 0:
-        return
-    nt = pid % n_tiles
-    t0 = tl.cdiv(w0, BLOCK_N)
-    t01 = t0 + tl.cdiv(w1, BLOCK_N)
-    sl = tl.where(nt < t0, 0, tl.where(nt < t01, 1, 2))
-    m = tl.where(sl == 0, m0, tl.where(sl == 1, m1, m2))
-    width = tl.where(sl == 0, w0, tl.where(sl == 1, w1, w2))
-    col0 = tl.where(sl == 0, 0, tl.where(sl == 1, w0, w0 + w1))
-    n0 = (nt - tl.where(sl == 0, 0, tl.where(sl == 1, t0, t01))) * BLOCK_N
-    slot = tl.load(work_ptr + w).to(tl.int64)
-    r = tl.minimum(tl.load(ranks_ptr + slot * stride_rs + m), max_rank)
-    if r == 0:
-        return
-    start = tl.load(work_ptr + work_stride + w)
-    offs_m = tl.arange(0, BLOCK_M)
-    m_mask = offs_m < n_tok
-    tok = tl.load(sorted_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < width
-    b_rows_ptr = b_addr_ptr + slot * stride_bs + m * stride_bm
+@triton.jit
+def _expand_tile(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask, split_k,
+                 stride_hs, stride_ht, stride_hi,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+                 STATIC_SPLIT: tl.constexpr, RANK_P2: tl.constexpr, EVEN_N: tl.constexpr):
+    """`_expand_acc` with 16-byte B loads when every row address of the adapter is aligned."""
     offs_all = tl.arange(0, RANK_P2)
     all_rows = tl.load(b_rows_ptr + offs_all, mask=offs_all < r, other=0)
     if tl.max(all_rows % 8, axis=0) == 0:
-        acc = _expand_acc(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask,
-                          stride_hs, stride_ht, stride_hi, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_N, True)
+        acc = _expand_acc(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask, split_k,
+                          stride_hs, stride_ht, stride_hi, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, STATIC_SPLIT,
+                          EVEN_N, True)
     else:
-        acc = _expand_acc(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask,
-                          stride_hs, stride_ht, stride_hi, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, EVEN_N, False)
-    scale = tl.load(scales_ptr + slot * stride_rs + m)
-    y_ptrs = y_ptr + tok[:, None] * stride_ym + (col0 + offs_n)[None, :] * stride_yn
-    if EVEN_N:
-        y_mask = m_mask[:, None]
-    else:
-        y_mask = m_mask[:, None] & n_mask[None, :]
-    y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
-    tl.store(y_ptrs, (y_old.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
+        acc = _expand_acc(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask, split_k,
+                          stride_hs, stride_ht, stride_hi, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, STATIC_SPLIT,
+                          EVEN_N, False)
+    return acc
+
+
+@triton.jit(do_not_specialize=_EXPAND_DYNAMIC)
+def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, count_ptr, sorted_ptr, b_addr_ptr, ranks_ptr,
+                   scales_ptr, m0, m1, m2, w0, w1, w2, max_rank, n_tiles, split_k,
+                   stride_ym, stride_yn, stride_bs, stride_bm, stride_rs,
+                   stride_hs, stride_ht, stride_hi,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   SPLIT_K: tl.constexpr, SMALL_SPLIT: tl.constexpr, RANK_P2: tl.constexpr, EVEN_N: tl.constexpr):
+    """Persistent: each program loops over the tasks (work item; output tile over all slices):
+    y[tokens, tile] += scale * h @ B^T, the i-th of its tasks being pid + i * num_programs.
+
+    The work item varies slowest: the programs running together read consecutive columns of the
+    same B^T rows. Only the `count_ptr` real work items have tasks. SMALL_SPLIT: the config has a
+    small-call split, so `split_k` may differ from SPLIT_K (compiled only then: the loop over a
+    runtime split costs the prefill expand 60 registers, 3 -> 2 programs per SM).
+    """
+    total = tl.load(count_ptr) * n_tiles
+    t0 = tl.cdiv(w0, BLOCK_N)
+    t01 = t0 + tl.cdiv(w1, BLOCK_N)
+    for task in range(tl.program_id(0), total, tl.num_programs(0)):
+        w = task // n_tiles
+        nt = task % n_tiles
+        sl = tl.where(nt < t0, 0, tl.where(nt < t01, 1, 2))
+        m = tl.where(sl == 0, m0, tl.where(sl == 1, m1, m2))
+        slot = tl.load(work_ptr + w).to(tl.int64)
+        r = tl.minimum(tl.load(ranks_ptr + slot * stride_rs + m), max_rank)
+        if r > 0:
+            width = tl.where(sl == 0, w0, tl.where(sl == 1, w1, w2))
+            col0 = tl.where(sl == 0, 0, tl.where(sl == 1, w0, w0 + w1))
+            n0 = (nt - tl.where(sl == 0, 0, tl.where(sl == 1, t0, t01))) * BLOCK_N
+            n_tok = tl.load(work_ptr + 2 * work_stride + w)
+            start = tl.load(work_ptr + work_stride + w)
+            offs_m = tl.arange(0, BLOCK_M)
+            m_mask = offs_m < n_tok
+            tok = tl.load(sorted_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < width
+            b_rows_ptr = b_addr_ptr + slot * stride_bs + m * stride_bm
+            if SMALL_SPLIT and split_k != SPLIT_K:
+                acc = _expand_tile(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask, split_k,
+                                   stride_hs, stride_ht, stride_hi, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, False,
+                                   RANK_P2, EVEN_N)
+            else:
+                acc = _expand_tile(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask, split_k,
+                                   stride_hs, stride_ht, stride_hi, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, True,
+                                   RANK_P2, EVEN_N)
+            scale = tl.load(scales_ptr + slot * stride_rs + m)
+            y_ptrs = y_ptr + tok[:, None] * stride_ym + (col0 + offs_n)[None, :] * stride_yn
+            if EVEN_N:
+                y_mask = m_mask[:, None]
+            else:
+                y_mask = m_mask[:, None] & n_mask[None, :]
+            y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
+            tl.store(y_ptrs, (y_old.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 def shrink_buffer(num_tokens: int, num_slices: int, max_rank: int, config: KernelConfig,
                   device: torch.device | str) -> torch.Tensor:
-    """The fp32 h buffer [split_k, T, slices, max_rank rounded up to block_r] shrink writes.
+    """The fp32 h buffer [config.split_for(T), T, slices, max_rank rounded up to block_r] shrink writes.
 
     It needs no clearing: expand reads only (token, slice, rank) entries shrink wrote this call.
     """
-    return torch.empty((config.split_k, num_tokens, num_slices, _padded_rank(max_rank, config)),
+    return torch.empty((config.split_for(num_tokens), num_tokens, num_slices, _padded_rank(max_rank, config)),
                        dtype=torch.float32, device=device)
+
+
+#: Programs-per-SM unit of the persistent grids on CPU tensors (the interpreter): small, so the
+#: tests' programs loop over several tasks.
+CPU_SMS = 2
+_SM_COUNTS: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (queried once per GPU; `CPU_SMS` for CPU tensors)."""
+    if device.type != "cuda":
+        return CPU_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def _persistent_grid(num_tasks_bound: int, programs_per_sm: int, device: torch.device) -> tuple[int]:
+    """At most `programs_per_sm` programs per SM, never more than the static bound on tasks: the
+    grid depends on static things only (CUDA graphs); the programs loop over the real tasks."""
+    return (max(1, min(num_tasks_bound, programs_per_sm * num_sms(device))),)
 
 
 def _padded_rank(max_rank: int, config: KernelConfig) -> int:
@@ -434,25 +516,27 @@ def _shrink_launch(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: S
     _check_tables("a_addr", a_addr, ranks, meta, max_rank, x.device)
     _check_tokens(t, meta)
     padded = _padded_rank(max_rank, config)
-    if h.dtype != torch.float32 or h.dim() != 4 or h.shape[0] != config.split_k or h.shape[1] < t \
+    split = config.split_for(t)
+    if h.dtype != torch.float32 or h.dim() != 4 or h.shape[0] != split or h.shape[1] < t \
             or h.shape[2:] != (len(module_ids), padded) or h.stride(3) != 1 or h.device != x.device:
-        raise ValueError(f"h must be fp32 [{config.split_k}, >={t}, {len(module_ids)}, {padded}] with unit last "
+        raise ValueError(f"h must be fp32 [{split}, >={t}, {len(module_ids)}, {padded}] with unit last "
                          f"stride on {x.device} (see shrink_buffer), got {h.dtype} {tuple(h.shape)} on {h.device}")
     num_rank_tiles = padded // config.block_r
-    k_per_split = triton.cdiv(triton.cdiv(k_in, config.split_k), config.block_k) * config.block_k
+    k_per_split = triton.cdiv(triton.cdiv(k_in, split), config.block_k) * config.block_k
     work = meta.work[config.block_m]
-    inner = len(module_ids) * num_rank_tiles * config.split_k
+    inner = len(module_ids) * num_rank_tiles * split
     m0, m1, m2 = _pad3(module_ids, module_ids[0])
     args = dict(x_ptr=x, pool_ptr=pool, h_ptr=h, work_ptr=work, work_stride=work.stride(0),
+                count_ptr=meta.work_count[config.block_m],
                 sorted_ptr=meta.sorted_tokens, a_addr_ptr=a_addr, ranks_ptr=ranks, m0=m0, m1=m1, m2=m2, K=k_in,
-                max_rank=max_rank, k_per_split=k_per_split, split_k=config.split_k, num_rank_tiles=num_rank_tiles,
+                max_rank=max_rank, k_per_split=k_per_split, split_k=split, num_rank_tiles=num_rank_tiles,
                 inner=inner, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_as=a_addr.stride(0),
                 stride_am=a_addr.stride(1), stride_rs=ranks.stride(0), stride_hs=h.stride(0),
                 stride_ht=h.stride(1), stride_hi=h.stride(2))
     constexprs = dict(BLOCK_M=config.block_m, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
                       EVEN_K=k_in % config.block_k == 0, UPCAST=x.device.type == "cpu" and x.dtype == torch.bfloat16)
-    return Launch(_shrink_kernel, (meta.work_bound(t, config.block_m) * inner,), args, constexprs, config.num_warps,
-                  config.num_stages, _SHRINK_DYNAMIC)
+    grid = _persistent_grid(meta.work_bound(t, config.block_m) * inner, config.shrink_programs_per_sm, x.device)
+    return Launch(_shrink_kernel, grid, args, constexprs, config.num_warps, config.num_stages, _SHRINK_DYNAMIC)
 
 
 def _expand_launch(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
@@ -469,24 +553,27 @@ def _expand_launch(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta: S
             or scales.device != y.device:
         raise ValueError(f"scales must be contiguous fp32 {tuple(ranks.shape)} on {y.device}, got "
                          f"{scales.dtype} {tuple(scales.shape)} on {scales.device}")
-    if h.dtype != torch.float32 or h.dim() != 4 or h.shape[1] < t or h.shape[2] != len(module_ids) \
-            or h.shape[3] < max_rank or h.stride(3) != 1 or h.device != y.device:
-        raise ValueError(f"h must be the fp32 shrink buffer [split, >={t}, {len(module_ids)}, >={max_rank}] "
+    split = config.split_for(t)
+    if h.dtype != torch.float32 or h.dim() != 4 or h.shape[0] != split or h.shape[1] < t \
+            or h.shape[2] != len(module_ids) or h.shape[3] < max_rank or h.stride(3) != 1 or h.device != y.device:
+        raise ValueError(f"h must be the fp32 shrink buffer [{split}, >={t}, {len(module_ids)}, >={max_rank}] "
                          f"on {y.device}, got {h.dtype} {tuple(h.shape)} on {h.device}")
     work = meta.work[config.block_m]
     n_tiles = sum(triton.cdiv(w, config.block_n) for w in slice_widths)
     m0, m1, m2 = _pad3(module_ids, module_ids[0])
     w0, w1, w2 = _pad3(slice_widths, 0)
     args = dict(y_ptr=y, h_ptr=h, pool_ptr=pool, work_ptr=work, work_stride=work.stride(0),
+                count_ptr=meta.work_count[config.block_m],
                 sorted_ptr=meta.sorted_tokens, b_addr_ptr=b_addr, ranks_ptr=ranks, scales_ptr=scales,
-                m0=m0, m1=m1, m2=m2, w0=w0, w1=w1, w2=w2, max_rank=max_rank, n_tiles=n_tiles,
+                m0=m0, m1=m1, m2=m2, w0=w0, w1=w1, w2=w2, max_rank=max_rank, n_tiles=n_tiles, split_k=split,
                 stride_ym=y.stride(0), stride_yn=y.stride(1), stride_bs=b_addr.stride(0), stride_bm=b_addr.stride(1),
                 stride_rs=ranks.stride(0), stride_hs=h.stride(0), stride_ht=h.stride(1), stride_hi=h.stride(2))
-    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_kr, SPLIT_K=h.shape[0],
+    constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_kr, SPLIT_K=config.split_k,
+                      SMALL_SPLIT=config.small_tokens > 0 and config.small_split_k != config.split_k,
                       RANK_P2=max(16, triton.next_power_of_2(max_rank)),
                       EVEN_N=all(w % config.block_n == 0 for w in slice_widths))
-    return Launch(_expand_kernel, (meta.work_bound(t, config.block_m) * n_tiles,), args, constexprs, config.num_warps,
-                  config.num_stages, _EXPAND_DYNAMIC)
+    grid = _persistent_grid(meta.work_bound(t, config.block_m) * n_tiles, config.expand_programs_per_sm, y.device)
+    return Launch(_expand_kernel, grid, args, constexprs, config.num_warps, config.num_stages, _EXPAND_DYNAMIC)
 
 
 def paged_lora_shrink(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,

@@ -38,6 +38,8 @@ def slot_ranks() -> list[dict[str, int]]:
 def token_slots(phase: str, num_slots: int, gen: torch.Generator) -> torch.Tensor:
     if phase == "decode":  # one token per sequence, adapters interleaved, some base-model rows
         slots = torch.randint(-1, num_slots, (200,), generator=gen)
+    elif phase == "small":  # a decode call of <= 16 tokens: K split in 16, partials summed in a loop
+        slots = torch.tensor([3, 0, -1, 8, 3, 7, 1, 9, 2, 5, 6])
     else:  # prefill: long segments, a single-token one, base-model rows in between
         parts = [(0, 700), (3, 1), (-1, 129), (7, 513), (3, 300), (9, 2), (-1, 3), (5, 400)]
         slots = torch.cat([torch.full((n,), s) for s, n in parts])
@@ -52,7 +54,7 @@ def layer_shapes(dims: ModelDims, layer: str) -> tuple[tuple[int, ...], int, tup
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("phase", ["decode", "prefill"])
+@pytest.mark.parametrize("phase", ["decode", "small", "prefill"])
 def test_real_sizes_match_reference(model: str, dtype: torch.dtype, phase: str) -> None:
     """Every element within the error a correct kernel may have, against the fp64 answer.
 
@@ -105,14 +107,16 @@ def test_real_sizes_match_reference(model: str, dtype: torch.dtype, phase: str) 
         del exact, allowed
 
 
-def test_cuda_graph_replay_and_no_host_sync() -> None:
-    """update + op captured in one CUDA graph (fixed buffers) and replayed with new token slots;
-    eagerly, under torch's sync debug mode set to error, nothing synchronises with the host."""
+@pytest.mark.parametrize("t", [96, 5])
+def test_cuda_graph_replay_and_no_host_sync(t: int) -> None:
+    """update + op captured in one CUDA graph (fixed buffers) and replayed with new token slots,
+    the last replay without any adapter token (zero work items: y must stay as it was); eagerly,
+    under torch's sync debug mode set to error, nothing synchronises with the host. 5 tokens take
+    the small-call K split."""
     dims, dtype = MODELS["llama-3-8b"], torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(7)
     sp = build_synthetic_pool(dims, slot_ranks(), page_elems(dims), dtype, "cuda", MAX_RANK, generator=gen)
     module_ids, k_in, widths = layer_shapes(dims, "qkv_proj")
-    t = 96
     meta = SegmentMeta(max_tokens=512, max_slots=len(SLOT_RANKS), device="cuda")
     static_slots = torch.zeros(t, dtype=torch.int32, device="cuda")
     x = torch.randn(t, k_in, device="cuda", generator=gen).to(dtype)
@@ -134,8 +138,10 @@ def test_cuda_graph_replay_and_no_host_sync() -> None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    for seed in range(3):
+    for seed in range(4):
         slots = torch.randint(-1, len(SLOT_RANKS), (t,), generator=torch.Generator().manual_seed(seed))
+        if seed == 3:
+            slots.fill_(-1)
         static_slots.copy_(slots.to(torch.int32))
         y.zero_()
         graph.replay()

@@ -25,6 +25,7 @@ from slora_plugin.kernels import (
     prefill_config,
     shrink_buffer,
 )
+from slora_plugin.kernels.paged_lora import CPU_SMS, launch_plans
 from slora_plugin.kernels.reference import bound_violations
 from slora_plugin.kernels.synthetic import SyntheticPool, build_synthetic_pool
 from slora_plugin.layout import MODULES, ModelDims
@@ -85,7 +86,7 @@ def cases(draw) -> Case:
     col0 = draw(st.integers(0, 5))
     y_full = torch.randn(t + pad, sum(widths) + 5, generator=gen, device=DEVICE).to(dtype)
     return Case(dtype, layer, sp, torch.tensor(slots, dtype=torch.int32, device=DEVICE), x, y_full, col0,
-                draw(st.sampled_from(["auto", "decode", "prefill", "odd"])))
+                draw(st.sampled_from(["auto", "decode", "prefill", "odd", "persistent"])))
 
 
 def view_y(case: Case, y_full: torch.Tensor) -> torch.Tensor:
@@ -145,6 +146,11 @@ def config_for(case: Case):
     return {"auto": None, "decode": decode_config(k_in, MAX_RANK), "prefill": prefill_config(k_in, MAX_RANK),
             # uneven K split with an empty last split, 4 rank tiles, narrow output tiles
             "odd": KernelConfig(block_m=16, split_k=3, block_r=32, block_k=16, block_n=16, block_kr=16),
+            # 2 programs in all (CPU_SMS x 1) looping over every task; calls of <= 20 tokens split K in
+            # 5 (the expand sums a runtime number of partials), longer ones in 2 (unrolled)
+            "persistent": KernelConfig(block_m=16, split_k=2, block_r=16, block_k=16, block_n=32, block_kr=16,
+                                       shrink_programs_per_sm=1, expand_programs_per_sm=1,
+                                       small_tokens=20, small_split_k=5),
             }[case.variant]
 
 
@@ -236,14 +242,76 @@ def test_segment_meta_covers_every_adapter_token_once(slots: list[int], max_slot
     for bm, work in meta.work.items():
         slot_of, start, count = work.tolist()
         bound = meta.work_bound(len(slots), bm)
+        real = int(meta.work_count[bm])
+        assert real <= bound
         seen = []
         for i, (s, p, n) in enumerate(zip(slot_of, start, count)):
             assert 0 <= n <= bm
+            assert (n > 0) == (i < real), f"item {i}: {n} tokens, but work_count = {real}"
             if n:
-                assert i < bound
                 seen += [(order[j], s) for j in range(p, p + n)]
         want = sorted((t, s) for t, s in enumerate(slots) if 0 <= s < max_slots)
         assert sorted(seen) == want
+
+
+def _tiny_case(token_slot: list[int], seed: int = 0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    ranks = [{m: r for m in MODULES} for r in (16, 1, 40, 128)]
+    sp = build_synthetic_pool(DIMS, ranks, 512, torch.float16, DEVICE, MAX_RANK, generator=gen, random_scales=True)
+    slots = torch.tensor(token_slot, dtype=torch.int32, device=DEVICE)
+    x = torch.randn(len(token_slot), 64, generator=gen, device=DEVICE).to(torch.float16)
+    y = torch.randn(len(token_slot), 128, generator=gen, device=DEVICE).to(torch.float16)
+    return sp, slots, x, y
+
+
+@pytest.mark.parametrize("num_tokens", [1, 13, 37])
+def test_few_programs_loop_over_all_tasks(num_tokens: int) -> None:
+    """qkv_proj with 2 programs in all (fewer than the real tasks, so each loops), token counts
+    that are not multiples of the 16-token tile, the small-call split (1, 13) and the unrolled one
+    (37), a NaN-poisoned h: within the error bound of every element."""
+    module_ids, _, widths = LAYERS["qkv_proj"]
+    token_slot = [(3 * t + 1) % 5 - 1 for t in range(num_tokens)]  # 0, 3, 1, -1, 2, ...
+    sp, slots, x, y = _tiny_case(token_slot, seed=num_tokens)
+    config = KernelConfig(block_m=16, split_k=2, block_r=16, block_k=16, block_n=32, block_kr=16,
+                          shrink_programs_per_sm=1, expand_programs_per_sm=1, small_tokens=16,
+                          small_split_k=3)
+    meta = SegmentMeta(max_tokens=64, max_slots=4, device=DEVICE)
+    meta.update(slots)
+    shrink, expand = launch_plans(y, x, sp.pool, meta, sp.a_addr, sp.b_addr, sp.ranks, sp.scales, module_ids, widths,
+                                  MAX_RANK, config)
+    real = int(meta.work_count[16])
+    assert real >= 1 and shrink.grid[0] == expand.grid[0] == 2
+    assert shrink.args["split_k"] == (3 if num_tokens <= 16 else 2)
+    assert real * shrink.args["inner"] > 2 and real * expand.args["n_tiles"] > 2
+    exact, allowed = lora_linear_exact(y, x, sp.pool, slots, sp.a_addr, sp.b_addr, sp.ranks, sp.scales,
+                                       module_ids, widths)
+    h = shrink_buffer(num_tokens, 3, MAX_RANK, config, DEVICE).fill_(float("nan"))
+    got = y.clone()
+    paged_lora_shrink(h, x, sp.pool, meta, sp.a_addr, sp.ranks, module_ids, MAX_RANK, config)
+    paged_lora_expand(got, h, sp.pool, meta, sp.b_addr, sp.ranks, sp.scales, module_ids, widths, MAX_RANK, config)
+    bad, worst = bound_violations(got, exact, allowed)
+    assert bad == 0, f"{bad} elements outside the error bound (worst |err| / allowed = {worst:.3g})"
+    assert torch.equal(got[slots < 0], y[slots < 0])
+
+
+def test_no_adapter_tokens_means_no_work() -> None:
+    """A step whose tokens all have no adapter (or an out-of-range slot): zero real work items,
+    the output unchanged bit for bit, and a grid capped by the SM count, not by the bound."""
+    sp, slots, x, y = _tiny_case([-1, 7, -1, -5] * 10)
+    meta = SegmentMeta(max_tokens=64, max_slots=4, device=DEVICE)
+    meta.update(torch.zeros(40, dtype=torch.int32, device=DEVICE))  # stale work from a previous step
+    meta.update(slots)
+    assert all(int(c) == 0 for c in meta.work_count.values())
+    got = y.clone()
+    paged_lora_linear(got, x, sp.pool, meta, sp.a_addr, sp.b_addr, sp.ranks, sp.scales, (0, 1, 2), (64, 32, 32),
+                      MAX_RANK)
+    assert torch.equal(got, y)
+    config = decode_config(64, MAX_RANK)
+    shrink, expand = launch_plans(y, x, sp.pool, meta, sp.a_addr, sp.b_addr, sp.ranks, sp.scales, (0, 1, 2),
+                                  (64, 32, 32), MAX_RANK)
+    assert shrink.grid == (config.shrink_programs_per_sm * CPU_SMS,)
+    assert expand.grid == (config.expand_programs_per_sm * CPU_SMS,)
+    assert meta.work_bound(40, 16) * shrink.args["inner"] > shrink.grid[0]
 
 
 def test_bad_inputs_are_named() -> None:
