@@ -10,6 +10,8 @@ Two modes, because the GPU machine may not have `peft`/`transformers` model code
   --run DIR       (on the GPU, needs only vLLM + torch + the plugin) runs every adapter (and one
                   request without adapter) in ONE mixed generate() batch, with CUDA graphs off and
                   on (one child process each), and writes benchmarks/results/correctness-<date>.json.
+                  `--model-runner v1` (or v2) forces vLLM's model runner (VLLM_USE_V2_MODEL_RUNNER;
+                  0.26 picks V2 for dense models) and writes correctness-<runner>-<date>.json.
 
 Two checks per request: `tokens_equal` (vLLM's greedy tokens == the merged model's) and
 `max_abs_logprob_err`, the largest |logprob| difference on the reference continuation, teacher
@@ -30,6 +32,8 @@ import sys
 PROMPT_LEN = 12
 NEW_TOKENS = 8
 VOCAB = 1000
+#: --model-runner -> VLLM_USE_V2_MODEL_RUNNER (read by vllm.config.VllmConfig.use_v2_model_runner).
+RUNNER_ENV = {"v1": "0", "v2": "1"}
 
 #: name -> (peft LoraConfig kwargs). Ranks/targets deliberately mixed.
 ADAPTERS: dict[str, dict] = {
@@ -152,6 +156,7 @@ def run_one(directory: str, eager: bool, out_path: str) -> None:
                           SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0,
                                          detokenize=False),
                           lora_request=loras)
+    runner = "v2" if llm.llm_engine.vllm_config.use_v2_model_runner else "v1"
     rows = []
     for r, g, fo in zip(reqs, gen, forced):
         toks = list(g.outputs[0].token_ids)
@@ -159,7 +164,7 @@ def run_one(directory: str, eager: bool, out_path: str) -> None:
         vllm_lps = [fo.prompt_logprobs[n + j][t].logprob for j, t in enumerate(r["tokens"])]
         rows.append(dict(
             adapter=r["adapter"] or "(none)", rank=r["rank"], target_modules=r["target_modules"],
-            cudagraphs=not eager, tokens_equal=toks == r["tokens"], vllm_tokens=toks,
+            cudagraphs=not eager, model_runner=runner, tokens_equal=toks == r["tokens"], vllm_tokens=toks,
             reference_tokens=r["tokens"], reference_min_top2_margin=r["min_top2_margin"],
             max_abs_logprob_err=max(abs(a - b) for a, b in zip(vllm_lps, r["logprobs"])),
             adapter_effect=max(abs(a - b) for a, b in zip(r["logprobs"], r["base_logprobs"]))))
@@ -167,9 +172,11 @@ def run_one(directory: str, eager: bool, out_path: str) -> None:
         json.dump(rows, f)
 
 
-def run(directory: str, results_dir: str) -> int:
+def run(directory: str, results_dir: str, runner: str | None = None) -> int:
     import torch
 
+    if runner is not None:  # inherited by the child processes below
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = RUNNER_ENV[runner]
     rows = []
     for eager in (True, False):
         part = os.path.join(results_dir, f".correctness-{'eager' if eager else 'graphs'}.json")
@@ -185,14 +192,15 @@ def run(directory: str, results_dir: str) -> int:
         os.remove(part)
     day = _dt.date.today().isoformat()
     result = dict(date=day, device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                  model=f"random Llama {MODEL_CONFIG}", rows=rows)
+                  model=f"random Llama {MODEL_CONFIG}", model_runner_forced=runner, rows=rows)
     os.makedirs(results_dir, exist_ok=True)
-    path = os.path.join(results_dir, f"correctness-{day}.json")
+    path = os.path.join(results_dir, f"correctness-{runner + '-' if runner else ''}{day}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
-    ok = all(r.get("tokens_equal") for r in rows)
+    ok = all(r.get("tokens_equal") and (runner is None or r["model_runner"] == runner) for r in rows)
     for r in rows:
-        print(f"{r['adapter']:>16} graphs={r['cudagraphs']!s:5} tokens_equal={r.get('tokens_equal')} "
+        print(f"{r['adapter']:>16} graphs={r['cudagraphs']!s:5} runner={r.get('model_runner')} "
+              f"tokens_equal={r.get('tokens_equal')} "
               f"logprob_err={r.get('max_abs_logprob_err', float('nan')):.4f} "
               f"effect={r.get('adapter_effect', float('nan')):.4f} {r.get('error', '')}")
     print(f"wrote {path}: {'ALL TOKENS EQUAL' if ok else 'MISMATCHES'}")
@@ -206,6 +214,8 @@ def main() -> int:
     ap.add_argument("--run-one", metavar="DIR", help=argparse.SUPPRESS)
     ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--model-runner", choices=sorted(RUNNER_ENV),
+                    help="force vLLM's V1 or V2 GPU model runner (default: vLLM's choice)")
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args()
     if a.prepare:
@@ -215,7 +225,7 @@ def main() -> int:
         run_one(a.run_one, a.eager, a.out)
         return 0
     if a.run:
-        return run(a.run, a.results)
+        return run(a.run, a.results, a.model_runner)
     ap.error("give --prepare DIR or --run DIR")
     return 2
 

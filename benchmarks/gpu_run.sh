@@ -9,6 +9,11 @@
 #   kernels      paged-kernel benchmark vs vLLM's LoRA kernels (benchmarks/bench_kernels.py)
 #   store        host store: pinned host -> GPU bandwidth (benchmarks/bench_store.py)
 #   correctness  token-for-token check vs merged weights (benchmarks/gpu_correctness.py)
+#   correctness-v1  the same with vLLM's V1 GPU model runner (VLLM_USE_V2_MODEL_RUNNER=0; 0.26
+#                uses V2 for dense models); results in correctness-v1-DATE.json (~2 min, at most 3.5)
+#   serve        `vllm serve` with the plugin on, over HTTP: adapters by name, an unknown name,
+#                three broken adapters, survival, /metrics (benchmarks/gpu_serve.py; server log in
+#                $OUT/serve-server.log; ~2 min, at most 6.5)
 #   isolation    1,000 distinct adapters under eviction pressure: mixed vs solo outputs, pool
 #                accounting (benchmarks/gpu_isolation.py)
 #   throughput-plugin  the plugin, 1000 requests 256 in / 128 out all at once with N = 1, 100,
@@ -72,6 +77,17 @@ for s in "$@"; do
     correctness)
       step correctness
       $PY "$REPO/benchmarks/gpu_correctness.py" --run "$REPO/benchmarks/fixtures/correctness" 2>&1 | tee "$OUT/correctness.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    correctness-v1)
+      step "$s"
+      timeout -k 10 210 $PY "$REPO/benchmarks/gpu_correctness.py" --run "$REPO/benchmarks/fixtures/correctness" \
+          --model-runner v1 2>&1 | tee "$OUT/correctness-v1.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    serve)
+      step serve
+      # The script stops the server itself (its own deadlines: start 240 s, checks 90 s).
+      timeout -k 10 380 $PY "$REPO/benchmarks/gpu_serve.py" --work-dir /tmp/slora-serve \
+          --log "$OUT/serve-server.log" 2>&1 | tee "$OUT/serve.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     isolation)
       step isolation
