@@ -54,15 +54,18 @@ def logging_config(base: Mapping[str, Any], log_path: str) -> dict[str, Any]:
     return cfg
 
 
-def pool_log_env(log_path: str) -> dict[str, str] | None:
-    """Write the logging config next to `log_path`; the environment the engine needs for it, or
-    None where the caller's environment already decides vLLM's logging (then no pool numbers)."""
+def pool_log_env(log_path: str, config_dir: str) -> dict[str, str] | None:
+    """Write the logging config (a file for `log_path`) into `config_dir`; the environment the
+    engine needs for it, or None where the caller's environment already decides vLLM's logging
+    (then no pool numbers). The config is an internal file the engine reads once at start:
+    `config_dir` is the caller's temporary directory, never the results directory."""
     if os.environ.get("VLLM_LOGGING_CONFIG_PATH") or os.environ.get("VLLM_CONFIGURE_LOGGING") == "0":
         return None
     from vllm.logger import DEFAULT_LOGGING_CONFIG
 
-    cfg_path = log_path + ".config"  # not *.json: the report globs throughput-*.json
+    cfg_path = os.path.join(config_dir, "slora-pool-logging.json")
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
+    os.makedirs(config_dir, exist_ok=True)
     with open(cfg_path, "w", encoding="utf-8") as f:
         json.dump(logging_config(DEFAULT_LOGGING_CONFIG, os.path.abspath(log_path)), f, indent=1)
     return {"VLLM_LOGGING_CONFIG_PATH": os.path.abspath(cfg_path)}

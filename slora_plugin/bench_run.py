@@ -38,7 +38,8 @@ when the worker runs in another process than the scheduler, TP > 1).
 Output: `<out_dir>/throughput-<system>-<UTC stamp>.json` (see `bench_report`), rewritten after
 every trace so a cut command keeps what it finished, `...-requests.jsonl.gz` with every
 request's arrival, TTFT, end-to-end latency and TPOT, and for the plugin `...-pool.log` (the
-pool's log lines) with its logging config `...-pool.log.config` (JSON).
+pool's log lines). The logging config that makes the engine core write that log is an internal
+file: it lives in a temporary directory for the duration of `run` only.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -358,7 +360,18 @@ def run(opts: RunOptions) -> str:
     """Start one engine, warm it up, run every trace, write rows after each; returns the path.
 
     Adapters are written before vLLM is imported and the engine core is spawned, not forked
-    (see ENGINE_ENV)."""
+    (see ENGINE_ENV). Internal files (the engine's logging config) go to a temporary directory
+    removed on return; the environment variable naming it is unset again."""
+    had_logging_config = "VLLM_LOGGING_CONFIG_PATH" in os.environ
+    with tempfile.TemporaryDirectory(prefix="slora-bench-") as scratch:
+        try:
+            return _run(opts, scratch)
+        finally:
+            if not had_logging_config:
+                os.environ.pop("VLLM_LOGGING_CONFIG_PATH", None)
+
+
+def _run(opts: RunOptions, scratch: str) -> str:
     start = time.time()
     deadline = start + opts.deadline_s
     import slora_plugin
@@ -384,7 +397,7 @@ def run(opts: RunOptions) -> str:
     requests_path = path[:-len(".json")] + "-requests.jsonl.gz"
     pool_log = None
     if opts.system == "plugin":
-        log_env = pool_log_env(path[:-len(".json")] + "-pool.log")
+        log_env = pool_log_env(path[:-len(".json")] + "-pool.log", scratch)
         if log_env is None:
             print("[bench] VLLM_LOGGING_CONFIG_PATH or VLLM_CONFIGURE_LOGGING=0 set by the caller: "
                   "no adapter load/eviction counts in the rows", flush=True)

@@ -118,16 +118,17 @@ def test_pool_log_env_writes_vllm_default_plus_our_handler(tmp_path, monkeypatch
 
     monkeypatch.delenv("VLLM_LOGGING_CONFIG_PATH", raising=False)
     monkeypatch.delenv("VLLM_CONFIGURE_LOGGING", raising=False)
-    env = pool_log_env(str(tmp_path / "r" / "x-pool.log"))
+    env = pool_log_env(str(tmp_path / "r" / "x-pool.log"), str(tmp_path / "tmp"))
+    assert env["VLLM_LOGGING_CONFIG_PATH"].startswith(str(tmp_path / "tmp"))
     cfg = json.load(open(env["VLLM_LOGGING_CONFIG_PATH"]))
     assert cfg["loggers"]["vllm"] == json.loads(json.dumps(DEFAULT_LOGGING_CONFIG["loggers"]["vllm"]))
     assert cfg["handlers"]["slora_pool_file"]["filename"] == str(tmp_path / "r" / "x-pool.log")
     assert cfg["loggers"][POOL_LOGGER]["propagate"] is True
     monkeypatch.setenv("VLLM_CONFIGURE_LOGGING", "0")
-    assert pool_log_env(str(tmp_path / "y.log")) is None
+    assert pool_log_env(str(tmp_path / "y.log"), str(tmp_path)) is None
     monkeypatch.delenv("VLLM_CONFIGURE_LOGGING")
     monkeypatch.setenv("VLLM_LOGGING_CONFIG_PATH", "/elsewhere.json")
-    assert pool_log_env(str(tmp_path / "y.log")) is None
+    assert pool_log_env(str(tmp_path / "y.log"), str(tmp_path)) is None
 
 
 def test_preemption_count_from_vllm_metrics():

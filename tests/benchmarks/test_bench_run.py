@@ -322,7 +322,11 @@ def test_plugin_engine_starts_spawned_after_adapters_exist(tmp_path, tiny_model_
     assert (row["pages_total"], row["adapter_pages_peak"], row["adapters_resident_peak"]) == (
         900, 3 * (8 + distinct), 8 + distinct)
     assert row["preemptions"] == 5 and row["pool_preemptions"] == 1 and made[0].pokes == 2
-    assert data["environment"]["VLLM_LOGGING_CONFIG_PATH"] == path[:-5] + "-pool.log.config"
+    config = data["environment"]["VLLM_LOGGING_CONFIG_PATH"]  # internal: not in results, gone
+    assert os.path.dirname(path) not in config and not os.path.exists(config)
+    assert "VLLM_LOGGING_CONFIG_PATH" not in os.environ
+    assert sorted(os.listdir(os.path.dirname(path))) == sorted(
+        os.path.basename(path[:-5] + s) for s in (".json", "-requests.jsonl.gz", "-pool.log"))
     assert os.path.isfile(path[:-5] + "-pool.log")
     import glob                          # the report's default pattern finds only results files
     assert glob.glob(os.path.join(os.path.dirname(path), "throughput-*.json")) == [path]
