@@ -111,6 +111,8 @@ class Deadline:
 
 @dataclass
 class Check:
+    """One row of the result: what was checked, what should come back, what did."""
+
     check: str
     expected: str
     got: str
@@ -118,10 +120,11 @@ class Check:
 
 
 # --------------------------------------------------------------------------- files
-def model_dims(config_dir: str = MODEL_CONFIG_DIR):
+def model_dims():
+    """The served model's dimensions (what the adapters are written for)."""
     from slora_plugin.plan import ModelMemory, load_model_config
 
-    return ModelMemory.from_config(load_model_config(config_dir)).dims
+    return ModelMemory.from_config(load_model_config(MODEL_CONFIG_DIR)).dims
 
 
 def write_model(directory: str) -> str:
@@ -135,14 +138,15 @@ def write_adapters(directory: str, dims) -> list[str]:
     """The good adapters of GOOD and the broken ones of BROKEN; returns every name."""
     from slora_plugin.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, write_random_adapter
 
+    def adapter(name: str, rank: int, targets: tuple[str, ...], seed: int) -> str:
+        return write_random_adapter(os.path.join(directory, name), dims, rank, targets, seed=seed)
+
     for i, (name, (rank, targets)) in enumerate(GOOD.items()):
-        write_random_adapter(os.path.join(directory, name), dims, rank, targets, seed=i)
-    with open(os.path.join(write_random_adapter(os.path.join(directory, "bad-config"), dims, 8, QKVO,
-                                                seed=10), CONFIG_NAME), "w") as f:
+        adapter(name, rank, targets, i)
+    with open(os.path.join(adapter("bad-config", 8, QKVO, 10), CONFIG_NAME), "w") as f:
         f.write('{"peft_type": "LORA", "r": ')
-    write_random_adapter(os.path.join(directory, "bad-rank"), dims, 2 * MAX_LORA_RANK, QKVO, seed=11)
-    weights = os.path.join(write_random_adapter(os.path.join(directory, "bad-truncated"), dims, 8,
-                                                QKVO, seed=12), WEIGHTS_NAME)
+    adapter("bad-rank", 2 * MAX_LORA_RANK, QKVO, 11)
+    weights = os.path.join(adapter("bad-truncated", 8, QKVO, 12), WEIGHTS_NAME)
     os.truncate(weights, os.path.getsize(weights) // 2)  # the header survives, the tensors do not
     return [*GOOD, *BROKEN]
 
