@@ -212,10 +212,11 @@ SWEEP = {
                            {"shrink_programs_per_sm": 4, "expand_programs_per_sm": 2},
                            {"shrink_programs_per_sm": 14, "expand_programs_per_sm": 8},
                            {"shrink_programs_per_sm": 64, "expand_programs_per_sm": 64}],
-    ("decode", 64, 64): [{}, {"split_k": 4}, {"block_r": 32}, {"num_stages": 4},
+    ("decode", 64, 64): [{}, {"small_items": 0}, {"block_r": 32}, {"num_stages": 4},
                          {"shrink_programs_per_sm": 14, "expand_programs_per_sm": 8}],
-    ("decode", 16, 16): [{}, {"small_split_k": 8}, {"small_tokens": 0}],   # small_tokens 0: split 2 (v2)
-    ("decode", 1, 1): [{}, {"small_split_k": 8}, {"small_split_k": 32}, {"small_tokens": 0}],
+    ("decode", 16, 16): [{}, {"small_split_k": 8}, {"small_items": 0}],   # small_items 0: split 2 always (v2)
+    ("decode", 1, 1): [{}, {"small_split_k": 8}, {"small_split_k": 32, "small_items": 8}, {"small_items": 0}],
+    ("decode", 256, 1): [{}, {"small_items": 0}],
     ("prefill", PREFILL_TOKENS, 16): [{}, {"block_r": 128}, {"block_r": 32}, {"block_k": 64}, {"num_warps": 8},
                                       {"num_stages": 2}, {"num_stages": 4}, {"block_n": 64}, {"block_kr": 16},
                                       {"expand_programs_per_sm": 2}, {"expand_programs_per_sm": 6}],

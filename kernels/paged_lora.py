@@ -65,14 +65,22 @@ class KernelConfig:
     # kernel's occupancy (registers, ptxas -v), so no program waits for a slot behind a whole loop
     shrink_programs_per_sm: int = 4
     expand_programs_per_sm: int = 4
-    small_tokens: int = 0     # calls of at most this many tokens split K in `small_split_k` instead
+    small_items: int = 0      # with few real work items, split K up to `small_split_k` (see split_for)
     small_split_k: int = 1
 
-    def split_for(self, num_tokens: int) -> int:
-        """The K split of a call of `num_tokens` (static) tokens: few tokens have few work items,
-        so their shrink needs more programs per rank tile to keep the loads in flight. The split
-        is a runtime argument of both kernels: changing it compiles nothing."""
-        return self.small_split_k if num_tokens <= self.small_tokens else self.split_k
+    @property
+    def max_split(self) -> int:
+        """First dimension of the h buffer: the largest split `split_for` can return."""
+        return self.small_split_k if self.small_items else self.split_k
+
+    def split_for(self, num_work: int) -> int:
+        """The K split of a step with `num_work` real work items, as both kernels compute it on the
+        device from `SegmentMeta.work_count` (`_split_for`): few items (one adapter, or a few
+        tokens) have few tasks, so each shrink task must be short for the loads to be in flight
+        at once: small_split_k * small_items // num_work, clamped to [split_k, small_split_k]."""
+        if not self.small_items:
+            return self.split_k
+        return max(self.split_k, min(self.small_split_k, self.small_split_k * self.small_items // max(num_work, 1)))
 
     def __post_init__(self) -> None:
         if self.block_m not in TILE_M:
@@ -81,11 +89,12 @@ class KernelConfig:
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
                 raise ValueError(f"{name} must be a power of two >= 16 (tl.dot), got {v}")
-        if self.split_k < 1 or self.small_split_k < 1:
-            raise ValueError(f"split_k and small_split_k must be >= 1, got {self.split_k}, {self.small_split_k}")
-        if min(self.shrink_programs_per_sm, self.expand_programs_per_sm) < 1 or self.small_tokens < 0:
-            raise ValueError(f"programs per SM must be >= 1 and small_tokens >= 0, got {self.shrink_programs_per_sm}, "
-                             f"{self.expand_programs_per_sm}, {self.small_tokens}")
+        if self.split_k < 1 or (self.small_items and self.small_split_k < self.split_k):
+            raise ValueError(f"split_k must be >= 1 and small_split_k >= split_k, got {self.split_k}, "
+                             f"{self.small_split_k}")
+        if min(self.shrink_programs_per_sm, self.expand_programs_per_sm) < 1 or self.small_items < 0:
+            raise ValueError(f"programs per SM must be >= 1 and small_items >= 0, got {self.shrink_programs_per_sm}, "
+                             f"{self.expand_programs_per_sm}, {self.small_items}")
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1:
             raise ValueError(f"num_warps must be a power of two <= 16 and num_stages >= 1, got "
                              f"{self.num_warps}, {self.num_stages}")
@@ -97,34 +106,38 @@ DECODE_MAX_TOKENS = 512
 
 def decode_config(in_features: int, max_rank: int) -> KernelConfig:
     """Few tokens, many adapters (memory-bound on the weights): 16-token tiles, 16-row rank tiles
-    (a rank-8 adapter wastes little and a rank-128 one gets 8 programs per K half), K split in 2.
+    (a rank-8 adapter wastes little and a rank-128 one gets 8 tasks per K split), K split in 2 from
+    128 work items on.
 
     H100 sweep (Llama-2-7B qkv, 256 tokens x 256 adapters, kernels/NOTES.md): split 2 instead of 4
     took expand from 197 to 163 us (half the h partials to gather per rank step) for +3% in shrink;
     expand tiles of 256 columns instead of 128 took it to 171 us (twice the B bytes per program, so
     the dependent table loads at a program's start are paid half as often).
 
-    At 16 tokens or fewer there are too few work items for that: a single adapter at one token
-    would have 2 programs per rank tile, each a 16-step dependent K loop (v2: 25 us for qkv at 1 x 1,
-    v1 with split 16: 14 us), so those calls split K in 16 (`small_split_k`, a runtime argument:
-    no compile more).
+    With few real work items that starves the GPU: one adapter has 2 tasks per rank tile, each a
+    16-step K loop (v2, qkv r16: shrink 21 us at 1 token and 23 us at 256 tokens of one adapter;
+    v1 with split 16 at 1 token: 9 us). So the split grows as the items get fewer, up to 16 at
+    <= 16 items (`split_for`; chosen on the device per step: no compile, no host sync). The v2
+    sweep at 64 x 64 mixed agrees: split 4 took shrink 67 -> 61 us and expand 57 -> 54.
 
-    Programs per SM: shrink 72 registers -> 7, expand 128 -> 4 (4 warps, sm_90).
+    Programs per SM: shrink 80 registers -> 6, expand 128 -> 4 (4 warps, sm_90, ptxas -v).
     """
     return KernelConfig(block_m=16, split_k=2, block_r=16, block_k=128, block_n=256, block_kr=16,
-                        shrink_programs_per_sm=7, expand_programs_per_sm=4, small_tokens=16, small_split_k=16)
+                        shrink_programs_per_sm=6, expand_programs_per_sm=4, small_items=16, small_split_k=16)
 
 
 def prefill_config(in_features: int, max_rank: int) -> KernelConfig:
-    """Long segments: 64-token tiles so each A/B tile is reused across tokens, rank tiles of 64
+    """Long segments: 64-token tiles so each A/B tile is reused across tokens, rank tiles of 32
     (up to max_rank), 128-wide K steps, 4 warps.
 
     H100 sweep (4,096 tokens, 16 adapters of ranks 8..128): shrink 237 us with rank tiles of 128,
     K steps of 64 and 8 warps; 122 us with rank tiles of 64 (half the zero rows fed to the MMA for
     ranks <= 64, twice the programs), 126 with K steps of 128, 174 with 4 warps; expand 264 -> 229
-    us with 4 warps.
+    us with 4 warps. Second sweep (v2, 2026-11-23): rank tiles of 32 instead of 64 took the shrink
+    from 140 to 88 us at 4,096 x 16 mixed and from 59 to 49 us at 4,096 x 1 rank 16 (K steps of
+    64: 98; 8 warps: 104). Programs per SM: shrink 235 registers -> 2, expand 168 -> 3.
     """
-    block_r = min(64, max(16, triton.next_power_of_2(max_rank)))
+    block_r = min(32, max(16, triton.next_power_of_2(max_rank)))
     return KernelConfig(block_m=64, split_k=1, block_r=block_r, block_k=128, block_n=128, block_kr=32,
                         num_warps=4, shrink_programs_per_sm=2, expand_programs_per_sm=3)
 
@@ -250,16 +263,24 @@ def _shrink_acc(x_ptr, pool_ptr, tok, m_mask, rows, r_mask, k_lo, k_hi, stride_x
 #: Integer arguments Triton must not specialize on (value 1, multiple of 16): they differ between
 #: layers (module ids, tile counts) or with the token count (`stride_hs`), and each new
 #: specialization is a JIT compile, during vLLM's CUDA-graph capture. The ones left specialized
-#: (K split length, x/y/table strides, slice widths) are the same at every token count and keep
+#: (x/y/table strides, slice widths) are the same at every token count and keep
 #: the alignment facts the 16-byte vector loads and stores rely on.
-_SHRINK_DYNAMIC = ("work_stride", "m0", "m1", "m2", "K", "max_rank", "split_k", "num_rank_tiles", "inner",
+_SHRINK_DYNAMIC = ("work_stride", "m0", "m1", "m2", "K", "max_rank", "split_k", "small_split_k", "small_items",
+                   "num_slices", "num_rank_tiles", "stride_hs")
+_EXPAND_DYNAMIC = ("work_stride", "m0", "m1", "m2", "max_rank", "n_tiles", "split_k", "small_split_k", "small_items",
                    "stride_hs")
-_EXPAND_DYNAMIC = ("work_stride", "m0", "m1", "m2", "max_rank", "n_tiles", "split_k", "stride_hs")
+
+
+@triton.jit
+def _split_for(n_work, split_k, small_split_k, small_items):
+    """`KernelConfig.split_for` on the device (both kernels compute the same split)."""
+    s = (small_split_k * small_items) // tl.maximum(n_work, 1)
+    return tl.maximum(split_k, tl.minimum(small_split_k, s))
 
 
 @triton.jit(do_not_specialize=_SHRINK_DYNAMIC)
 def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, count_ptr, sorted_ptr, a_addr_ptr, ranks_ptr,
-                   m0, m1, m2, K, max_rank, k_per_split, split_k, num_rank_tiles, inner,
+                   m0, m1, m2, K, max_rank, split_k, small_split_k, small_items, num_slices, num_rank_tiles,
                    stride_xm, stride_xk, stride_as, stride_am, stride_rs,
                    stride_hs, stride_ht, stride_hi,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -268,16 +289,21 @@ def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, count_ptr, sor
     h[split, tokens, slice, rank tile], the i-th of its tasks being pid + i * num_programs.
 
     The work item varies slowest, so the programs running together share its x rows (L2 reuse).
-    `inner` = slices * num_rank_tiles * split_k tasks per work item; only the `count_ptr` real
-    work items have tasks, and a rank tile past the adapter's rank costs three cached loads.
+    `inner` = slices * num_rank_tiles * split tasks per work item; only the `count_ptr` real work
+    items have tasks, and a rank tile past the adapter's rank costs two cached loads. The split
+    depends on the number of real items (`_split_for`); a split past K's end stores zeros.
     """
-    total = tl.load(count_ptr) * inner
+    n_work = tl.load(count_ptr)
+    split = _split_for(n_work, split_k, small_split_k, small_items)
+    k_per_split = tl.cdiv(tl.cdiv(K, split), BLOCK_K) * BLOCK_K  # whole K steps: EVEN_K holds per split
+    inner = num_slices * num_rank_tiles * split
+    total = n_work * inner
     for task in range(tl.program_id(0), total, tl.num_programs(0)):
         w = task // inner
         j = task % inner
-        sl = j // (num_rank_tiles * split_k)
-        r0 = ((j // split_k) % num_rank_tiles) * BLOCK_R
-        sp = j % split_k
+        sl = j // (num_rank_tiles * split)
+        r0 = ((j // split) % num_rank_tiles) * BLOCK_R
+        sp = j % split
         slot = tl.load(work_ptr + w).to(tl.int64)
         m = tl.where(sl == 0, m0, tl.where(sl == 1, m1, m2))
         r = tl.minimum(tl.load(ranks_ptr + slot * stride_rs + m), max_rank)
@@ -310,7 +336,7 @@ def _expand_acc(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask,
     """(sum over K splits of h[:, tok, sl, :r]) @ B^T[:r, offs_n] in fp32 (tf32 inputs).
 
     STATIC_SPLIT: the call's split is the config's SPLIT_K, summed unrolled (a nested loop would
-    stop the pipelining of B); otherwise the `split_k` partials of a small call, in a loop."""
+    stop the pipelining of B); otherwise the `split_k` partials of a step with few work items, in a loop."""
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, r, BLOCK_K):
@@ -358,7 +384,7 @@ def _expand_tile(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask
 
 @triton.jit(do_not_specialize=_EXPAND_DYNAMIC)
 def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, count_ptr, sorted_ptr, b_addr_ptr, ranks_ptr,
-                   scales_ptr, m0, m1, m2, w0, w1, w2, max_rank, n_tiles, split_k,
+                   scales_ptr, m0, m1, m2, w0, w1, w2, max_rank, n_tiles, split_k, small_split_k, small_items,
                    stride_ym, stride_yn, stride_bs, stride_bm, stride_rs,
                    stride_hs, stride_ht, stride_hi,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -367,11 +393,13 @@ def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, count_ptr, sor
     y[tokens, tile] += scale * h @ B^T, the i-th of its tasks being pid + i * num_programs.
 
     The work item varies slowest: the programs running together read consecutive columns of the
-    same B^T rows. Only the `count_ptr` real work items have tasks. SMALL_SPLIT: the config has a
-    small-call split, so `split_k` may differ from SPLIT_K (compiled only then: the loop over a
-    runtime split costs the prefill expand 60 registers, 3 -> 2 programs per SM).
+    same B^T rows. Only the `count_ptr` real work items have tasks. SMALL_SPLIT: the config may
+    split K otherwise than SPLIT_K (`_split_for`); the loop over a runtime split is compiled only
+    then (it costs the prefill expand 60 registers, 3 -> 2 programs per SM).
     """
-    total = tl.load(count_ptr) * n_tiles
+    n_work = tl.load(count_ptr)
+    split = _split_for(n_work, split_k, small_split_k, small_items)
+    total = n_work * n_tiles
     t0 = tl.cdiv(w0, BLOCK_N)
     t01 = t0 + tl.cdiv(w1, BLOCK_N)
     for task in range(tl.program_id(0), total, tl.num_programs(0)):
@@ -393,12 +421,12 @@ def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, count_ptr, sor
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < width
             b_rows_ptr = b_addr_ptr + slot * stride_bs + m * stride_bm
-            if SMALL_SPLIT and split_k != SPLIT_K:
-                acc = _expand_tile(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask, split_k,
+            if SMALL_SPLIT and split != SPLIT_K:
+                acc = _expand_tile(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask, split,
                                    stride_hs, stride_ht, stride_hi, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, False,
                                    RANK_P2, EVEN_N)
             else:
-                acc = _expand_tile(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask, split_k,
+                acc = _expand_tile(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask, split,
                                    stride_hs, stride_ht, stride_hi, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, True,
                                    RANK_P2, EVEN_N)
             scale = tl.load(scales_ptr + slot * stride_rs + m)
@@ -413,11 +441,12 @@ def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, count_ptr, sor
 
 def shrink_buffer(num_tokens: int, num_slices: int, max_rank: int, config: KernelConfig,
                   device: torch.device | str) -> torch.Tensor:
-    """The fp32 h buffer [config.split_for(T), T, slices, max_rank rounded up to block_r] shrink writes.
+    """The fp32 h buffer [config.max_split, T, slices, max_rank rounded up to block_r] shrink writes.
 
-    It needs no clearing: expand reads only (token, slice, rank) entries shrink wrote this call.
+    It needs no clearing: expand reads only (split, token, slice, rank) entries shrink wrote this
+    call (the splits below the step's split, `_split_for`).
     """
-    return torch.empty((config.split_for(num_tokens), num_tokens, num_slices, _padded_rank(max_rank, config)),
+    return torch.empty((config.max_split, num_tokens, num_slices, _padded_rank(max_rank, config)),
                        dtype=torch.float32, device=device)
 
 
@@ -516,21 +545,21 @@ def _shrink_launch(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: S
     _check_tables("a_addr", a_addr, ranks, meta, max_rank, x.device)
     _check_tokens(t, meta)
     padded = _padded_rank(max_rank, config)
-    split = config.split_for(t)
+    split = config.max_split
     if h.dtype != torch.float32 or h.dim() != 4 or h.shape[0] != split or h.shape[1] < t \
             or h.shape[2:] != (len(module_ids), padded) or h.stride(3) != 1 or h.device != x.device:
         raise ValueError(f"h must be fp32 [{split}, >={t}, {len(module_ids)}, {padded}] with unit last "
                          f"stride on {x.device} (see shrink_buffer), got {h.dtype} {tuple(h.shape)} on {h.device}")
     num_rank_tiles = padded // config.block_r
-    k_per_split = triton.cdiv(triton.cdiv(k_in, split), config.block_k) * config.block_k
     work = meta.work[config.block_m]
-    inner = len(module_ids) * num_rank_tiles * split
+    inner = len(module_ids) * num_rank_tiles * split  # tasks per work item at the largest split
     m0, m1, m2 = _pad3(module_ids, module_ids[0])
     args = dict(x_ptr=x, pool_ptr=pool, h_ptr=h, work_ptr=work, work_stride=work.stride(0),
                 count_ptr=meta.work_count[config.block_m],
                 sorted_ptr=meta.sorted_tokens, a_addr_ptr=a_addr, ranks_ptr=ranks, m0=m0, m1=m1, m2=m2, K=k_in,
-                max_rank=max_rank, k_per_split=k_per_split, split_k=split, num_rank_tiles=num_rank_tiles,
-                inner=inner, stride_xm=x.stride(0), stride_xk=x.stride(1), stride_as=a_addr.stride(0),
+                max_rank=max_rank, split_k=config.split_k, small_split_k=config.small_split_k,
+                small_items=config.small_items, num_slices=len(module_ids), num_rank_tiles=num_rank_tiles,
+                stride_xm=x.stride(0), stride_xk=x.stride(1), stride_as=a_addr.stride(0),
                 stride_am=a_addr.stride(1), stride_rs=ranks.stride(0), stride_hs=h.stride(0),
                 stride_ht=h.stride(1), stride_hi=h.stride(2))
     constexprs = dict(BLOCK_M=config.block_m, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
@@ -553,7 +582,7 @@ def _expand_launch(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta: S
             or scales.device != y.device:
         raise ValueError(f"scales must be contiguous fp32 {tuple(ranks.shape)} on {y.device}, got "
                          f"{scales.dtype} {tuple(scales.shape)} on {scales.device}")
-    split = config.split_for(t)
+    split = config.max_split
     if h.dtype != torch.float32 or h.dim() != 4 or h.shape[0] != split or h.shape[1] < t \
             or h.shape[2] != len(module_ids) or h.shape[3] < max_rank or h.stride(3) != 1 or h.device != y.device:
         raise ValueError(f"h must be the fp32 shrink buffer [{split}, >={t}, {len(module_ids)}, >={max_rank}] "
@@ -565,11 +594,12 @@ def _expand_launch(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta: S
     args = dict(y_ptr=y, h_ptr=h, pool_ptr=pool, work_ptr=work, work_stride=work.stride(0),
                 count_ptr=meta.work_count[config.block_m],
                 sorted_ptr=meta.sorted_tokens, b_addr_ptr=b_addr, ranks_ptr=ranks, scales_ptr=scales,
-                m0=m0, m1=m1, m2=m2, w0=w0, w1=w1, w2=w2, max_rank=max_rank, n_tiles=n_tiles, split_k=split,
+                m0=m0, m1=m1, m2=m2, w0=w0, w1=w1, w2=w2, max_rank=max_rank, n_tiles=n_tiles, split_k=config.split_k,
+                small_split_k=config.small_split_k, small_items=config.small_items,
                 stride_ym=y.stride(0), stride_yn=y.stride(1), stride_bs=b_addr.stride(0), stride_bm=b_addr.stride(1),
                 stride_rs=ranks.stride(0), stride_hs=h.stride(0), stride_ht=h.stride(1), stride_hi=h.stride(2))
     constexprs = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_kr, SPLIT_K=config.split_k,
-                      SMALL_SPLIT=config.small_tokens > 0 and config.small_split_k != config.split_k,
+                      SMALL_SPLIT=config.max_split != config.split_k,
                       RANK_P2=max(16, triton.next_power_of_2(max_rank)),
                       EVEN_N=all(w % config.block_n == 0 for w in slice_widths))
     grid = _persistent_grid(meta.work_bound(t, config.block_m) * n_tiles, config.expand_programs_per_sm, y.device)

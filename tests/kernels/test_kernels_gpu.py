@@ -3,10 +3,12 @@ and the absence of host syncs in the per-step path. Skipped without a CUDA GPU."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from slora_plugin.kernels import SegmentMeta, bound_violations, lora_linear_exact, paged_lora_linear
+from slora_plugin.kernels import SegmentMeta, bound_violations, decode_config, lora_linear_exact, paged_lora_linear
 from slora_plugin.kernels.synthetic import build_synthetic_pool
 from slora_plugin.layout import MODULE_INDEX, PACKED_MODULES, ModelDims
 
@@ -36,7 +38,7 @@ def slot_ranks() -> list[dict[str, int]]:
 
 
 def token_slots(phase: str, num_slots: int, gen: torch.Generator) -> torch.Tensor:
-    if phase == "decode":  # one token per sequence, adapters interleaved, some base-model rows
+    if phase.startswith("decode"):  # one token per sequence, adapters interleaved, some base-model rows
         slots = torch.randint(-1, num_slots, (200,), generator=gen)
     elif phase == "small":  # a decode call of <= 16 tokens: K split in 16, partials summed in a loop
         slots = torch.tensor([3, 0, -1, 8, 3, 7, 1, 9, 2, 5, 6])
@@ -54,7 +56,7 @@ def layer_shapes(dims: ModelDims, layer: str) -> tuple[tuple[int, ...], int, tup
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("phase", ["decode", "small", "prefill"])
+@pytest.mark.parametrize("phase", ["decode", "decode-split2", "small", "prefill"])
 def test_real_sizes_match_reference(model: str, dtype: torch.dtype, phase: str) -> None:
     """Every element within the error a correct kernel may have, against the fp64 answer.
 
@@ -79,6 +81,9 @@ def test_real_sizes_match_reference(model: str, dtype: torch.dtype, phase: str) 
                               generator=gen, random_scales=True, spare_blocks=7)
     slots = token_slots(phase, len(SLOT_RANKS), torch.Generator().manual_seed(5)).cuda()
     t = slots.numel()
+    # 16 work items: the decode config splits K in 16 (`split_for`); "decode-split2" turns that off
+    # to test the unrolled 2-way sum the config takes from 128 items on
+    config = replace(decode_config(4096, MAX_RANK), small_items=0) if phase == "decode-split2" else None
     meta = SegmentMeta(max_tokens=4096, max_slots=len(SLOT_RANKS), device="cuda")
     meta.update(slots)
     for layer in PACKED_MODULES:
@@ -89,7 +94,7 @@ def test_real_sizes_match_reference(model: str, dtype: torch.dtype, phase: str) 
                                            sp.scales, module_ids, widths)
         got = out.clone()
         paged_lora_linear(got[:, 32:-32], x, sp.pool, meta, sp.a_addr, sp.b_addr, sp.ranks, sp.scales,
-                          module_ids, widths, MAX_RANK)
+                          module_ids, widths, MAX_RANK, config)
         base = slots < 0
         assert torch.equal(got[base], out[base]), f"{layer}: base-model rows changed"
         assert torch.equal(got[:, :32], out[:, :32]) and torch.equal(got[:, -32:], out[:, -32:])
@@ -101,7 +106,7 @@ def test_real_sizes_match_reference(model: str, dtype: torch.dtype, phase: str) 
             ranks[3, module_ids[0]] -= 1                   # slot 3 has rank 128: skip its last row
             mutated = out.clone()
             paged_lora_linear(mutated[:, 32:-32], x, sp.pool, meta, sp.a_addr, sp.b_addr, ranks, sp.scales,
-                              module_ids, widths, MAX_RANK)
+                              module_ids, widths, MAX_RANK, config)
             bad, _ = bound_violations(mutated[:, 32:-32], exact, allowed)
             assert bad > 0, "a dropped rank row stayed within the bound: the check cannot catch real bugs"
         del exact, allowed

@@ -146,11 +146,11 @@ def config_for(case: Case):
     return {"auto": None, "decode": decode_config(k_in, MAX_RANK), "prefill": prefill_config(k_in, MAX_RANK),
             # uneven K split with an empty last split, 4 rank tiles, narrow output tiles
             "odd": KernelConfig(block_m=16, split_k=3, block_r=32, block_k=16, block_n=16, block_kr=16),
-            # 2 programs in all (CPU_SMS x 1) looping over every task; calls of <= 20 tokens split K in
-            # 5 (the expand sums a runtime number of partials), longer ones in 2 (unrolled)
+            # 2 programs in all (CPU_SMS x 1) looping over every task; K split in 5 at <= 4 work items,
+            # 3 or 4 at 5..10 (the expand sums a runtime number of partials), else 2 (unrolled)
             "persistent": KernelConfig(block_m=16, split_k=2, block_r=16, block_k=16, block_n=32, block_kr=16,
                                        shrink_programs_per_sm=1, expand_programs_per_sm=1,
-                                       small_tokens=20, small_split_k=5),
+                                       small_items=4, small_split_k=5),
             }[case.variant]
 
 
@@ -264,25 +264,26 @@ def _tiny_case(token_slot: list[int], seed: int = 0):
     return sp, slots, x, y
 
 
-@pytest.mark.parametrize("num_tokens", [1, 13, 37])
-def test_few_programs_loop_over_all_tasks(num_tokens: int) -> None:
+@pytest.mark.parametrize(("num_tokens", "small_items", "split"), [(1, 4, 5), (13, 4, 5), (37, 3, 3), (37, 0, 2)])
+def test_few_programs_loop_over_all_tasks(num_tokens: int, small_items: int, split: int) -> None:
     """qkv_proj with 2 programs in all (fewer than the real tasks, so each loops), token counts
-    that are not multiples of the 16-token tile, the small-call split (1, 13) and the unrolled one
-    (37), a NaN-poisoned h: within the error bound of every element."""
+    that are not multiples of the 16-token tile, 4 work items split K in 5 (past K's end: empty
+    splits), 3 and 2 (unrolled in the expand), a NaN-poisoned h: within the error bound of every
+    element."""
     module_ids, _, widths = LAYERS["qkv_proj"]
     token_slot = [(3 * t + 1) % 5 - 1 for t in range(num_tokens)]  # 0, 3, 1, -1, 2, ...
     sp, slots, x, y = _tiny_case(token_slot, seed=num_tokens)
     config = KernelConfig(block_m=16, split_k=2, block_r=16, block_k=16, block_n=32, block_kr=16,
-                          shrink_programs_per_sm=1, expand_programs_per_sm=1, small_tokens=16,
-                          small_split_k=3)
+                          shrink_programs_per_sm=1, expand_programs_per_sm=1, small_items=small_items,
+                          small_split_k=5)
     meta = SegmentMeta(max_tokens=64, max_slots=4, device=DEVICE)
     meta.update(slots)
     shrink, expand = launch_plans(y, x, sp.pool, meta, sp.a_addr, sp.b_addr, sp.ranks, sp.scales, module_ids, widths,
                                   MAX_RANK, config)
     real = int(meta.work_count[16])
     assert real >= 1 and shrink.grid[0] == expand.grid[0] == 2
-    assert shrink.args["split_k"] == (3 if num_tokens <= 16 else 2)
-    assert real * shrink.args["inner"] > 2 and real * expand.args["n_tiles"] > 2
+    assert config.split_for(real) == split
+    assert real * 3 * 8 * split > 2 and real * expand.args["n_tiles"] > 2
     exact, allowed = lora_linear_exact(y, x, sp.pool, slots, sp.a_addr, sp.b_addr, sp.ranks, sp.scales,
                                        module_ids, widths)
     h = shrink_buffer(num_tokens, 3, MAX_RANK, config, DEVICE).fill_(float("nan"))
@@ -311,7 +312,7 @@ def test_no_adapter_tokens_means_no_work() -> None:
                                   (64, 32, 32), MAX_RANK)
     assert shrink.grid == (config.shrink_programs_per_sm * CPU_SMS,)
     assert expand.grid == (config.expand_programs_per_sm * CPU_SMS,)
-    assert meta.work_bound(40, 16) * shrink.args["inner"] > shrink.grid[0]
+    assert meta.work_bound(40, 16) * 3 > shrink.grid[0]
 
 
 def test_bad_inputs_are_named() -> None:
