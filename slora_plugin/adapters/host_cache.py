@@ -172,6 +172,12 @@ class HostCache:
                 return True
             return path in self._failed_paths
 
+    def path_error(self, path: str) -> AdapterError | None:
+        """The error of the newest failed load of `path`, if its newest load failed."""
+        with self._cv:
+            key = self._failed_paths.get(path)
+            return None if key is None else self._failed.get(key)
+
     def path_busy(self, path: str) -> bool:
         """Whether `path` is cached, loading, or known bad (a prefetch would do nothing)."""
         with self._cv:

@@ -113,6 +113,22 @@ class AdapterStore:
             path = self._located.get(name_or_path)
         return path is not None and self.cache.path_ready(path)
 
+    def error(self, name_or_path: str) -> str | None:
+        """Why the adapter cannot be loaded, if that is already known without the disk: its
+        spec failed in `start`, or its host load failed (e.g. truncated weights). The scheduler
+        fails the adapter's requests with this message instead of admitting them."""
+        with self._lock:
+            path = self._located.get(name_or_path)
+            unloadable = name_or_path in self._unloadable
+        if unloadable:
+            try:
+                self.spec(name_or_path)
+            except AdapterError as e:
+                return str(e)
+            return None  # the files changed and are fine now
+        err = self.cache.path_error(path) if path is not None else None
+        return None if err is None else str(err)
+
     def start(self, name_or_path: str) -> None:
         """Start the host load of `name_or_path` now, unless it is cached, loading or known
         bad. Cheap when it is (no file-system access), so it may be called every step."""

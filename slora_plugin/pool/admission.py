@@ -30,6 +30,9 @@ class HostReadiness(Protocol):
     def start(self, path: str) -> None:
         """Start reading the adapter into pinned memory now (no-op when ready or loading)."""
 
+    def error(self, path: str) -> str | None:
+        """Why the adapter cannot be loaded, when that is known (its load failed); else None."""
+
 
 @dataclass
 class AdmissionPlan(Generic[R]):

@@ -229,8 +229,9 @@ class _SLoRAScheduling:
             self.kv_cache_manager.mark_unusable(request.request_id, str(e))
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        self._fail_unusable()
         readiness = self._readiness()
+        self._mark_failed_loads(readiness)
+        self._fail_unusable()
         hidden = self._hide_unready(readiness) if readiness is not None else None
         try:
             output = super().schedule(*args, **kwargs)  # type: ignore[misc]
@@ -241,6 +242,33 @@ class _SLoRAScheduling:
         hints = self._prefetch_hints() if readiness is None else ()
         attach(output, self.kv_cache_manager.pool.take_commands(hints))
         return output
+
+    def _mark_failed_loads(self, readiness: HostReadiness | None) -> None:
+        """Requests whose adapter cannot be loaded become unusable (failed before this step):
+        those of adapters whose load failed in the worker after admission (every request
+        using it, running or not), and waiting ones whose host load is known to have failed,
+        so that they are never admitted (their load would fail in the worker)."""
+        link = self._worker_link()
+        failed = link.failures.take() if link is not None else {}
+        mgr = self.kv_cache_manager
+        if failed:
+            for request in self.requests.values():
+                lr = request.lora_request
+                if lr is not None and lr.lora_int_id in failed and not request.is_finished():
+                    mgr.mark_unusable(request.request_id, failed[lr.lora_int_id])
+        if readiness is None:
+            return
+        pool = mgr.pool
+        for request in vllm_patch.waiting_in_order(self)[:self._scan_limit()]:
+            lr = request.lora_request
+            if lr is None or pool.resident(lr.lora_int_id) is not None:
+                continue
+            reason = readiness.error(lr.lora_path or lr.lora_name)
+            if reason is not None:  # an AdapterError's text: it names the adapter and file
+                mgr.mark_unusable(request.request_id, reason)
+
+    def _scan_limit(self) -> int:
+        return 2 * self.max_num_running_reqs + 8 * self.slora_config.prefetch_depth
 
     def _readiness(self) -> HostReadiness | None:
         if self.slora_config.prefetch_depth == 0:
@@ -266,7 +294,7 @@ class _SLoRAScheduling:
         plan = plan_admission(
             waiting, adapter_of, lambda lora_id: pool.resident(lora_id) is not None, readiness,
             slots=self.max_num_running_reqs - len(self.running), start_limit=depth,
-            scan_limit=2 * self.max_num_running_reqs + 8 * depth, idle=not self.running)
+            scan_limit=self._scan_limit(), idle=not self.running)
         self.admission_holds += len(plan.held)
         if plan.forced is not None:
             self.admission_forced += 1

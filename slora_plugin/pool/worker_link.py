@@ -8,7 +8,8 @@ the engine's `VllmConfig.instance_id`, two things the scheduler can use directly
   admits a request only when its adapter's host copy is ready, and starts the host loads itself,
   at once, instead of sending prefetch hints the worker would apply a step later;
 - the worker's count of blocking host loads (`HostLoadWaits`): how often, and for how long, a
-  step waited for an adapter's disk read; the scheduler adds it to `pool_stats()`.
+  step waited for an adapter's disk read; the scheduler adds it to `pool_stats()`;
+- the loads that failed in the worker (`LoadFailures`), whose requests the scheduler fails.
 
 With workers in other processes (multiprocessing executor) nothing is published in the
 scheduler's process: `lookup` returns None, admission does not wait for host copies (the
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from slora_plugin.pool.admission import HostReadiness
@@ -57,12 +58,32 @@ class HostLoadWaits:
                     "host_load_wait_s": round(self._wait_s, 6)}
 
 
+class LoadFailures:
+    """Adapters whose load failed in the worker after the scheduler admitted them (their
+    weights turned out unreadable, or the host cache could not hold them): lora id -> reason.
+    The worker adds, the scheduler takes them and fails the adapters' requests."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failed: dict[int, str] = {}
+
+    def add(self, lora_id: int, reason: str) -> None:
+        with self._lock:
+            self._failed[lora_id] = reason
+
+    def take(self) -> dict[int, str]:
+        with self._lock:
+            out, self._failed = self._failed, {}
+            return out
+
+
 @dataclass(eq=False)
 class WorkerLink:
-    """What one worker publishes: its readiness oracle and its wait counts."""
+    """What one worker publishes: its readiness oracle, its wait counts and its failed loads."""
 
     readiness: HostReadiness
     waits: HostLoadWaits
+    failures: LoadFailures = field(default_factory=LoadFailures)
 
 
 _lock = threading.Lock()

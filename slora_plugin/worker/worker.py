@@ -28,10 +28,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from vllm.logger import init_logger
 from vllm.v1.worker.gpu_worker import Worker
 
 from slora_plugin.config import engine_settings
-from slora_plugin.layout import ModelDims
+from slora_plugin.adapters.errors import AdapterError, HostCacheFullError
+from slora_plugin.layout import ModelDims, PageLayout
 from slora_plugin.patches import kv_pool
 from slora_plugin.patches import lora_cudagraph as graphs_patch
 from slora_plugin.patches import lora_worker as worker_patch
@@ -43,6 +45,9 @@ from slora_plugin.worker.lora_manager import SLoRAModelManager, SLoRAWorkerLoRAM
 from slora_plugin.worker.ops import pool_view
 from slora_plugin.worker.page_loader import PageLoader
 from slora_plugin.worker.threads import limit_child_torch_threads
+
+
+logger = init_logger("vllm.slora.worker")
 
 
 class SLoRAScopeError(ValueError):
@@ -204,8 +209,20 @@ class SLoRAWorker(Worker):
             self.adapter_store.prefetch([path for _name, path in commands.prefetch])
 
     def _load(self, load: LoadAdapter, pools: list[torch.Tensor]) -> None:
+        try:
+            lease_cm = self._lease(load)
+        except AdapterError as e:
+            # Admitted, but its weights cannot be read (e.g. truncated after the config check)
+            # or it cannot fit the host cache: the engine must keep serving the others. It is
+            # registered with no rows (rank 0: the kernels read nothing of its pages) for the
+            # step that may run before the scheduler fails its requests with this reason.
+            logger.error("adapter %r (%s) could not be loaded: %s", load.name, load.path, e)
+            self._link.failures.add(load.lora_id, str(e))
+            no_rows = PageLayout(self.page_elems, len(load.block_ids), {}, 0)
+            self.slora_manager.mark_resident(load.lora_id, no_rows, tuple(load.block_ids))
+            return
         lease_stack = ExitStack()
-        lease = lease_stack.enter_context(self.adapter_store.get(load.path))
+        lease = lease_stack.enter_context(lease_cm)
         self.host_waits.record(lease.waited_s)
         try:
             if lease.spec.num_pages != len(load.block_ids):
@@ -225,6 +242,18 @@ class SLoRAWorker(Worker):
             raise
         self._in_flight.append(_InFlight(event, lease_stack))
         self.slora_manager.mark_resident(load.lora_id, lease.spec.layout, tuple(load.block_ids))
+
+    def _lease(self, load: LoadAdapter):
+        """The adapter's host lease. When one step admits more adapters than the host cache
+        holds at once, the leases of this step's earlier copies are what fills it: wait for
+        those copies, give their leases back and try once more."""
+        try:
+            return self.adapter_store.get(load.path)
+        except HostCacheFullError:
+            if self._copy_stream is not None:
+                self._copy_stream.synchronize()
+            self._release_finished()
+            return self.adapter_store.get(load.path)
 
     def _release_finished(self) -> None:
         """Give back host leases whose copies have completed (pinned pages may then be reused)."""

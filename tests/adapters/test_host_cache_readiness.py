@@ -151,3 +151,34 @@ def test_failed_load_is_ready_and_forgotten_when_the_files_change(tmp_path, tiny
         assert store.ready("a")
     finally:
         store.close()
+
+
+def test_error_names_the_file_once_a_host_load_failed(tmp_path, tiny_dims):
+    """Truncated weights pass the config check; the scheduler learns from `error` that the
+    adapter cannot be loaded (and admits nothing for it), while a good one has no error."""
+    store = make_store(tmp_path, tiny_dims, ["bad", "good"])
+    weights = tmp_path / "bad" / "adapter_model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    try:
+        for n in ("bad", "good"):
+            assert store.error(n) is None  # nothing known yet
+            store.start(n)
+        wait_until(lambda: store.ready("bad") and store.ready("good"))
+        reason = store.error("bad")
+        assert reason is not None and "bad" in reason and "adapter_model.safetensors" in reason
+        assert store.error("good") is None
+        with pytest.raises(AdapterError):
+            store.get("bad")
+    finally:
+        store.close()
+
+
+def test_error_of_an_adapter_whose_config_is_refused(tmp_path, tiny_dims):
+    store = make_store(tmp_path, tiny_dims, ["a"])
+    (tmp_path / "a" / "adapter_config.json").write_text("{not json")
+    try:
+        store.start("a")
+        assert store.ready("a") and "adapter_config.json" in store.error("a")
+    finally:
+        store.close()

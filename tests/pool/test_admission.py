@@ -19,10 +19,14 @@ BOTH = pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "
 class FakeReadiness:
     """Host copies become ready only when the test says so; records every call."""
 
-    def __init__(self, ready=()):
+    def __init__(self, ready=(), errors=None):
         self.ready_paths = set(ready)
+        self.errors: dict[str, str] = dict(errors or {})
         self.started: list[str] = []
         self.asked: list[str] = []
+
+    def error(self, path: str) -> str | None:
+        return self.errors.get(path)
 
     def ready(self, path: str) -> bool:
         self.asked.append(path)
@@ -188,3 +192,44 @@ def test_priority_scheduling_holds_and_puts_back(tiny_model_dir):
     out = sched.schedule()
     assert new_ids(out) == [b.request_id] and list(sched.skipped_waiting) == [a]
     assert busy[0].status == RequestStatus.RUNNING
+
+
+@BOTH
+def test_a_failed_host_load_fails_only_its_requests_before_admission(tiny_model_dir, async_scheduling):
+    """Truncated weights pass the config check; once the host load failed, the adapter's
+    waiting requests finish with its reason and are never admitted (the worker's load would
+    fail); the others run."""
+    reason = "adapter 'adapter-1', file adapter_model.safetensors: truncated (read 10 of 20 bytes)"
+    fake = FakeReadiness(ready={path(1), path(2)}, errors={path(1): reason})
+    sched = gated_scheduler(tiny_model_dir, fake, async_scheduling)
+    bad, good = add_requests(sched, [make_request(16, 3, lora_request=lora(1)),
+                                     make_request(16, 3, lora_request=lora(2))])
+    loop = engine_loop(sched)
+    out = loop.step()
+    assert new_ids(out) == [good.request_id]
+    assert [l.lora_id for l in commands_of(out).load] == [2]
+    assert bad.status == RequestStatus.FINISHED_ERROR and bad.stop_reason == reason
+    loop.run()
+    assert good.status == RequestStatus.FINISHED_LENGTH_CAPPED
+
+
+@BOTH
+def test_a_load_that_failed_in_the_worker_fails_the_adapters_running_requests(tiny_model_dir,
+                                                                             async_scheduling):
+    fake = FakeReadiness(ready={path(1), path(2)})
+    sched = gated_scheduler(tiny_model_dir, fake, async_scheduling)
+    link = WorkerLink(fake, HostLoadWaits())
+    publish(engine_key(sched.vllm_config), link)
+    a, b = add_requests(sched, [make_request(16, 20, lora_request=lora(1)),
+                                make_request(16, 20, lora_request=lora(2))])
+    loop = engine_loop(sched)
+    loop.step()
+    assert a.status == b.status == RequestStatus.RUNNING
+    link.failures.add(1, "adapter 'adapter-1': the host cache has no room")
+    loop.step()
+    assert a.status == RequestStatus.FINISHED_ERROR and "no room" in a.stop_reason
+    assert b.status == RequestStatus.RUNNING
+    loop.run()
+    assert b.status == RequestStatus.FINISHED_LENGTH_CAPPED
+    stats = sched.pool_stats()
+    assert stats["pages_kv"] == 0

@@ -264,26 +264,15 @@ class _Store:
 
 
 def test_worker_applies_evict_load_prefetch(vllm_cpu, tiny_dims, monkeypatch):
-    from types import SimpleNamespace
-
-    from slora_plugin.pool.commands import LoadAdapter, StepCommands
-    from slora_plugin.pool.worker_link import HostLoadWaits
     from raw_pages import render_pages
-    from slora_plugin.worker.page_loader import PageLoader
-    from slora_plugin.worker.worker import SLoRAWorker
+    from slora_plugin.pool.commands import LoadAdapter, StepCommands
 
     g = torch.Generator().manual_seed(2)
     _, mgr, _ = _manager(vllm_cpu, tiny_dims, monkeypatch, slots=2)
     pools = _layer_key_pools(mgr, tiny_dims)
     layout = plan_layout({"q_proj": 4, "down_proj": 8}, tiny_dims, PAGE)
     store = _Store(tiny_dims, {"/a/x": layout}, g)
-    w = object.__new__(SLoRAWorker)
-    w.adapter_store, w.page_elems, w._copy_stream, w._in_flight = store, PAGE, None, []
-    w._page_loader = PageLoader("cpu", 0)
-    w.host_waits = HostLoadWaits()
-    w._layer_pools = [SimpleNamespace(kv_cache=p) for p in pools]
-    w.model_config = SimpleNamespace(dtype=torch.float32)
-    w.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(model_manager=mgr))
+    w = _bare_worker(mgr, pools, store, tiny_dims)
 
     blocks = tuple(range(30, 30 - layout.num_pages, -1))  # descending: one copy per page
     w.apply_commands(StepCommands(load=(LoadAdapter(5, "x", "/a/x", blocks),),
@@ -301,3 +290,78 @@ def test_worker_applies_evict_load_prefetch(vllm_cpu, tiny_dims, monkeypatch):
     w.apply_commands(StepCommands(evict=(5,)))
     assert store.log == ["get", "release"]  # the CPU copy finished: lease given back
     assert not mgr.is_resident(5) and int(mgr.runtime.tables.ranks.sum()) == 0
+
+
+class _FailingStore(_Store):
+    """`get` raises: a HostCacheFullError the first `full` times, or an AdapterError for `bad`."""
+
+    def __init__(self, dims, layouts, g, bad=(), full=0):
+        super().__init__(dims, layouts, g)
+        self.bad, self.full = set(bad), full
+
+    def get(self, path):
+        from slora_plugin.adapters.errors import AdapterError, HostCacheFullError
+
+        if path in self.bad:
+            raise AdapterError(path.rsplit("/", 1)[1], "adapter_model.safetensors", "truncated")
+        if self.full:
+            self.full -= 1
+            raise HostCacheFullError(path, None, "every cached adapter is leased")
+        return super().get(path)
+
+
+def _bare_worker(mgr, pools, store, tiny_dims):
+    from types import SimpleNamespace
+
+    from slora_plugin.pool.worker_link import HostLoadWaits, WorkerLink
+    from slora_plugin.worker.page_loader import PageLoader
+    from slora_plugin.worker.worker import SLoRAWorker
+
+    w = object.__new__(SLoRAWorker)
+    w.adapter_store, w.page_elems, w._copy_stream, w._in_flight = store, PAGE, None, []
+    w._page_loader = PageLoader("cpu", 0)
+    w.host_waits = HostLoadWaits()
+    w._link = WorkerLink(store, w.host_waits)
+    w._layer_pools = [SimpleNamespace(kv_cache=p) for p in pools]
+    w.model_config = SimpleNamespace(dtype=torch.float32)
+    w.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(model_manager=mgr))
+    return w
+
+
+def test_a_load_that_fails_in_the_worker_is_reported_not_fatal(vllm_cpu, tiny_dims, monkeypatch):
+    """Weights that turn out unreadable after admission: the engine keeps going, the adapter is
+    registered with no rows (adds nothing) and the failure goes to the scheduler."""
+    from slora_plugin.pool.commands import LoadAdapter, StepCommands
+
+    g = torch.Generator().manual_seed(3)
+    _, mgr, _ = _manager(vllm_cpu, tiny_dims, monkeypatch, slots=2)
+    pools = _layer_key_pools(mgr, tiny_dims)
+    layout = plan_layout({"q_proj": 4}, tiny_dims, PAGE)
+    store = _FailingStore(tiny_dims, {"/a/x": layout, "/a/y": layout}, g, bad={"/a/x"})
+    w = _bare_worker(mgr, pools, store, tiny_dims)
+    before = [p.clone() for p in pools]
+    w.apply_commands(StepCommands(load=(LoadAdapter(5, "x", "/a/x", (3,)), LoadAdapter(6, "y", "/a/y", (4,)))))
+    failures = w._link.failures.take()
+    assert list(failures) == [5] and "truncated" in failures[5] and "adapter_model.safetensors" in failures[5]
+    assert mgr.is_resident(5) and mgr.is_resident(6)
+    mgr.add_adapter(mgr.resident_model(5))
+    mgr.activate_adapter(5)
+    slot = mgr.lora_index_to_id.index(5)
+    assert int(mgr.runtime.tables.ranks[slot].sum()) == 0  # no rows: the kernels read nothing
+    for b, p in zip(before, pools):
+        assert torch.equal(b[3], p[3]) and not torch.equal(b[4], p[4])  # y was written
+
+
+def test_host_cache_full_within_one_step_waits_for_its_copies_and_retries(vllm_cpu, tiny_dims,
+                                                                          monkeypatch):
+    from slora_plugin.pool.commands import LoadAdapter, StepCommands
+
+    g = torch.Generator().manual_seed(4)
+    _, mgr, _ = _manager(vllm_cpu, tiny_dims, monkeypatch, slots=2)
+    pools = _layer_key_pools(mgr, tiny_dims)
+    layout = plan_layout({"q_proj": 4}, tiny_dims, PAGE)
+    store = _FailingStore(tiny_dims, {"/a/x": layout, "/a/y": layout}, g, full=1)
+    w = _bare_worker(mgr, pools, store, tiny_dims)
+    w.apply_commands(StepCommands(load=(LoadAdapter(5, "x", "/a/x", (3,)),)))
+    assert store.full == 0 and mgr.is_resident(5) and w._link.failures.take() == {}
+    assert store.log == ["get"]
