@@ -55,6 +55,9 @@ class SlowHost:
         if path not in self.ready_paths:
             self.loading.setdefault(path, self.delay)
 
+    def error(self, path: str) -> None:
+        return None  # every load succeeds here; failed loads: tests/pool/test_admission.py
+
 
 def make_machine(vllm_config, async_scheduling: bool):
     class PoolMachine(RuleBasedStateMachine):

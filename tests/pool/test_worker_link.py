@@ -24,6 +24,9 @@ class Ready:
     def start(self, path: str) -> None:
         pass
 
+    def error(self, path: str) -> None:
+        return None
+
 
 def test_waits_count_hits_and_blocking_loads():
     waits = HostLoadWaits()
