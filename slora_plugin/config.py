@@ -67,7 +67,8 @@ class SLoRAConfig:
     host_cache_bytes: int = 8 * 2**30
     #: Threads reading and packing adapters from disk.
     loader_threads: int = 4
-    #: Queued requests whose adapters are prefetched into host memory ahead of admission.
+    #: Queued requests whose adapters are prefetched into host memory ahead of admission;
+    #: 0 also turns off admission by host readiness.
     prefetch_depth: int = 64
     #: vLLM modules that get paged LoRA (qkv_proj, o_proj, gate_up_proj, down_proj; PEFT names
     #: select their fused module). None: the modules the adapters in adapter_dir target at engine
