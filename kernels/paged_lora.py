@@ -11,11 +11,12 @@ the device (`SegmentMeta.update`, once per engine step, shared by all layers) an
 (segment, token tile) is one *work item*: every distinct adapter's rows are read once per tile,
 not once per token. The work list has a static upper bound (`SegmentMeta.work_bound`), so every
 grid depends only on the padded token count and static configuration. The kernels are persistent:
-at most `programs_per_sm` programs per SM loop over the tasks of the real work items, whose number
-`SegmentMeta.update` leaves in a device scalar, so a step with few (or no) adapter tokens does not
-pay for the worst-case grid (v2 started every task of the bound: +1.2 ms per Llama-2-7B decode step
-at 256 sequences without any adapter). Nothing in the per-step path synchronises with the host, so
-the launches can be captured in CUDA graphs.
+one wave of programs (`shrink_programs_per_sm` / `expand_programs_per_sm` per SM) loops over the
+tasks of the real work items, whose number `SegmentMeta.update` leaves in a device scalar, so a
+step with few (or no) adapter tokens does not pay for the worst-case grid (v2 started every task of
+the bound: +1.2 ms per Llama-2-7B decode step at 256 sequences without any adapter); the K split
+of the shrink is chosen from that number on the device too (`KernelConfig.split_for`). Nothing in
+the per-step path synchronises with the host, so the launches can be captured in CUDA graphs.
 
 The prefill and decode variants are the same kernels with different tiles (`decode_config`,
 `prefill_config`, picked from the static token count by `choose_config`): decode uses 16-token
