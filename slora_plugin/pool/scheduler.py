@@ -29,6 +29,7 @@ per-step cap on distinct adapters is that ceiling; residency is limited by memor
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable
 
@@ -350,7 +351,15 @@ class _SLoRAScheduling:
 
     def _worker_link(self) -> WorkerLink | None:
         """The worker of this engine, when it runs in this process (see worker_link)."""
-        return lookup(engine_key(self.vllm_config))
+        link = lookup(engine_key(self.vllm_config))
+        if not getattr(self, "_link_logged", False):
+            self._link_logged = True
+            logger.info("slora: %s (engine %s, pid %d)",
+                        "admission waits for host copies: the worker shares this process"
+                        if link is not None else
+                        "no worker in this process: admission does not wait for host copies",
+                        engine_key(self.vllm_config), os.getpid())
+        return link
 
     # ----------------------------------------------------------- operators
     def pool_stats(self) -> dict[str, int | float]:

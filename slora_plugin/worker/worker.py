@@ -23,6 +23,7 @@ What it adds to `vllm.v1.worker.gpu_worker.Worker`:
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -170,6 +171,8 @@ class SLoRAWorker(Worker):
                                           lora_target_modules=self.vllm_config.lora_config.target_modules)
         self._link = WorkerLink(readiness=self.adapter_store, waits=self.host_waits)
         publish(engine_key(self.vllm_config), self._link)
+        logger.info("slora: host adapter store published to the scheduler (engine %s, pid %d)",
+                    engine_key(self.vllm_config), os.getpid())
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(device=self.device)
         self._page_loader = PageLoader(self.device, record_bytes_bound(dims, c.max_lora_rank, dtype))
