@@ -209,17 +209,18 @@ def run_case(rank_name: str, sp, vllm_weights: dict, phase: str, tokens: int, di
 SWEEP = {
     ("decode", 256, 256): [{}, {"split_k": 4}, {"block_r": 32}, {"block_n": 128}, {"block_k": 64},
                            {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 8},
-                           {"shrink_programs_per_sm": 4, "expand_programs_per_sm": 2},
+                           {"shrink_programs_per_sm": 4, "expand_programs_per_sm": 2}, {"shrink_programs_per_sm": 6},
                            {"shrink_programs_per_sm": 14, "expand_programs_per_sm": 8},
                            {"shrink_programs_per_sm": 64, "expand_programs_per_sm": 64}],
-    ("decode", 64, 64): [{}, {"small_items": 0}, {"block_r": 32}, {"num_stages": 4},
+    # small_items 16: v3's split rule 256 // items (64 items: 4; 16: 16); 0: split 2 always (v2)
+    ("decode", 64, 64): [{}, {"small_items": 16}, {"block_r": 32}, {"num_stages": 4},
                          {"shrink_programs_per_sm": 14, "expand_programs_per_sm": 8}],
-    ("decode", 16, 16): [{}, {"small_split_k": 8}, {"small_items": 0}],   # small_items 0: split 2 always (v2)
+    ("decode", 16, 16): [{}, {"small_items": 16}, {"small_items": 4}],
     ("decode", 1, 1): [{}, {"small_split_k": 8}, {"small_split_k": 32, "small_items": 8}, {"small_items": 0}],
-    ("decode", 256, 1): [{}, {"small_items": 0}],
+    ("decode", 256, 1): [{}, {"small_items": 16}, {"small_items": 4}],
     ("prefill", PREFILL_TOKENS, 16): [{}, {"block_r": 128}, {"block_r": 32}, {"block_k": 64}, {"num_warps": 8},
                                       {"num_stages": 2}, {"num_stages": 4}, {"block_n": 64}, {"block_kr": 16},
-                                      {"expand_programs_per_sm": 2}, {"expand_programs_per_sm": 6}],
+                                      {"expand_programs_per_sm": 3}, {"expand_programs_per_sm": 6}],
     ("prefill", PREFILL_TOKENS, 1): [{}, {"block_r": 32}, {"block_r": 16}],
 }
 

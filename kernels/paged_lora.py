@@ -15,8 +15,14 @@ one wave of programs (`shrink_programs_per_sm` / `expand_programs_per_sm` per SM
 tasks of the real work items, whose number `SegmentMeta.update` leaves in a device scalar, so a
 step with few (or no) adapter tokens does not pay for the worst-case grid (v2 started every task of
 the bound: +1.2 ms per Llama-2-7B decode step at 256 sequences without any adapter); the K split
-of the shrink is chosen from that number on the device too (`KernelConfig.split_for`). Nothing in
-the per-step path synchronises with the host, so the launches can be captured in CUDA graphs.
+of the shrink is chosen from that number on the device too (`KernelConfig.split_for`). Tasks are
+handed out dynamically: each program draws its next task index from a device counter
+(`SegmentMeta.sched`, `tl.atomic_add`), so a program that drew a rank-128 adapter's live tiles
+does not hold back a fixed share of later tasks while others, which drew dead tiles of rank-8
+adapters, idle (v3's static round robin: 256 x 256 mixed ranks 390 us against v2's 349 with the
+hardware scheduler); the last program to finish resets the counter (`_sched_done`), so no memset
+runs per call. Nothing in the per-step path synchronises with the host, so the launches can be
+captured in CUDA graphs.
 
 The prefill and decode variants are the same kernels with different tiles (`decode_config`,
 `prefill_config`, picked from the static token count by `choose_config`): decode uses 16-token
@@ -43,6 +49,11 @@ import triton.language as tl
 
 from slora_plugin.layout import MODULES
 
+#: `SegmentMeta.sched` entries (next task, programs done) of each kernel. One pair would do (the
+#: two kernels of a stream never overlap: expand reads what shrink wrote), but a pair each keeps
+#: the protocol independent of launch order for 8 bytes.
+SHRINK_COUNTERS = slice(0, 2)
+EXPAND_COUNTERS = slice(2, 4)
 #: Token tile sizes for which `SegmentMeta` builds a work list (a config's `block_m` is one of them).
 TILE_M: tuple[int, ...] = (16, 64)
 #: At most this many slices per call (qkv_proj has 3).
@@ -76,9 +87,9 @@ class KernelConfig:
 
     def split_for(self, num_work: int) -> int:
         """The K split of a step with `num_work` real work items, as both kernels compute it on the
-        device from `SegmentMeta.work_count` (`_split_for`): few items (one adapter, or a few
-        tokens) have few tasks, so each shrink task must be short for the loads to be in flight
-        at once: small_split_k * small_items // num_work, clamped to [split_k, small_split_k]."""
+        device from `SegmentMeta.work_count` (`_split_for`): few items (a few tokens) have few
+        tasks, so each shrink task must be short for the loads to be in flight at once:
+        small_split_k * small_items // num_work, clamped to [split_k, small_split_k]."""
         if not self.small_items:
             return self.split_k
         return max(self.split_k, min(self.small_split_k, self.small_split_k * self.small_items // max(num_work, 1)))
@@ -115,16 +126,19 @@ def decode_config(in_features: int, max_rank: int) -> KernelConfig:
     expand tiles of 256 columns instead of 128 took it to 171 us (twice the B bytes per program, so
     the dependent table loads at a program's start are paid half as often).
 
-    With few real work items that starves the GPU: one adapter has 2 tasks per rank tile, each a
-    16-step K loop (v2, qkv r16: shrink 21 us at 1 token and 23 us at 256 tokens of one adapter;
-    v1 with split 16 at 1 token: 9 us). So the split grows as the items get fewer, up to 16 at
-    <= 16 items (`split_for`; chosen on the device per step: no compile, no host sync). The v2
-    sweep at 64 x 64 mixed agrees: split 4 took shrink 67 -> 61 us and expand 57 -> 54.
+    With very few real work items that starves the GPU: one adapter has 2 tasks per rank tile,
+    each a 16-step K loop (v2, qkv r16: shrink 21 us at 1 token; v1 with split 16: 9 us). So the
+    split grows as the items get fewer: clamp(32 // items, 2, 16) (`split_for`, chosen on the device
+    per step: no compile, no host sync): 16 at 1-2 items, 8 at 4, 4 at 8, 2 from 16 on. No more:
+    any split but 2 sums its partials in the expand's runtime loop, and the v3 sweep
+    (2026-11-23, rule 256 // items) measured split 2 faster at 16 x 16 mixed (54 vs 67 us at
+    split 16) and in the expand at 64 x 64 mixed (51.7 vs 67 us at split 4).
 
-    Programs per SM: shrink 80 registers -> 6, expand 128 -> 4 (4 warps, sm_90, ptxas -v).
+    Programs per SM: shrink 93 registers -> 5, expand 124 -> 4 (4 warps, sm_90a, ptxas -v; the
+    dynamic task loop took the shrink from 80 registers, 6 per SM).
     """
     return KernelConfig(block_m=16, split_k=2, block_r=16, block_k=128, block_n=256, block_kr=16,
-                        shrink_programs_per_sm=6, expand_programs_per_sm=4, small_items=16, small_split_k=16)
+                        shrink_programs_per_sm=5, expand_programs_per_sm=4, small_items=2, small_split_k=16)
 
 
 def prefill_config(in_features: int, max_rank: int) -> KernelConfig:
@@ -136,11 +150,13 @@ def prefill_config(in_features: int, max_rank: int) -> KernelConfig:
     ranks <= 64, twice the programs), 126 with K steps of 128, 174 with 4 warps; expand 264 -> 229
     us with 4 warps. Second sweep (v2, 2026-11-23): rank tiles of 32 instead of 64 took the shrink
     from 140 to 88 us at 4,096 x 16 mixed and from 59 to 49 us at 4,096 x 1 rank 16 (K steps of
-    64: 98; 8 warps: 104). Programs per SM: shrink 235 registers -> 2, expand 168 -> 3.
+    64: 98; 8 warps: 104). Programs per SM: shrink 231 registers -> 2, expand 218 -> 2 (the
+    dynamic task loop took it from 168 registers, 3 per SM: in the v3 sweep 2 per SM cost the
+    expand 215 -> 237 us at 4,096 x 16 mixed).
     """
     block_r = min(32, max(16, triton.next_power_of_2(max_rank)))
     return KernelConfig(block_m=64, split_k=1, block_r=block_r, block_k=128, block_n=128, block_kr=32,
-                        num_warps=4, shrink_programs_per_sm=2, expand_programs_per_sm=3)
+                        num_warps=4, shrink_programs_per_sm=2, expand_programs_per_sm=2)
 
 
 def choose_config(num_tokens: int, in_features: int, max_rank: int) -> KernelConfig:
@@ -162,6 +178,8 @@ class SegmentMeta:
       - `work_count[bm]` int32 [1]: the number of real work items (they come first, each with
         count >= 1). The kernels' grids are sized by the static bound, but their programs loop
         over the real items only, so a step without adapters costs one small launch per kernel.
+    And always: `sched` int32 [4], the kernels' task counters (`SHRINK_COUNTERS`, `EXPAND_COUNTERS`),
+    zero whenever no kernel is running.
     Slots outside [0, max_slots) are treated as -1 (no adapter): the check would need a host sync,
     and this way a bad slot can never index past the tables.
     """
@@ -183,6 +201,9 @@ class SegmentMeta:
         self.seg_len = torch.zeros(self.max_segments + 1, **i64)
         self.work = {bm: torch.zeros((3, self.work_bound(max_tokens, bm)), **i32) for bm in TILE_M}
         self.work_count = {bm: torch.zeros(1, **i32) for bm in TILE_M}
+        # task counters of the kernels' dynamic scheduling, zero between launches (`_sched_done`);
+        # one stream at a time: two launches in flight on one SegmentMeta would share them
+        self.sched = torch.zeros(4, **i32)
         self._positions = torch.arange(max_tokens, **i64)
         self._work_index = {bm: torch.arange(self.work_bound(max_tokens, bm), **i64) for bm in TILE_M}
 
@@ -273,6 +294,18 @@ _EXPAND_DYNAMIC = ("work_stride", "m0", "m1", "m2", "max_rank", "n_tiles", "spli
 
 
 @triton.jit
+def _sched_done(sched_ptr):
+    """End of a program's task loop (its last draw from the task counter `sched_ptr[0]` was past the
+    end): count it in `sched_ptr[1]`; the last program to finish resets both counters to 0, so the
+    next launch on the stream (or the next replay of a CUDA graph) starts from 0 with no memset.
+    Every program draws from `sched_ptr[0]` before it counts itself done (acq_rel atomics), so
+    nothing draws after the reset."""
+    if tl.atomic_add(sched_ptr + 1, 1) == tl.num_programs(0) - 1:
+        tl.atomic_xchg(sched_ptr, 0)
+        tl.atomic_xchg(sched_ptr + 1, 0)
+
+
+@triton.jit
 def _split_for(n_work, split_k, small_split_k, small_items):
     """`KernelConfig.split_for` on the device (both kernels compute the same split)."""
     s = (small_split_k * small_items) // tl.maximum(n_work, 1)
@@ -280,16 +313,17 @@ def _split_for(n_work, split_k, small_split_k, small_items):
 
 
 @triton.jit(do_not_specialize=_SHRINK_DYNAMIC)
-def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, count_ptr, sorted_ptr, a_addr_ptr, ranks_ptr,
-                   m0, m1, m2, K, max_rank, split_k, small_split_k, small_items, num_slices, num_rank_tiles,
+def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, count_ptr, sched_ptr, sorted_ptr, a_addr_ptr,
+                   ranks_ptr, m0, m1, m2, K, max_rank, split_k, small_split_k, small_items, num_slices, num_rank_tiles,
                    stride_xm, stride_xk, stride_as, stride_am, stride_rs,
                    stride_hs, stride_ht, stride_hi,
                    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
                    EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
     """Persistent: each program loops over the tasks (work item; slice, rank tile, K split) ->
-    h[split, tokens, slice, rank tile], the i-th of its tasks being pid + i * num_programs.
+    h[split, tokens, slice, rank tile], drawing each next task index from `sched_ptr[0]`.
 
-    The work item varies slowest, so the programs running together share its x rows (L2 reuse).
+    The work item varies slowest and indices are drawn in order, so the programs running together
+    share its x rows (L2 reuse).
     `inner` = slices * num_rank_tiles * split tasks per work item; only the `count_ptr` real work
     items have tasks, and a rank tile past the adapter's rank costs two cached loads. The split
     depends on the number of real items (`_split_for`); a split past K's end stores zeros.
@@ -299,7 +333,8 @@ def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, count_ptr, sor
     k_per_split = tl.cdiv(tl.cdiv(K, split), BLOCK_K) * BLOCK_K  # whole K steps: EVEN_K holds per split
     inner = num_slices * num_rank_tiles * split
     total = n_work * inner
-    for task in range(tl.program_id(0), total, tl.num_programs(0)):
+    task = tl.atomic_add(sched_ptr, 1)
+    while task < total:
         w = task // inner
         j = task % inner
         sl = j // (num_rank_tiles * split)
@@ -327,6 +362,8 @@ def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, count_ptr, sor
                                   BLOCK_M, BLOCK_R, BLOCK_K, EVEN_K, False, UPCAST)
             h_ptrs = h_ptr + sp * stride_hs + tok[:, None] * stride_ht + sl * stride_hi + offs_r[None, :]
             tl.store(h_ptrs, acc, mask=m_mask[:, None])
+        task = tl.atomic_add(sched_ptr, 1)
+    _sched_done(sched_ptr)
 
 
 @triton.jit
@@ -384,14 +421,14 @@ def _expand_tile(h_ptr, pool_ptr, b_rows_ptr, tok, m_mask, sl, r, offs_n, n_mask
 
 
 @triton.jit(do_not_specialize=_EXPAND_DYNAMIC)
-def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, count_ptr, sorted_ptr, b_addr_ptr, ranks_ptr,
-                   scales_ptr, m0, m1, m2, w0, w1, w2, max_rank, n_tiles, split_k, small_split_k, small_items,
-                   stride_ym, stride_yn, stride_bs, stride_bm, stride_rs,
+def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, count_ptr, sched_ptr, sorted_ptr, b_addr_ptr,
+                   ranks_ptr, scales_ptr, m0, m1, m2, w0, w1, w2, max_rank, n_tiles, split_k, small_split_k,
+                   small_items, stride_ym, stride_yn, stride_bs, stride_bm, stride_rs,
                    stride_hs, stride_ht, stride_hi,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                    SPLIT_K: tl.constexpr, SMALL_SPLIT: tl.constexpr, RANK_P2: tl.constexpr, EVEN_N: tl.constexpr):
     """Persistent: each program loops over the tasks (work item; output tile over all slices):
-    y[tokens, tile] += scale * h @ B^T, the i-th of its tasks being pid + i * num_programs.
+    y[tokens, tile] += scale * h @ B^T, drawing each next task index from `sched_ptr[0]`.
 
     The work item varies slowest: the programs running together read consecutive columns of the
     same B^T rows. Only the `count_ptr` real work items have tasks. SMALL_SPLIT: the config may
@@ -403,7 +440,8 @@ def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, count_ptr, sor
     total = n_work * n_tiles
     t0 = tl.cdiv(w0, BLOCK_N)
     t01 = t0 + tl.cdiv(w1, BLOCK_N)
-    for task in range(tl.program_id(0), total, tl.num_programs(0)):
+    task = tl.atomic_add(sched_ptr, 1)
+    while task < total:
         w = task // n_tiles
         nt = task % n_tiles
         sl = tl.where(nt < t0, 0, tl.where(nt < t01, 1, 2))
@@ -438,6 +476,8 @@ def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, count_ptr, sor
                 y_mask = m_mask[:, None] & n_mask[None, :]
             y_old = tl.load(y_ptrs, mask=y_mask, other=0.0)
             tl.store(y_ptrs, (y_old.to(tl.float32) + acc * scale).to(y_ptr.dtype.element_ty), mask=y_mask)
+        task = tl.atomic_add(sched_ptr, 1)
+    _sched_done(sched_ptr)
 
 
 def shrink_buffer(num_tokens: int, num_slices: int, max_rank: int, config: KernelConfig,
@@ -452,7 +492,8 @@ def shrink_buffer(num_tokens: int, num_slices: int, max_rank: int, config: Kerne
 
 
 #: Programs-per-SM unit of the persistent grids on CPU tensors (the interpreter): small, so the
-#: tests' programs loop over several tasks.
+#: tests' programs loop over several tasks. The interpreter runs programs one after another, so
+#: there the first program draws every task and the others only the end of the counter.
 CPU_SMS = 2
 _SM_COUNTS: dict[int, int] = {}
 
@@ -556,7 +597,7 @@ def _shrink_launch(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: S
     inner = len(module_ids) * num_rank_tiles * split  # tasks per work item at the largest split
     m0, m1, m2 = _pad3(module_ids, module_ids[0])
     args = dict(x_ptr=x, pool_ptr=pool, h_ptr=h, work_ptr=work, work_stride=work.stride(0),
-                count_ptr=meta.work_count[config.block_m],
+                count_ptr=meta.work_count[config.block_m], sched_ptr=meta.sched[SHRINK_COUNTERS],
                 sorted_ptr=meta.sorted_tokens, a_addr_ptr=a_addr, ranks_ptr=ranks, m0=m0, m1=m1, m2=m2, K=k_in,
                 max_rank=max_rank, split_k=config.split_k, small_split_k=config.small_split_k,
                 small_items=config.small_items, num_slices=len(module_ids), num_rank_tiles=num_rank_tiles,
@@ -593,7 +634,7 @@ def _expand_launch(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta: S
     m0, m1, m2 = _pad3(module_ids, module_ids[0])
     w0, w1, w2 = _pad3(slice_widths, 0)
     args = dict(y_ptr=y, h_ptr=h, pool_ptr=pool, work_ptr=work, work_stride=work.stride(0),
-                count_ptr=meta.work_count[config.block_m],
+                count_ptr=meta.work_count[config.block_m], sched_ptr=meta.sched[EXPAND_COUNTERS],
                 sorted_ptr=meta.sorted_tokens, b_addr_ptr=b_addr, ranks_ptr=ranks, scales_ptr=scales,
                 m0=m0, m1=m1, m2=m2, w0=w0, w1=w1, w2=w2, max_rank=max_rank, n_tiles=n_tiles, split_k=config.split_k,
                 small_split_k=config.small_split_k, small_items=config.small_items,

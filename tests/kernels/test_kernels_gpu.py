@@ -40,7 +40,7 @@ def slot_ranks() -> list[dict[str, int]]:
 def token_slots(phase: str, num_slots: int, gen: torch.Generator) -> torch.Tensor:
     if phase.startswith("decode"):  # one token per sequence, adapters interleaved, some base-model rows
         slots = torch.randint(-1, num_slots, (200,), generator=gen)
-    elif phase == "small":  # a decode call of <= 16 tokens: K split in 16, partials summed in a loop
+    elif phase == "small":  # a decode call of 11 tokens, 9 items: K split in 3, partials summed in a loop
         slots = torch.tensor([3, 0, -1, 8, 3, 7, 1, 9, 2, 5, 6])
     else:  # prefill: long segments, a single-token one, base-model rows in between
         parts = [(0, 700), (3, 1), (-1, 129), (7, 513), (3, 300), (9, 2), (-1, 3), (5, 400)]
@@ -56,7 +56,7 @@ def layer_shapes(dims: ModelDims, layer: str) -> tuple[tuple[int, ...], int, tup
 
 @pytest.mark.parametrize("model", sorted(MODELS))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("phase", ["decode", "decode-split2", "small", "prefill"])
+@pytest.mark.parametrize("phase", ["decode", "decode-split16", "small", "prefill"])
 def test_real_sizes_match_reference(model: str, dtype: torch.dtype, phase: str) -> None:
     """Every element within the error a correct kernel may have, against the fp64 answer.
 
@@ -81,9 +81,9 @@ def test_real_sizes_match_reference(model: str, dtype: torch.dtype, phase: str) 
                               generator=gen, random_scales=True, spare_blocks=7)
     slots = token_slots(phase, len(SLOT_RANKS), torch.Generator().manual_seed(5)).cuda()
     t = slots.numel()
-    # 16 work items: the decode config splits K in 16 (`split_for`); "decode-split2" turns that off
-    # to test the unrolled 2-way sum the config takes from 128 items on
-    config = replace(decode_config(4096, MAX_RANK), small_items=0) if phase == "decode-split2" else None
+    # ~20 work items: the decode config splits K in 2 (`split_for`, unrolled sum); "decode-split16"
+    # takes v3's rule (256 // items, here ~12) to test the runtime-loop sum at real sizes
+    config = replace(decode_config(4096, MAX_RANK), small_items=16) if phase == "decode-split16" else None
     meta = SegmentMeta(max_tokens=4096, max_slots=len(SLOT_RANKS), device="cuda")
     meta.update(slots)
     for layer in PACKED_MODULES:
@@ -117,7 +117,7 @@ def test_cuda_graph_replay_and_no_host_sync(t: int) -> None:
     """update + op captured in one CUDA graph (fixed buffers) and replayed with new token slots,
     the last replay without any adapter token (zero work items: y must stay as it was); eagerly,
     under torch's sync debug mode set to error, nothing synchronises with the host. 5 tokens take
-    the small-call K split."""
+    the small-call K split. Replays 1.. pass only if each left its task counters at zero."""
     dims, dtype = MODELS["llama-3-8b"], torch.bfloat16
     gen = torch.Generator(device="cuda").manual_seed(7)
     sp = build_synthetic_pool(dims, slot_ranks(), page_elems(dims), dtype, "cuda", MAX_RANK, generator=gen)
@@ -154,3 +154,5 @@ def test_cuda_graph_replay_and_no_host_sync(t: int) -> None:
                                            sp.ranks, sp.scales, module_ids, widths)
         bad, worst = bound_violations(y, exact, allowed)
         assert bad == 0, f"replay {seed}: {bad} elements outside the error bound (worst ratio {worst:.3g})"
+        # each replay starts from task counters the previous one reset (`_sched_done`)
+        assert not meta.sched.any(), f"replay {seed}: task counters left at {meta.sched.tolist()}"

@@ -293,6 +293,31 @@ def test_few_programs_loop_over_all_tasks(num_tokens: int, small_items: int, spl
     bad, worst = bound_violations(got, exact, allowed)
     assert bad == 0, f"{bad} elements outside the error bound (worst |err| / allowed = {worst:.3g})"
     assert torch.equal(got[slots < 0], y[slots < 0])
+    # the task counters reset themselves: zero after the calls, and the same launches run again
+    # (as a CUDA graph replays them) redo every task, bit for bit
+    assert torch.equal(meta.sched, torch.zeros_like(meta.sched)), meta.sched
+    again = y.clone()
+    paged_lora_shrink(h.fill_(float("nan")), x, sp.pool, meta, sp.a_addr, sp.ranks, module_ids, MAX_RANK, config)
+    paged_lora_expand(again, h, sp.pool, meta, sp.b_addr, sp.ranks, sp.scales, module_ids, widths, MAX_RANK, config)
+    assert torch.equal(again, got)
+    replayed = y.clone()
+    shrink, expand = launch_plans(replayed, x, sp.pool, meta, sp.a_addr, sp.b_addr, sp.ranks, sp.scales,
+                                  module_ids, widths, MAX_RANK, config)
+    shrink(), expand()
+    assert torch.equal(replayed, got)
+    twice = got.clone()
+    paged_lora_expand(twice, h, sp.pool, meta, sp.b_addr, sp.ranks, sp.scales, module_ids, widths, MAX_RANK, config)
+    assert not torch.equal(twice, got)
+    shrink(), expand()  # the same launches again: y += delta a second time
+    assert torch.equal(replayed, twice)
+    assert torch.equal(meta.sched, torch.zeros_like(meta.sched)), meta.sched
+
+
+def test_decode_split_rule() -> None:
+    """The decode K split is 16 only where tasks are truly missing: clamp(32 // items, 2, 16)."""
+    config = decode_config(4096, MAX_RANK)
+    assert [config.split_for(n) for n in (0, 1, 2, 3, 4, 8, 15, 16, 64, 272)] == [16, 16, 16, 10, 8, 4, 2, 2, 2, 2]
+    assert config.max_split == 16
 
 
 def test_no_adapter_tokens_means_no_work() -> None:
