@@ -2,7 +2,7 @@
 
 With tensor parallelism 1, vLLM's engine core runs the scheduler and the only worker in one
 process (`UniProcExecutor`, the same `VllmConfig` object). The worker then publishes here, under
-the engine's `VllmConfig.instance_id`, two things the scheduler can use directly:
+the engine's `VllmConfig` object (`engine_key`), two things the scheduler can use directly:
 
 - its host adapter store as a readiness oracle (`pool.admission.HostReadiness`): the scheduler
   admits a request only when its adapter's host copy is ready, and starts the host loads itself,
@@ -91,12 +91,16 @@ _links: "weakref.WeakValueDictionary[str, WorkerLink]" = weakref.WeakValueDictio
 
 
 def engine_key(vllm_config: Any) -> str:
-    """The key of one engine: its `VllmConfig.instance_id` (the scheduler and the worker of one
-    engine core hold the same config)."""
-    key = getattr(vllm_config, "instance_id", None)
-    if not isinstance(key, str) or not key:
-        raise ValueError(f"VllmConfig.instance_id must be a non-empty string, got {key!r}")
-    return key
+    """The key of one engine: the identity of the `VllmConfig` object its scheduler and its
+    worker share (`UniProcExecutor` passes the engine core's object to the worker).
+
+    Not `VllmConfig.instance_id`: the engine core re-runs `VllmConfig.__post_init__` after its
+    start-up handshake (vllm/v1/engine/core.py), which draws a new id after the worker has
+    published (seen on the H100: the worker and the scheduler of one process had different ids).
+    The object itself is mutated in place, so its identity holds for the engine's lifetime."""
+    if vllm_config is None:
+        raise ValueError("engine_key needs the engine's VllmConfig, got None")
+    return f"vllm-config-{id(vllm_config):x}"
 
 
 def publish(key: str, link: WorkerLink) -> None:

@@ -45,8 +45,19 @@ def test_links_are_per_engine_and_weak():
     del link
     gc.collect()
     assert lookup("engine-a") is None  # the registry does not keep a worker's cache alive
-    with pytest.raises(ValueError, match="instance_id"):
-        engine_key(object())
+    with pytest.raises(ValueError, match="VllmConfig"):
+        engine_key(None)
+
+
+def test_the_key_survives_vllm_re_running_post_init(tiny_model_dir):
+    """vLLM's engine core re-runs VllmConfig.__post_init__ after its handshake, which draws a
+    new instance_id: the worker published before that, the scheduler looks up after."""
+    from vllm_cpu import build_vllm_config
+
+    vc = build_vllm_config(tiny_model_dir)
+    key, old_id = engine_key(vc), vc.instance_id
+    vc.__post_init__()
+    assert vc.instance_id != old_id and engine_key(vc) == key
 
 
 @pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
