@@ -239,10 +239,11 @@ def test_pool_state_machine(vllm_config, async_scheduling):
     before = dict(STEPS)
     machine = make_machine(vllm_config, async_scheduling)
     run_state_machine_as_test(machine, settings=settings(
-        max_examples=60, stateful_step_count=100, deadline=None,
+        max_examples=60, stateful_step_count=100, deadline=None, derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]))
     done = {k: STEPS[k] - before[k] for k in STEPS}
-    # Each variant takes over 6,000 engine steps (both: well over 10,000), and memory
-    # pressure really made the pool evict adapters and vLLM preempt requests.
+    # Derandomized (the same examples on every run, so this floor cannot flake): each variant
+    # takes over 6,000 engine steps, and memory pressure really made the pool evict adapters
+    # and vLLM preempt requests.
     assert done["total"] >= 6_000 and done["preemptions"] > 0 and done["adapter_evictions"] > 0, done
     assert done["admission_holds"] > 0, done
