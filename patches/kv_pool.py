@@ -47,11 +47,12 @@ def check_kv_cache_config(cfg: Any) -> int:
 
     groups = cfg.kv_cache_groups
     if len(groups) != 1:
-        raise KVLayoutError(f"slora-plugin needs exactly one KV-cache group (one kind of "
-                            f"attention); this model has {len(groups)} (hybrid models are "
-                            f"not supported)")
+        raise KVLayoutError(f"slora-plugin needs exactly one KV cache group (one kind of "
+                            f"attention); this model has {len(groups)} (hybrid attention: pass "
+                            f"--disable-hybrid-kv-cache-manager)")
     spec = groups[0].kv_cache_spec
-    if type(spec) is not FullAttentionSpec:
+    if type(spec) is not FullAttentionSpec or getattr(spec, "sliding_window", None) is not None \
+            or getattr(spec, "attention_chunk_size", None) is not None:
         raise KVLayoutError(f"slora-plugin needs full attention KV pages; the model's KV spec is "
                             f"{type(spec).__name__}")
     if getattr(spec, "page_size_padded", None) is not None:

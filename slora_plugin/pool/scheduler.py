@@ -38,10 +38,10 @@ from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig
 from vllm.v1.request import Request, RequestStatus
 
 from slora_plugin.config import engine_settings
+from slora_plugin.patches import kv_pool
 from slora_plugin.patches import scheduler as vllm_patch
 from slora_plugin.pool.admission import HostReadiness, plan_admission
 from slora_plugin.pool.commands import attach
@@ -167,23 +167,6 @@ class SLoRAKVCacheManager(KVCacheManager):
             self.pool.release(lora_id)
 
 
-def kv_spec_of(kv_cache_config: KVCacheConfig) -> FullAttentionSpec:
-    """The one full-attention spec the unified pool supports, or a clear error."""
-    groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        raise ValueError(
-            f"slora-plugin: the unified page pool needs exactly one KV cache group, this model "
-            f"has {len(groups)} (hybrid attention: pass --disable-hybrid-kv-cache-manager)")
-    spec = groups[0].kv_cache_spec
-    if type(spec) is not FullAttentionSpec or spec.sliding_window is not None \
-            or spec.attention_chunk_size is not None:
-        raise ValueError(f"slora-plugin: the unified page pool needs full attention KV blocks, "
-                         f"got {type(spec).__name__}")
-    if spec.page_size_padded is not None:
-        raise ValueError("slora-plugin: padded KV pages are not supported by the page pool")
-    return spec
-
-
 class _SLoRAScheduling:
     """Mixed in before vLLM's Scheduler or AsyncScheduler (see `scheduler_class`)."""
 
@@ -194,8 +177,8 @@ class _SLoRAScheduling:
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         vllm_patch.check_instance(self)
         self.slora_config = engine_settings(self.vllm_config)
-        spec = kv_spec_of(self.kv_cache_config)
-        self.page_elems = spec.page_size_bytes // self.vllm_config.model_config.dtype.itemsize
+        page_size = kv_pool.check_kv_cache_config(self.kv_cache_config)  # the worker checks the same
+        self.page_elems = page_size // self.vllm_config.model_config.dtype.itemsize
         num_blocks = self.kv_cache_config.num_blocks
         #: Device bytes one block id stands for (its page in every layer's KV tensor).
         self.bytes_per_page = sum(t.size for t in self.kv_cache_config.kv_cache_tensors) // num_blocks

@@ -13,7 +13,8 @@ from slora_plugin.adapters.errors import AdapterError
 from slora_plugin.adapters.peft_format import write_random_adapter
 from slora_plugin.layout import MODULES, ModelDims, plan_layout
 from slora_plugin.pool.commands import commands_of
-from slora_plugin.pool.scheduler import (SLoRAAsyncScheduler, SLoRAScheduler, kv_spec_of,
+from slora_plugin.patches.kv_pool import check_kv_cache_config
+from slora_plugin.pool.scheduler import (SLoRAAsyncScheduler, SLoRAScheduler,
                                          scheduler_class)
 from vllm.v1.engine import FinishReason
 from vllm.v1.request import RequestStatus
@@ -199,12 +200,12 @@ def test_unsupported_kv_layouts_are_refused(model_dir):
     spec = cfg.kv_cache_groups[0].kv_cache_spec
     cfg.kv_cache_groups.append(KVCacheGroupSpec(["x"], spec))
     with pytest.raises(ValueError, match="exactly one KV cache group"):
-        kv_spec_of(cfg)
+        check_kv_cache_config(cfg)
     sw = SlidingWindowSpec(block_size=16, num_kv_heads=2, head_size=16, dtype=spec.dtype,
                            sliding_window=64)
     cfg.kv_cache_groups[:] = [KVCacheGroupSpec(["x"], sw)]
     with pytest.raises(ValueError, match="full attention"):
-        kv_spec_of(cfg)
+        check_kv_cache_config(cfg)
 
 
 def test_real_adapter_store_gives_the_pages(model_dir, tmp_path):
