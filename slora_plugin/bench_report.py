@@ -181,7 +181,12 @@ def _ms(v: float | None) -> str:
 
 
 def _settings(s: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={v}" for k, v in s.items() if k != "additional_config") or "-"
+    """Engine arguments and the plugin's own settings (the adapter directory left out: it is
+    the same for every row of a run), so rows of one system run differently are told apart."""
+    parts = [f"{k}={v}" for k, v in s.items() if k != "additional_config"]
+    slora = (s.get("additional_config") or {}).get("slora") or {}
+    parts += [f"slora.{k}={v}" for k, v in slora.items() if k != "adapter_dir"]
+    return ", ".join(parts) or "-"
 
 
 def plot_throughput(results: Sequence[Mapping[str, Any]], path: str) -> str:

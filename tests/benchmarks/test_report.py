@@ -142,3 +142,13 @@ def test_console_script_report(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(tmp_path / "r")) == ["h100-ttft-cdf.png", "h100-vs-adapters.png", "h100.md"]
     assert "| plugin | 2,000 |" in open(tmp_path / "r" / "h100.md").read()
+
+
+def test_settings_column_shows_the_plugins_own_settings():
+    from slora_plugin.bench_report import _settings
+
+    plugin = {"additional_config": {"slora": {"adapter_dir": "/a", "max_lora_rank": 128,
+                                              "target_modules": ["qkv_proj", "o_proj"]}}}
+    assert _settings(plugin) == "slora.max_lora_rank=128, slora.target_modules=['qkv_proj', 'o_proj']"
+    assert _settings({"max_loras": 128}) == "max_loras=128"
+    assert _settings({}) == "-"
