@@ -82,6 +82,9 @@ class PagePool:
         self._step_evicted: set[int] = set()
         self._step_loaded: dict[int, None] = {}  # insertion-ordered set
         self._hinted: set[int] = set()
+        #: adapters whose load failed on the workers while requests held them: evicted on
+        #: their last release, never admitted onto meanwhile
+        self._broken: set[int] = set()
         self.loads = 0
         self.evictions = 0
         #: pages held by resident adapters, kept up to date by _load/_evict/_restore (read
@@ -167,6 +170,22 @@ class PagePool:
         entry.refs -= 1
         if entry.refs == 0:
             self._idle[lora_id] = None  # most recently used
+            if lora_id in self._broken:
+                self._broken.discard(lora_id)
+                self._evict(lora_id)
+
+    def mark_broken(self, lora_id: int) -> None:
+        """The workers could not write the adapter into its pages (they registered it with no
+        rows): give the pages back as soon as no request holds them, and admit nothing onto
+        them meanwhile, so a later request loads the adapter afresh instead of silently
+        running without its weights."""
+        entry = self._entries.get(lora_id)
+        if entry is None:
+            return
+        if entry.refs == 0:
+            self._evict(lora_id)
+        else:
+            self._broken.add(lora_id)
 
     def evict_idle(self) -> int:
         """Evict every idle adapter (before a prefix-cache reset); returns how many."""
@@ -210,6 +229,9 @@ class PagePool:
 
     # ------------------------------------------------------------- internals
     def _drop_if_stale(self, need: AdapterNeed) -> None:
+        if need.lora_id in self._broken:
+            raise WaitForDrain(f"adapter {need.name!r} failed to load; waiting for the requests "
+                               f"that held it to finish before loading it again")
         entry = self._entries.get(need.lora_id)
         if entry is None or entry.need.content_id == need.content_id:
             return

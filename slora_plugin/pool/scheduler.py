@@ -235,6 +235,8 @@ class _SLoRAScheduling:
         link = self._worker_link()
         failed = link.failures.take() if link is not None else {}
         mgr = self.kv_cache_manager
+        for lora_id in failed:
+            mgr.pool.mark_broken(lora_id)
         if failed:
             for request in self.requests.values():
                 lr = request.lora_request
@@ -242,10 +244,9 @@ class _SLoRAScheduling:
                     mgr.mark_unusable(request.request_id, failed[lr.lora_int_id])
         if readiness is None:
             return
-        pool = mgr.pool
         for request in vllm_patch.waiting_in_order(self)[:self._scan_limit()]:
             lr = request.lora_request
-            if lr is None or pool.resident(lr.lora_int_id) is not None:
+            if lr is None:
                 continue
             reason = readiness.error(lr.lora_path or lr.lora_name)
             if reason is not None:  # an AdapterError's text: it names the adapter and file

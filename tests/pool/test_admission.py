@@ -233,3 +233,10 @@ def test_a_load_that_failed_in_the_worker_fails_the_adapters_running_requests(ti
     assert b.status == RequestStatus.FINISHED_LENGTH_CAPPED
     stats = sched.pool_stats()
     assert stats["pages_kv"] == 0
+    # the failed adapter's pages were given back: a new request loads it afresh
+    assert sched.kv_cache_manager.pool.resident(1) is None
+    again, = add_requests(sched, [make_request(16, 2, lora_request=lora(1))])
+    out = loop.step()
+    assert [l.lora_id for l in commands_of(out).load] == [1]
+    loop.run()
+    assert again.status == RequestStatus.FINISHED_LENGTH_CAPPED

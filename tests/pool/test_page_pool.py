@@ -158,3 +158,23 @@ def test_prefetch_hints_each_adapter_once_until_loaded():
     assert pool.prefetch_hints(iter(queued), depth=2, scan_limit=10) == (("a4", "/a/4"),)
     assert pool.prefetch_hints(iter(queued), depth=2, scan_limit=3) == ()
     assert pool.prefetch_hints(iter(queued), depth=0, scan_limit=10) == ()
+
+
+def test_a_broken_load_gives_the_pages_back_on_the_last_release_and_reloads_afresh():
+    alloc, pool, kv = pool_of(8)
+    pool.admit(need(1, 2), kv.attempt(0))
+    pool.admit(need(1, 2), kv.attempt(0))
+    pool.take_commands()
+    pool.mark_broken(1)  # the workers could not write its pages; two requests still hold it
+    with pytest.raises(WaitForDrain, match="failed to load"):
+        pool.admit(need(1, 2), kv.attempt(0))
+    pool.release(1)
+    assert pool.resident(1) is not None
+    pool.release(1)
+    assert pool.resident(1) is None and pool.adapter_pages == 0 and alloc.num_free() == 8
+    assert pool.take_commands().evict == (1,)
+    pool.admit(need(1, 2), kv.attempt(0))
+    assert [l.lora_id for l in pool.take_commands().load] == [1]
+    pool.release(1)
+    pool.mark_broken(1)  # idle: evicted at once
+    assert pool.resident(1) is None and pool.take_commands().evict == (1,)
