@@ -312,6 +312,26 @@ def _split_for(n_work, split_k, small_split_k, small_items):
     return tl.maximum(split_k, tl.minimum(small_split_k, s))
 
 
+@triton.jit
+def _work_tokens(work_ptr, work_stride, sorted_ptr, w, BLOCK_M: tl.constexpr):
+    """Work item `w`'s tokens (rows of x / y) and which of the BLOCK_M lanes hold one."""
+    n_tok = tl.load(work_ptr + 2 * work_stride + w)
+    start = tl.load(work_ptr + work_stride + w)
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < n_tok
+    tok = tl.load(sorted_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+    return tok, m_mask
+
+
+@triton.jit
+def _item_rank(work_ptr, ranks_ptr, w, sl, m0, m1, m2, stride_rs, max_rank):
+    """Work item `w`'s slot, the module id of slice `sl` and the adapter's rank there."""
+    slot = tl.load(work_ptr + w).to(tl.int64)
+    m = tl.where(sl == 0, m0, tl.where(sl == 1, m1, m2))
+    r = tl.minimum(tl.load(ranks_ptr + slot * stride_rs + m), max_rank)
+    return slot, m, r
+
+
 @triton.jit(do_not_specialize=_SHRINK_DYNAMIC)
 def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, count_ptr, sched_ptr, sorted_ptr, a_addr_ptr,
                    ranks_ptr, m0, m1, m2, K, max_rank, split_k, small_split_k, small_items, num_slices, num_rank_tiles,
@@ -340,15 +360,9 @@ def _shrink_kernel(x_ptr, pool_ptr, h_ptr, work_ptr, work_stride, count_ptr, sch
         sl = j // (num_rank_tiles * split)
         r0 = ((j // split) % num_rank_tiles) * BLOCK_R
         sp = j % split
-        slot = tl.load(work_ptr + w).to(tl.int64)
-        m = tl.where(sl == 0, m0, tl.where(sl == 1, m1, m2))
-        r = tl.minimum(tl.load(ranks_ptr + slot * stride_rs + m), max_rank)
+        slot, m, r = _item_rank(work_ptr, ranks_ptr, w, sl, m0, m1, m2, stride_rs, max_rank)
         if r0 < r:
-            n_tok = tl.load(work_ptr + 2 * work_stride + w)
-            start = tl.load(work_ptr + work_stride + w)
-            offs_m = tl.arange(0, BLOCK_M)
-            m_mask = offs_m < n_tok
-            tok = tl.load(sorted_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+            tok, m_mask = _work_tokens(work_ptr, work_stride, sorted_ptr, w, BLOCK_M)
             offs_r = r0 + tl.arange(0, BLOCK_R)
             r_mask = offs_r < r
             rows = tl.load(a_addr_ptr + slot * stride_as + m * stride_am + offs_r, mask=r_mask, other=0)
@@ -445,18 +459,12 @@ def _expand_kernel(y_ptr, h_ptr, pool_ptr, work_ptr, work_stride, count_ptr, sch
         w = task // n_tiles
         nt = task % n_tiles
         sl = tl.where(nt < t0, 0, tl.where(nt < t01, 1, 2))
-        m = tl.where(sl == 0, m0, tl.where(sl == 1, m1, m2))
-        slot = tl.load(work_ptr + w).to(tl.int64)
-        r = tl.minimum(tl.load(ranks_ptr + slot * stride_rs + m), max_rank)
+        slot, m, r = _item_rank(work_ptr, ranks_ptr, w, sl, m0, m1, m2, stride_rs, max_rank)
         if r > 0:
             width = tl.where(sl == 0, w0, tl.where(sl == 1, w1, w2))
             col0 = tl.where(sl == 0, 0, tl.where(sl == 1, w0, w0 + w1))
             n0 = (nt - tl.where(sl == 0, 0, tl.where(sl == 1, t0, t01))) * BLOCK_N
-            n_tok = tl.load(work_ptr + 2 * work_stride + w)
-            start = tl.load(work_ptr + work_stride + w)
-            offs_m = tl.arange(0, BLOCK_M)
-            m_mask = offs_m < n_tok
-            tok = tl.load(sorted_ptr + start + offs_m, mask=m_mask, other=0).to(tl.int64)
+            tok, m_mask = _work_tokens(work_ptr, work_stride, sorted_ptr, w, BLOCK_M)
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < width
             b_rows_ptr = b_addr_ptr + slot * stride_bs + m * stride_bm
