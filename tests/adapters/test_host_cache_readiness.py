@@ -50,55 +50,51 @@ def wait_until(cond, timeout=10.0) -> None:
         time.sleep(0.005)
 
 
-def test_ready_after_start_and_load_without_waiting(tmp_path, tiny_dims, gated_reads):
+@pytest.fixture
+def gated_store(tmp_path, tiny_dims, gated_reads):
+    """A store over one adapter "a" whose disk reads wait for the gate; (store, gate, started).
+    The gate is opened and the store closed at the end, whatever the test did."""
     gate, started = gated_reads
     store = make_store(tmp_path, tiny_dims, ["a"])
+    yield store, gate, started
+    gate.set()
+    store.close()
+
+
+def test_ready_after_start_and_load_without_waiting(tmp_path, gated_store):
+    store, gate, started = gated_store
     path = str(tmp_path / "a")
-    try:
-        assert not store.ready(path)  # never specified: not ready, and start specifies it
-        store.start(path)
-        wait_until(lambda: started == ["a"])
-        assert not store.ready(path) and store.cache.path_busy(os.path.realpath(path))
-        store.start(path)  # already loading: no second read
-        gate.set()
-        wait_until(lambda: store.ready(path))
-        with store.get(path) as lease:
-            assert lease.waited_s == 0.0
-        assert started == ["a"] and store.stats()["loads"] == 1
-    finally:
-        gate.set()
-        store.close()
+    assert not store.ready(path)  # never specified: not ready, and start specifies it
+    store.start(path)
+    wait_until(lambda: started == ["a"])
+    assert not store.ready(path) and store.cache.path_busy(os.path.realpath(path))
+    store.start(path)  # already loading: no second read
+    gate.set()
+    wait_until(lambda: store.ready(path))
+    with store.get(path) as lease:
+        assert lease.waited_s == 0.0
+    assert started == ["a"] and store.stats()["loads"] == 1
 
 
-def test_a_get_that_waits_for_the_disk_says_how_long(tmp_path, tiny_dims, gated_reads):
-    gate, _ = gated_reads
-    store = make_store(tmp_path, tiny_dims, ["a"])
+def test_a_get_that_waits_for_the_disk_says_how_long(gated_store):
+    store, gate, _ = gated_store
     threading.Timer(0.2, gate.set).start()
-    try:
-        t0 = time.perf_counter()
-        with store.get("a") as lease:
-            took = time.perf_counter() - t0
-            assert 0.15 <= lease.waited_s <= took
-        with store.get("a") as again:
-            assert again.waited_s == 0.0
-    finally:
-        gate.set()
-        store.close()
+    t0 = time.perf_counter()
+    with store.get("a") as lease:
+        took = time.perf_counter() - t0
+        assert 0.15 <= lease.waited_s <= took
+    with store.get("a") as again:
+        assert again.waited_s == 0.0
 
 
-def test_joining_a_prefetch_counts_as_a_wait(tmp_path, tiny_dims, gated_reads):
-    gate, started = gated_reads
-    store = make_store(tmp_path, tiny_dims, ["a"])
-    try:
-        store.prefetch(["a"])
-        wait_until(lambda: started == ["a"])
-        threading.Timer(0.1, gate.set).start()
-        with store.get("a") as lease:
-            assert lease.waited_s > 0.05
-        assert store.stats()["joins"] == 1
-    finally:
-        gate.set()
-        store.close()
+def test_joining_a_prefetch_counts_as_a_wait(gated_store):
+    store, gate, started = gated_store
+    store.prefetch(["a"])
+    wait_until(lambda: started == ["a"])
+    threading.Timer(0.1, gate.set).start()
+    with store.get("a") as lease:
+        assert lease.waited_s > 0.05
+    assert store.stats()["joins"] == 1
 
 
 def test_evicted_copy_is_no_longer_ready_and_a_ready_check_protects_it(tmp_path, tiny_dims):
