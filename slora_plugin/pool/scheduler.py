@@ -192,6 +192,7 @@ class _SLoRAScheduling:
         vllm_patch.set_content_key_resolver(mgr, "content_key")
         self.num_preemptions = 0
         self._host_readiness = host_readiness
+        self._link_logged = False  # whether the worker link (or its absence) was logged
         #: request-steps a waiting request was hidden for want of its adapter's host copy, and
         #: requests admitted without it because nothing else could run (see admission.py)
         self.admission_holds = 0
@@ -336,7 +337,7 @@ class _SLoRAScheduling:
     def _worker_link(self) -> WorkerLink | None:
         """The worker of this engine, when it runs in this process (see worker_link)."""
         link = lookup(engine_key(self.vllm_config))
-        if not getattr(self, "_link_logged", False):
+        if not self._link_logged:
             self._link_logged = True
             logger.info("slora: %s (engine %s, pid %d)",
                         "admission waits for host copies: the worker shares this process"

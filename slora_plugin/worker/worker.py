@@ -170,9 +170,10 @@ class SLoRAWorker(Worker):
                                           loader_threads=c.loader_threads,
                                           lora_target_modules=self.vllm_config.lora_config.target_modules)
         self._link = WorkerLink(readiness=self.adapter_store, waits=self.host_waits)
-        publish(engine_key(self.vllm_config), self._link)
+        key = engine_key(self.vllm_config)
+        publish(key, self._link)
         logger.info("slora: host adapter store published to the scheduler (engine %s, pid %d)",
-                    engine_key(self.vllm_config), os.getpid())
+                    key, os.getpid())
         if self.device.type == "cuda":
             self._copy_stream = torch.cuda.Stream(device=self.device)
         self._page_loader = PageLoader(self.device, record_bytes_bound(dims, c.max_lora_rank, dtype))
