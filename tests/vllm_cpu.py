@@ -104,7 +104,9 @@ def create_scheduler(model_dir: str | None = None, *, num_blocks: int = 128,
     if scheduler_cls is None:
         scheduler_cls = (AsyncScheduler if vllm_config.scheduler_config.async_scheduling
                          else Scheduler)
-    if scheduler_cls.__module__ == "slora_plugin.pool.scheduler":
+    from slora_plugin.pool.scheduler import SLoRAAsyncScheduler, SLoRAScheduler
+
+    if issubclass(scheduler_cls, (SLoRAScheduler, SLoRAAsyncScheduler)):
         # the plugin's schedulers read the settings engine_args writes; these tests skip it
         vllm_config.additional_config.setdefault("slora", {})
     block_size = vllm_config.cache_config.block_size
