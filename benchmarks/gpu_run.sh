@@ -23,6 +23,10 @@
 #                N = 1, 100, 1000 all at once (~6-8 min)
 #   throughput-base    the base model, no LoRA: all at once, then the Gamma trace (~3 min)
 #   throughput-stock-gamma  stock tuned on the Gamma trace only (optional, ~4 min)
+#   throughput-s1-{base,plugin,stock}  S-LoRA's S1 (rank 8 on q,k,v,o; Gamma arrivals, cv 1,
+#                20 req/s, 600 requests, lengths 8-512) with 100, 1000, 2000 adapters (base: one
+#                trace); own adapter directory /dev/shm/slora-s1 (~4-8 min each)
+#   throughput-s2-plugin  S2 (ranks 8/16/32/64) at 20 req/s, 100 / 1000 / 2000 adapters (~5 min)
 #   throughput-report  markdown table + 2 PNG plots from every throughput-*.json in results/
 # Each throughput step is one engine in one process, stops starting traces after --deadline-s
 # 450 and is killed at 530 s, so it ends under 9 minutes; rows are written after every trace.
@@ -47,6 +51,9 @@ throughput() {  # STEP ARGS...: one throughput command; log in $OUT, results in 
   timeout -k 10 530 $PY "$REPO/benchmarks/throughput.py" --out-dir "$RES" --deadline-s 450 "$@" \
       > "$OUT/$name.log" 2>&1 || { rc=$?; status=1; echo "$name FAILED (exit $rc; 124: killed at 530 s)"; }
   grep -a "^\[bench\]" "$OUT/$name.log"; tail -n 5 "$OUT/$name.log"
+}
+slora_trace() {  # N RANKS: S-LoRA's trace shape (Gamma cv 1, 20 req/s, 600 requests, 8-512 tokens)
+  echo "n=$1,requests=600,arrival=gamma,rate=20,cv=1,in=8-512,out=8-512,ranks=$2"
 }
 for s in "$@"; do
   case "$s" in
@@ -105,6 +112,19 @@ for s in "$@"; do
       # Own work dir: its adapter ids would get other ranks than the all-at-once runs gave them.
       throughput "$s" --system stock --n-adapters none --max-loras 128 \
           --lora-target-modules qkv_proj,o_proj --work-dir /dev/shm/slora-bench-gamma ;;
+    throughput-s1-base)
+      throughput "$s" --system base --n-adapters none --gamma none --trace "$(slora_trace 1000 8)" ;;
+    throughput-s1-plugin)
+      throughput "$s" --system plugin --n-adapters none --gamma none --work-dir /dev/shm/slora-s1 \
+          --trace "$(slora_trace 100 8)" --trace "$(slora_trace 1000 8)" --trace "$(slora_trace 2000 8)" ;;
+    throughput-s1-stock)
+      throughput "$s" --system stock --n-adapters none --gamma none --work-dir /dev/shm/slora-s1 \
+          --max-loras 128 --lora-target-modules qkv_proj,o_proj \
+          --trace "$(slora_trace 100 8)" --trace "$(slora_trace 1000 8)" --trace "$(slora_trace 2000 8)" ;;
+    throughput-s2-plugin)
+      throughput "$s" --system plugin --n-adapters none --gamma none --work-dir /dev/shm/slora-s2 \
+          --trace "$(slora_trace 100 8/16/32/64)" --trace "$(slora_trace 1000 8/16/32/64)" \
+          --trace "$(slora_trace 2000 8/16/32/64)" ;;
     throughput-report)
       step "$s"
       $PY "$REPO/benchmarks/report.py" --out-dir "$RES" 2>&1 | tee "$OUT/throughput-report.log"

@@ -58,11 +58,15 @@ def _gpu_run_steps() -> dict[str, list[str]]:
     import shlex
 
     text = open(os.path.join(REPO, "benchmarks", "gpu_run.sh")).read().replace("\\\n", " ")
+    shape = re.search(r'slora_trace\(\) \{[^\n]*\n\s+echo "([^"]+)"', text).group(1)
+    text = re.sub(r'"\$\(slora_trace (\S+) (\S+)\)"',
+                  lambda m: "'" + shape.replace("$1", m.group(1)).replace("$2", m.group(2)) + "'", text)
     helper = re.search(r'benchmarks/throughput.py" (.*?) "\$@"', text).group(1)
     steps = {m.group(1): shlex.split(helper.replace('"$RES"', "RES")) + shlex.split(m.group(2))
-             for m in re.finditer(r'\n\s+(throughput-[a-z-]+)\)\s+(?:#[^\n]*\n\s+)?throughput "\$s" ([^;]*);;', text)}
+             for m in re.finditer(r'\n\s+(throughput-[a-z0-9-]+)\)\s+(?:#[^\n]*\n\s+)?throughput "\$s" ([^;]*);;', text)}
     assert set(steps) == {"throughput-plugin", "throughput-stock", "throughput-base",
-                          "throughput-stock-gamma"}
+                          "throughput-stock-gamma", "throughput-s1-base", "throughput-s1-plugin",
+                          "throughput-s1-stock", "throughput-s2-plugin"}
     return steps
 
 
@@ -80,6 +84,10 @@ def test_gpu_run_throughput_steps_parse_to_the_planned_traces():
         assert args.deadline_s == 450 and args.out_dir == "RES"
         traces = _traces(args)
         got[step] = (args.system, [(t.spec.arrival, t.spec.n_adapters) for t in traces])
+        if step.startswith(("throughput-s1", "throughput-s2")):
+            ranks = (8,) if "-s1-" in step else (8, 16, 32, 64)
+            assert all((t.spec.rate, t.spec.cv, t.spec.ranks, len(t.requests))
+                       == (20.0, 1.0, ranks, 600) for t in traces), step
         if args.system != "base":
             plans.setdefault(args.work_dir, []).append(adapter_plan(traces))
         if args.system == "stock":
@@ -90,6 +98,10 @@ def test_gpu_run_throughput_steps_parse_to_the_planned_traces():
         "throughput-stock": ("stock", [("all", 1), ("all", 100), ("all", 1000)]),
         "throughput-base": ("base", [("all", 0), gamma]),
         "throughput-stock-gamma": ("stock", [gamma]),
+        "throughput-s1-base": ("base", [("gamma", 1000)]),
+        "throughput-s1-plugin": ("plugin", [("gamma", 100), ("gamma", 1000), ("gamma", 2000)]),
+        "throughput-s1-stock": ("stock", [("gamma", 100), ("gamma", 1000), ("gamma", 2000)]),
+        "throughput-s2-plugin": ("plugin", [("gamma", 100), ("gamma", 1000), ("gamma", 2000)]),
     }
     # Steps sharing a work dir (adapters are reused there) give each adapter id the same rank.
     for same_dir in plans.values():
