@@ -95,6 +95,10 @@ def _add_commands(parser: argparse.ArgumentParser, results_dir: str = DEFAULT_RE
     p.add_argument("--slo-ttft-s", type=float, default=6.0, help="TTFT SLO for attainment (S-LoRA: 6 s)")
     p.add_argument("--deadline-s", type=float, default=480.0,
                    help="wall-clock budget of the whole command; the trace running then is cut, later ones skipped")
+    p.add_argument("--profile", metavar="INDEX:START_S:DURATION_S",
+                   help="run vLLM's torch profiler over one window of trace INDEX (0-based, in this "
+                        "command's order), e.g. 0:15:5; that row is marked profiled (its throughput is "
+                        "perturbed) and gets a GPU-time summary (see slora_plugin.bench_profile)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("report", help="markdown table and PNG plots from results files")
@@ -161,9 +165,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from slora_plugin.bench_profile import ProfileWindow
     from slora_plugin.bench_run import BenchError, RunOptions, command_line, run
 
     try:
+        profile = ProfileWindow.parse(args.profile) if args.profile else None
         traces = _traces(args)
         opts = RunOptions(
             system=args.system, traces=traces, model=args.model, work_dir=args.work_dir,
@@ -174,7 +180,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             else tuple(m for m in args.lora_target_modules.split(",") if m),
             slora_config=_json_object(args.slora_config, "--slora-config"),
             engine_args=dict(_engine_arg(a) for a in args.engine_arg),
-            slo_ttft_s=args.slo_ttft_s, deadline_s=args.deadline_s, command=command_line())
+            slo_ttft_s=args.slo_ttft_s, deadline_s=args.deadline_s, command=command_line(),
+            profile=profile)
     except (WorkloadError, BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

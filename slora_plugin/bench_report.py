@@ -15,6 +15,11 @@ for the plugin `adapter_loads`, `adapter_evictions`, `pages_total`, `adapter_pag
 `adapters_resident_peak`, `host_load_hits`, `host_load_waits`, `host_load_wait_s`; see
 `bench_pool`). Counters may be absent (older files) or None
 (unknown); the table shows "-" for both.
+
+A row with `profiled: true` ran (partly) under the torch profiler (`bench_run`, `--profile`): its
+throughput and latencies are perturbed, so the table marks it, it is never the "vs base"
+reference, the plots leave it out, and its `profile` summary (`bench_profile`) gets a table of
+its own: where the GPU time of the window went.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import os
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from slora_plugin.bench_profile import CATEGORIES
 
 ROW_KEYS = ("system", "trace", "workload", "n_adapters", "ranks", "req_per_s", "output_tok_per_s", "ttft_p50_s",
             "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "settings", "init_s")
@@ -138,7 +145,8 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
     base row of the same shape (if any)."""
     rows = sorted(all_rows(results), key=lambda r: (r["_shape"], _SYSTEM_ORDER.get(r["system"], 9),
                                                     r["n_adapters"]))
-    base = {r["_shape"]: r["output_tok_per_s"] for r in rows if r["system"] == "base"}
+    base = {r["_shape"]: r["output_tok_per_s"] for r in rows
+            if r["system"] == "base" and not r.get("profiled")}
     head = ["trace", "system", "adapters", "done/req", "req/s", "out tok/s", "vs base",
             "TTFT p50/p99 s", "TPOT p50/p99 ms", "SLO TTFT", "preempt", "loads / evictions",
             "adapter pages peak", "host-load waits (s)", "KV tokens", "init s", "settings"]
@@ -160,13 +168,38 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             else f"{_num(r['adapter_pages_peak'], 0)} of {_num(r.get('pages_total'), 0)}",
             "-" if r.get("host_load_waits") is None
             else f"{_num(r['host_load_waits'], 0)} ({_num(r.get('host_load_wait_s'), 1)})",
-            _num(r.get("kv_cache_tokens"), 0), _num(r["init_s"], 1), _settings(r["settings"]),
+            _num(r.get("kv_cache_tokens"), 0), _num(r["init_s"], 1),
+            _settings(r["settings"], r.get("profiled", False)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     devices = sorted({r["_device"] for r in rows})
     lines.append("")
     lines.append(f"Device(s): {', '.join(devices)}. Files: "
                  f"{', '.join(sorted({r['_file'] for r in rows}))}.")
+    profiled = [r for r in rows if r.get("profiled") and (r.get("profile") or {}).get("categories")]
+    if profiled:
+        lines += ["", profile_table(profiled)]
+    return "\n".join(lines)
+
+
+def profile_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Where the GPU time of each profiled window went: busy and idle time of the window, and
+    each category's share of the busy time (sums over streams, so shares can add to > 100%
+    where streams overlap), and the top GPU operation."""
+    head = ["trace", "system", "adapters", "window (trace clock)", "GPU window s", "GPU idle",
+            *[f"{c} % busy" for c in CATEGORIES], "kernels", "top GPU op (share of busy)"]
+    lines = ["GPU time in the profiled windows (torch profiler; see bench_profile):", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        p = r["profile"]
+        busy = p["gpu_busy_s"]
+        top = p["top"][0] if p["top"] else None
+        cells = [r["_shape"], r["system"], f"{r['n_adapters']:,}", f"{p['start_s']:g}-{p['stop_s']:g} s",
+                 _num(p["window_s"], 2), f"{100 * p['gpu_idle_fraction']:.1f}%",
+                 *[f"{100 * p['categories'][c]['share_of_busy']:.1f}" for c in CATEGORIES],
+                 f"{p['kernel_launches']:,}",
+                 "-" if top is None else f"`{top['name']}` ({100 * top['total_s'] / busy:.1f}%)"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -180,10 +213,12 @@ def _ms(v: float | None) -> str:
     return "-" if v is None else f"{1000 * v:.1f}"
 
 
-def _settings(s: Mapping[str, Any]) -> str:
+def _settings(s: Mapping[str, Any], profiled: bool = False) -> str:
     """Engine arguments and the plugin's own settings (the adapter directory left out: it is
-    the same for every row of a run), so rows of one system run differently are told apart."""
-    parts = [f"{k}={v}" for k, v in s.items() if k != "additional_config"]
+    the same for every row of a run), so rows of one system run differently are told apart;
+    a profiled row says so first."""
+    parts = ["PROFILED (throughput perturbed, not a result)"] if profiled else []
+    parts += [f"{k}={v}" for k, v in s.items() if k != "additional_config"]
     slora = (s.get("additional_config") or {}).get("slora") or {}
     parts += [f"slora.{k}={v}" for k, v in slora.items() if k != "adapter_dir"]
     return ", ".join(parts) or "-"
@@ -193,8 +228,10 @@ def plot_throughput(results: Sequence[Mapping[str, Any]], path: str) -> str:
     """Output tok/s against the number of adapters, one panel per trace shape, one line per
     system; the base model (no adapters) is a dashed horizontal line."""
     plt = _pyplot()
-    rows = all_rows(results)
+    rows = [r for r in all_rows(results) if not r.get("profiled")]
     shapes = sorted({r["_shape"] for r in rows})
+    if not shapes:
+        raise ReportError("every row is profiled; nothing to plot")
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         here = [r for r in rows if r["_shape"] == shape]
@@ -221,7 +258,7 @@ def plot_latency_cdf(results: Sequence[Mapping[str, Any]], path: str,
     """CDF of time to first token (or `e2e_quantiles_s`), one panel per trace shape, one line
     per (system, adapters); the SLO is a vertical line."""
     plt = _pyplot()
-    rows = [r for r in all_rows(results) if r.get(which)]
+    rows = [r for r in all_rows(results) if r.get(which) and not r.get("profiled")]
     shapes = sorted({r["_shape"] for r in rows})
     if not shapes:
         raise ReportError(f"no row has {which}; nothing to plot")
@@ -263,7 +300,8 @@ def _save(fig, plt, path: str) -> str:
 
 
 def write_report(paths: Sequence[str], out_dir: str, name: str = "throughput") -> dict[str, str]:
-    """The whole report: `<name>.md` (table), `<name>-vs-adapters.png`, `<name>-ttft-cdf.png`."""
+    """The whole report: `<name>.md` (table), `<name>-vs-adapters.png`, `<name>-ttft-cdf.png`
+    (the plots only when some row is not profiled)."""
     results = load_results(paths)
     if not any(res["rows"] for res in results):
         raise ReportError(f"no rows in {list(paths)}")
@@ -271,8 +309,8 @@ def write_report(paths: Sequence[str], out_dir: str, name: str = "throughput") -
     os.makedirs(out_dir, exist_ok=True)
     with open(md, "w", encoding="utf-8") as f:
         f.write(markdown_table(results) + "\n")
-    return {
-        "table": md,
-        "throughput_plot": plot_throughput(results, os.path.join(out_dir, f"{name}-vs-adapters.png")),
-        "ttft_cdf_plot": plot_latency_cdf(results, os.path.join(out_dir, f"{name}-ttft-cdf.png")),
-    }
+    out = {"table": md}
+    if any(not row.get("profiled") for res in results for row in res["rows"]):
+        out["throughput_plot"] = plot_throughput(results, os.path.join(out_dir, f"{name}-vs-adapters.png"))
+        out["ttft_cdf_plot"] = plot_latency_cdf(results, os.path.join(out_dir, f"{name}-ttft-cdf.png"))
+    return out

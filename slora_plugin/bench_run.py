@@ -40,6 +40,19 @@ every trace so a cut command keeps what it finished, `...-requests.jsonl.gz` wit
 request's arrival, TTFT, end-to-end latency and TPOT, and for the plugin `...-pool.log` (the
 pool's log lines). The logging config that makes the engine core write that log is an internal
 file: it lives in a temporary directory for the duration of `run` only.
+
+Profile window (`RunOptions.profile`, `--profile INDEX:START_S:DURATION_S`). The engine gets
+vLLM's torch profiler (`profiler_config`, no stacks); trace INDEX calls `LLM.start_profile()`
+when its clock passes START_S and `LLM.stop_profile()` at START_S + DURATION_S or when it ends.
+The engine core (its in-process worker, TP=1) profiles and writes the Chrome trace and
+`profiler_out_0.txt` into `<work_dir>/profile-<stamp>/`, kept there (tens of MB: not copied into
+the results); the row gets `profiled: true` and `profile` (the window actually profiled on the
+trace's clock, the trace file, and `bench_profile.summarize_gpu_trace`'s summary), and the table,
+cut to 200 lines, goes next to the results as `...-profile.txt`. A profiled row's throughput is
+NOT a measurement: the profiler slows every step in the window, and stop_profile blocks the
+engine while the trace is exported; the report marks the row and keeps it out of its plots.
+Rows after it in the same command carry a small leftover (the worker annotates every step once a
+profiler exists), so profile in a command of its own.
 """
 
 from __future__ import annotations
@@ -60,12 +73,16 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from slora_plugin.bench_pool import POOL_KEYS, PoolLog, pool_fields, pool_log_env, preemption_count
+from slora_plugin.bench_profile import (
+    ProfileError, ProfileWindow, copy_table, describe, summarize_gpu_trace, wait_for_trace)
 from slora_plugin.bench_report import summarize, write_results
 from slora_plugin.plan import ModelMemory, load_model_config, write_model_config
 from slora_plugin.workload import Trace, prompt_tokens
 
 SYSTEMS = ("base", "stock", "plugin")
 WARMUP_REQUESTS = 8
+#: Name prefix of the engine core's profiler trace (vLLM appends the worker's rank suffix).
+PROFILE_PREFIX = "slora-bench"
 
 
 class BenchError(RuntimeError):
@@ -92,6 +109,7 @@ class RunOptions:
     slo_ttft_s: float = 6.0
     deadline_s: float = 480.0
     command: str = ""
+    profile: ProfileWindow | None = None
 
     def __post_init__(self) -> None:
         if self.system not in SYSTEMS:
@@ -100,6 +118,9 @@ class RunOptions:
             raise BenchError("no traces to run")
         if self.distinct < 1:
             raise BenchError(f"distinct must be >= 1, got {self.distinct}")
+        if self.profile is not None and self.profile.trace_index >= len(self.traces):
+            raise BenchError(f"--profile: trace index {self.profile.trace_index}, but this command "
+                             f"runs {len(self.traces)} trace(s) (0..{len(self.traces) - 1})")
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -217,8 +238,10 @@ def check_plugin_installed() -> None:
                          "install the package (e.g. `bash benchmarks/gpu_run.sh install`)")
 
 
-def engine_kwargs(opts: RunOptions, model_dir: str, adapter_dir: str | None) -> dict[str, Any]:
-    """`LLM(...)` arguments: the baseline's offline setup plus the system's LoRA settings."""
+def engine_kwargs(opts: RunOptions, model_dir: str, adapter_dir: str | None,
+                  profile_dir: str | None = None) -> dict[str, Any]:
+    """`LLM(...)` arguments: the baseline's offline setup plus the system's LoRA settings, and
+    vLLM's torch profiler writing into `profile_dir` when given (no stacks: smaller, cheaper)."""
     kw: dict[str, Any] = dict(
         model=model_dir, load_format="dummy", skip_tokenizer_init=True, dtype="float16",
         max_model_len=1024, gpu_memory_utilization=0.9, seed=0, disable_log_stats=False)
@@ -231,6 +254,9 @@ def engine_kwargs(opts: RunOptions, model_dir: str, adapter_dir: str | None) -> 
     elif opts.system == "plugin":
         kw["additional_config"] = {"slora": {"adapter_dir": adapter_dir, "max_lora_rank": max_rank,
                                              **opts.slora_config}}
+    if profile_dir is not None:
+        kw["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": os.path.abspath(profile_dir),
+                                 "torch_profiler_with_stack": False}
     kw.update(opts.engine_args)
     return kw
 
@@ -241,7 +267,7 @@ def _settings(kw: dict[str, Any]) -> dict[str, Any]:
     s = {k: kw[k] for k in keys if k in kw}
     s.update({k: v for k, v in kw.items() if k not in s and k not in (
         "model", "load_format", "skip_tokenizer_init", "dtype", "max_model_len",
-        "gpu_memory_utilization", "seed", "disable_log_stats")})
+        "gpu_memory_utilization", "seed", "disable_log_stats", "profiler_config")})
     return s
 
 
@@ -255,11 +281,16 @@ def _lora(opts: RunOptions, adapter_dir: str | None, global_id: int):
 
 
 def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir: str | None,
-              vocab_size: int, deadline: float) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
+              vocab_size: int, deadline: float, profile: ProfileWindow | None = None,
+              ) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
     """Serve one trace; returns (row metrics, per-request records, whether the deadline cut it).
 
     A record has the request's `arrival_s` (scheduled, after the trace's start), `ttft_s`,
-    `e2e_s` (both from that arrival), `tpot_s`, `n_out` and `finished`."""
+    `e2e_s` (both from that arrival), `tpot_s`, `n_out` and `finished`. With `profile`, the
+    engine is profiled over that window of the trace's clock (see the module docstring): the
+    row gets `profiled` and `profile` (`start_s`, `stop_s`: when start/stop_profile were called;
+    `stop_call_s`: how long stop_profile blocked), or `profile.error` when the trace ended
+    before the window began."""
     from vllm import SamplingParams
 
     spec, reqs = trace.spec, trace.requests
@@ -279,9 +310,11 @@ def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir
     # Without a terminal (the GPU machine's captured log) a bar line every 10 s, not 10 per second.
     bar = tqdm(total=len(reqs), desc=f"{opts.system} {spec.label}", dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)
+    window = _ProfileClock(llm, profile)
     t0 = time.time()
     while True:
         now = time.time() - t0
+        window.tick(now, t0)
         if time.time() > deadline:
             unfinished = [internal[i] for i in internal if not records[i]["finished"]]
             if unfinished:
@@ -321,10 +354,75 @@ def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir
             time.sleep(max(0.0, min(0.05, reqs[nxt].arrival_s - (time.time() - t0))))
     bar.close()
     end = last_finish if last_finish else time.time()
+    window.finish(t0)
     row = summarize(records, max(end - t0, 1e-9), opts.slo_ttft_s)
     row["client_lag_max_s"] = round(lag, 4)
     row["distinct_adapters"] = 0 if opts.system == "base" else trace.distinct_adapters
+    if profile is not None:
+        row.update(window.fields())
     return row, records, cut
+
+
+class _ProfileClock:
+    """Starts and stops the engine's profiler on the trace's clock (a no-op without a window)."""
+
+    def __init__(self, llm: Any, window: ProfileWindow | None):
+        self.llm, self.window = llm, window
+        self.start_s: float | None = None
+        self.stop_s: float | None = None
+        self.stop_call_s: float | None = None
+        self.ended_s: float | None = None
+
+    def tick(self, now: float, t0: float) -> None:
+        w = self.window
+        if w is None or self.stop_s is not None:
+            return
+        if self.start_s is None:
+            if now >= w.start_s:
+                self.start_s = now
+                self.llm.start_profile(PROFILE_PREFIX)
+        elif now >= w.start_s + w.duration_s:
+            self._stop(now, t0)
+
+    def finish(self, t0: float) -> None:
+        self.ended_s = time.time() - t0
+        if self.start_s is not None and self.stop_s is None:
+            self._stop(self.ended_s, t0)
+
+    def _stop(self, now: float, t0: float) -> None:
+        self.stop_s = now
+        self.llm.stop_profile()
+        self.stop_call_s = time.time() - t0 - now
+
+    def fields(self) -> dict[str, Any]:
+        w = self.window
+        if self.start_s is None:
+            return {"profiled": False, "profile": {
+                "requested": str(w), "error": f"the trace ended at {self.ended_s:.1f} s, before the "
+                                              f"profile window's start ({w.start_s:g} s): nothing profiled"}}
+        return {"profiled": True, "profile": {
+            "requested": str(w), "start_s": round(self.start_s, 3), "stop_s": round(self.stop_s, 3),
+            "stop_call_s": round(self.stop_call_s, 3)}}
+
+
+def _summarize_profile(row: dict[str, Any], profile_dir: str, table_dest: str) -> None:
+    """Fill the profiled row's `profile` from the engine core's trace and copy its table to
+    `table_dest`. A missing or unreadable file is recorded in `profile.error` and printed, so
+    the command keeps the rows it measured."""
+    prof = row["profile"]
+    if not row["profiled"]:
+        print(f"[bench] profile: {prof['error']}", flush=True)
+        return
+    try:
+        trace_path, trace = wait_for_trace(profile_dir, PROFILE_PREFIX)
+        prof.update(trace_file=trace_path, **summarize_gpu_trace(trace))
+        print(f"[bench] profile {prof['requested']} (trace clock {prof['start_s']}-{prof['stop_s']} s, "
+              f"stop_profile took {prof['stop_call_s']} s): {describe(prof)}; trace {trace_path}",
+              flush=True)
+        prof["table_file"] = os.path.basename(copy_table(profile_dir, table_dest))
+    except ProfileError as e:
+        prof["error"] = str(e)
+        print(f"[bench] profile FAILED: {e}", flush=True)
 
 
 def _record(rec: dict[str, Any], out: Any, arrival_wall: float, finish_wall: float) -> None:
@@ -391,8 +489,9 @@ def _run(opts: RunOptions, scratch: str) -> str:
     import vllm
     from vllm import LLM, SamplingParams
 
-    kw = engine_kwargs(opts, model_dir, adapter_dir)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    profile_dir = os.path.abspath(os.path.join(opts.work_dir, f"profile-{stamp}")) if opts.profile else None
+    kw = engine_kwargs(opts, model_dir, adapter_dir, profile_dir)
     path = os.path.join(opts.out_dir, f"throughput-{opts.system}-{stamp}.json")
     requests_path = path[:-len(".json")] + "-requests.jsonl.gz"
     pool_log = None
@@ -437,14 +536,18 @@ def _run(opts: RunOptions, scratch: str) -> str:
     pool_before = pool_log.boundary(poke)[0] if pool_log else None
     rows: list[dict[str, Any]] = []
     vocab = int(model_cfg["vocab_size"])
-    for trace, offset in zip(opts.traces, trace_offsets(opts.traces)):
+    for index, (trace, offset) in enumerate(zip(opts.traces, trace_offsets(opts.traces))):
         if time.time() > deadline:
             print(f"[bench] deadline reached: skipping {trace.spec.label}", flush=True)
             continue
+        window = opts.profile if opts.profile and opts.profile.trace_index == index else None
         preempted_before = preemption_count(llm)
         with GpuMemoryPoller() as mem:
-            metrics, records, cut = run_trace(llm, opts, trace, offset, adapter_dir, vocab, deadline)
+            metrics, records, cut = run_trace(llm, opts, trace, offset, adapter_dir, vocab, deadline,
+                                              window)
         preempted_after = preemption_count(llm)
+        if window is not None:
+            _summarize_profile(metrics, profile_dir, path[:-len(".json")] + "-profile.txt")
         write_requests(requests_path, trace.spec.label, records)
         pool: dict[str, Any] = dict.fromkeys(POOL_KEYS)
         if pool_log:
@@ -467,7 +570,8 @@ def _run(opts: RunOptions, scratch: str) -> str:
               f"preemptions {row['preemptions']}, adapter loads {row['adapter_loads']}, "
               f"evictions {row['adapter_evictions']}, host-load waits {row['host_load_waits']} "
               f"({row['host_load_wait_s']} s)"
-              + (" (cut by the deadline)" if cut else ""), flush=True)
+              + (" (cut by the deadline)" if cut else "")
+              + (" (PROFILED: throughput perturbed)" if row.get("profiled") else ""), flush=True)
         if opts.system == "stock":
             for lora_id in list(llm.llm_engine.list_loras()):
                 llm.llm_engine.remove_lora(lora_id)

@@ -12,8 +12,9 @@ import pytest
 
 from slora_plugin.bench_cli import _traces, add_subparser, main
 from slora_plugin.bench_pool import POOL_KEYS
+from slora_plugin.bench_profile import ProfileWindow
 from slora_plugin.bench_run import (
-    WARMUP_REQUESTS, BenchError, RunOptions, adapter_name, adapter_plan, engine_kwargs,
+    PROFILE_PREFIX, WARMUP_REQUESTS, BenchError, RunOptions, adapter_name, adapter_plan, engine_kwargs,
     prepare_adapters, run_trace, trace_offsets)
 from slora_plugin.plan import load_model_config
 from slora_plugin.workload import WorkloadSpec, generate
@@ -346,3 +347,121 @@ def test_plugin_run_needs_the_entry_point(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
     with pytest.raises(BenchError, match="not installed as a vllm.general_plugins entry point"):
         check_plugin_installed()
+
+
+class ProfilingLLM(FakeLLM):
+    """FakeLLM with vLLM's start/stop_profile, recording when (on the trace's clock) they came."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.profile_calls: list[tuple[str, float]] = []
+        self.t0 = time.time()
+
+    def start_profile(self, prefix=None):
+        assert prefix == PROFILE_PREFIX
+        self.profile_calls.append(("start", time.time() - self.t0))
+
+    def stop_profile(self):
+        self.profile_calls.append(("stop", time.time() - self.t0))
+
+
+def _profiled_trace(window):
+    trace = _trace(n_adapters=5, num_requests=20, arrival="all")
+    llm = ProfilingLLM(steps=60, step_s=0.005)            # about 0.3 s of steps
+    row, _, cut = run_trace(llm, RunOptions("stock", [trace]), trace, 8, "/ad", 256,
+                            time.time() + 60, ProfileWindow.parse(window))
+    assert not cut and row["completed"] == 20
+    return row, llm.profile_calls
+
+
+def test_run_trace_profiles_the_window_on_the_trace_clock():
+    row, calls = _profiled_trace("0:0.1:0.1")
+    assert [c for c, _ in calls] == ["start", "stop"]
+    assert 0.1 <= calls[0][1] < 0.15 and 0.2 <= calls[1][1] < 0.25
+    p = row["profile"]
+    assert row["profiled"] is True and p["requested"] == "0:0.1:0.1"
+    assert 0.1 <= p["start_s"] < 0.15 and 0.2 <= p["stop_s"] < 0.25 and p["stop_call_s"] >= 0
+    row, calls = _profiled_trace("0:0.1:100")              # the trace ends first: stopped at its end
+    assert [c for c, _ in calls] == ["start", "stop"]
+    assert row["profile"]["stop_s"] == pytest.approx(row["duration_s"], abs=0.05)
+    row, calls = _profiled_trace("0:50:1")                 # never reached: nothing profiled
+    assert calls == [] and row["profiled"] is False
+    assert "before the profile window's start (50 s): nothing profiled" in row["profile"]["error"]
+    trace = _trace(n_adapters=5, num_requests=5)
+    unprofiled, _, _ = run_trace(ProfilingLLM(), RunOptions("stock", [trace]), trace, 8, "/ad", 256,
+                                 time.time() + 60)
+    assert "profiled" not in unprofiled and "profile" not in unprofiled
+
+
+def test_cli_rejects_bad_profile_windows(capsys):
+    small = ["run", "--system", "stock", "--n-adapters", "1,2", "--gamma", "none", "--requests", "5"]
+    assert main([*small, "--profile", "2:12"]) == 2
+    assert "--profile: expected INDEX:START_S:DURATION_S" in capsys.readouterr().err
+    assert main([*small, "--profile", "0:5:0"]) == 2
+    assert "DURATION_S > 0" in capsys.readouterr().err
+    assert main([*small, "--profile", "2:1:1"]) == 2
+    assert "--profile: trace index 2, but this command runs 2 trace(s) (0..1)" in capsys.readouterr().err
+    assert _parse(["bench", "run", "--system", "plugin", "--profile", "1:12:6"]).profile == "1:12:6"
+
+
+class ProfilingRunLLM(FakeRunLLM):
+    """FakeRunLLM whose stop_profile writes what vLLM's engine core writes: a gzip Chrome trace
+    named after the prefix and the worker's ranks, then the key-averages table."""
+
+    def start_profile(self, prefix=None):
+        self.prefix = prefix
+
+    def stop_profile(self):
+        import gzip
+
+        out = FakeRunLLM.made[-1]["profiler_config"]["torch_profiler_dir"]
+        os.makedirs(out, exist_ok=True)
+        events = [{"ph": "X", "cat": "kernel", "name": "_shrink_kernel", "ts": 0, "dur": 30, "pid": 0, "tid": 7},
+                  {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_hsh_TNN", "ts": 30, "dur": 50, "pid": 0, "tid": 7},
+                  {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pinned -> Device)", "ts": 100,
+                   "dur": 20, "pid": 0, "tid": 9, "args": {"bytes": 4096}}]
+        with gzip.open(os.path.join(out, f"{self.prefix}_dp0_pp0_tp0.{time.time_ns()}.pt.trace.json.gz"), "wt") as f:
+            json.dump({"traceEvents": events}, f)
+        with open(os.path.join(out, "profiler_out_0.txt"), "w") as f:
+            f.writelines(f"row {i}\n" for i in range(300))
+
+
+def test_run_with_profile_summarizes_the_window(tmp_path, tiny_model_dir, monkeypatch):
+    import vllm
+
+    from slora_plugin.bench_report import load_results, markdown_table, write_report
+    from slora_plugin.bench_run import run
+
+    monkeypatch.setattr(vllm, "LLM", ProfilingRunLLM)
+    _unset(monkeypatch, "VLLM_WORKER_MULTIPROC_METHOD")
+    traces = [_trace(n_adapters=n, num_requests=12, ranks=(4, 8)) for n in (1, 5)]
+    out = tmp_path / "out"
+    path = run(RunOptions("stock", traces, model=tiny_model_dir, work_dir=str(tmp_path / "w"),
+                          out_dir=str(out), profile=ProfileWindow(1, 0, 30)))
+    kw = FakeRunLLM.made[-1]
+    prof_dir = kw["profiler_config"]["torch_profiler_dir"]
+    assert kw["profiler_config"] == {"profiler": "torch", "torch_profiler_dir": prof_dir,
+                                     "torch_profiler_with_stack": False}
+    assert os.path.isabs(prof_dir) and prof_dir.startswith(str(tmp_path / "w" / "profile-"))
+    data = json.load(open(path))
+    plain, profiled = data["rows"]
+    assert "profiled" not in plain and profiled["profiled"] is True
+    assert "profiler_config" not in profiled["settings"]
+    assert data["engine_kwargs"]["profiler_config"]["profiler"] == "torch"
+    p = profiled["profile"]
+    assert p["requested"] == "1:0:30" and p["start_s"] == 0 and p["stop_s"] >= 0
+    assert p["trace_file"].startswith(prof_dir) and p["trace_file"].endswith(".pt.trace.json.gz")
+    assert (p["window_s"], p["gpu_busy_s"], p["kernel_launches"]) == pytest.approx((120e-6, 100e-6, 2))
+    assert p["categories"]["lora"]["time_s"] == pytest.approx(30e-6)
+    assert p["categories"]["memcpy_htod"]["bytes"] == 4096
+    table = out / p["table_file"]
+    assert p["table_file"] == os.path.basename(path)[:-5] + "-profile.txt"
+    assert len(table.read_text().splitlines()) == 201          # 200 lines and the cut note
+    assert not any(".pt.trace." in f for f in os.listdir(out))  # the raw trace stays in work_dir
+    md = markdown_table(load_results([path]))
+    row_lines = [ln for ln in md.splitlines() if ln.startswith("| all-at-once")]
+    assert sum("PROFILED" in ln for ln in row_lines) == 1
+    assert "GPU time in the profiled windows" in md and "`Memcpy HtoD (Pinned -> Device)`" not in md
+    assert "`nvjet_sm90_hsh_TNN` (50.0%)" in md
+    report = write_report([path], str(tmp_path / "r"))
+    assert set(report) == {"table", "throughput_plot", "ttft_cdf_plot"}
