@@ -43,7 +43,7 @@ file: it lives in a temporary directory for the duration of `run` only.
 
 Profile window (`RunOptions.profile`, `--profile INDEX:START_S:DURATION_S`). The engine gets
 vLLM's torch profiler (`profiler_config`, no stacks); trace INDEX calls `LLM.start_profile()`
-when its clock passes START_S and `LLM.stop_profile()` at START_S + DURATION_S or when it ends.
+when its clock passes START_S and `LLM.stop_profile()` DURATION_S later or when it ends.
 The engine core (its in-process worker, TP=1) profiles and writes the Chrome trace and
 `profiler_out_0.txt` into `<work_dir>/profile-<stamp>/`, kept there (tens of MB: not copied into
 the results); the row gets `profiled: true` and `profile` (the window actually profiled on the
@@ -381,7 +381,7 @@ class _ProfileClock:
             if now >= w.start_s:
                 self.start_s = now
                 self.llm.start_profile(PROFILE_PREFIX)
-        elif now >= w.start_s + w.duration_s:
+        elif now >= self.start_s + w.duration_s:     # DURATION_S from the real start
             self._stop(now, t0)
 
     def finish(self, t0: float) -> None:
