@@ -147,7 +147,7 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
                                                     r["n_adapters"]))
     base = {r["_shape"]: r["output_tok_per_s"] for r in rows
             if r["system"] == "base" and not r.get("profiled")}
-    head = ["trace", "system", "adapters", "done/req", "req/s", "out tok/s", "vs base",
+    head = ["trace", "system", "adapters", "ranks", "done/req", "req/s", "out tok/s", "vs base",
             "TTFT p50/p99 s", "TPOT p50/p99 ms", "SLO TTFT", "preempt", "loads / evictions",
             "adapter pages peak", "host-load waits (s)", "KV tokens", "init s", "settings"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -156,6 +156,7 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
         slo = r.get("slo_attainment")
         cells = [
             r["_shape"], r["system"], f"{r['n_adapters']:,}",
+            "/".join(str(k) for k in r.get("ranks") or []) or "-",
             f"{r.get('completed', '?')}/{r.get('requests', '?')}" + (" (cut)" if r.get("truncated") else ""),
             _num(r["req_per_s"], 2), _num(r["output_tok_per_s"], 1),
             _num(r["output_tok_per_s"] / ref, 3) if ref else "-",

@@ -101,6 +101,7 @@ def test_markdown_table_and_ratio_to_base(tmp_path):
     assert "NVIDIA H100 80GB HBM3" in table
     plugin2000 = next(ln for ln in lines if "| plugin | 2,000 |" in ln)
     assert "| 3 | 2,005 / 1,000 | 2,500 of 7,000 |" in plugin2000
+    assert "| plugin | 2,000 | 8/16 |" in plugin2000  # the rank mix has its column
     assert "| 3 | - / - | - |" in stock1000      # stock has no pool counters: unknown, not 0
 
 
