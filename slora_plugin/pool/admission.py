@@ -41,12 +41,15 @@ class AdmissionPlan(Generic[R]):
     `held`: checked and not ready; not admitted this step (vLLM's skip: to the front of the
     skipped queue). `later`: not checked this step (beyond the scan); they keep their places.
     `forced`: not ready, admitted anyway because nothing runs and nothing else could start.
+    `failed`: (request, reason) for requests whose adapter's host load is known to have failed
+    (`HostReadiness.error`); in none of the other lists: the glue finishes them with the reason.
     `started`: adapters whose host loads this step asked for (started or already under way).
     """
 
     held: list[R] = field(default_factory=list)
     later: list[R] = field(default_factory=list)
     forced: R | None = None
+    failed: list[tuple[R, str]] = field(default_factory=list)
     started: int = 0
 
 
@@ -55,13 +58,21 @@ def plan_admission(waiting: Iterable[R], adapter_of: Callable[[R], tuple[int, st
                    start_limit: int, scan_limit: int, idle: bool) -> AdmissionPlan[R]:
     """Split the waiting requests (`waiting`, in the order vLLM considers them) for one step.
 
-    A request is admissible if it has no adapter, or its adapter (`adapter_of`: lora id, path)
-    is resident in the page pool or ready on the host. The host loads of the first
-    `start_limit` distinct adapters that are not resident start now (a no-op for those ready or
-    loading): the same horizon the old prefetch hints had, so the host cache holds at most that
-    many adapters ahead of admission instead of thrashing over the whole queue. The scan stops
-    after `scan_limit` requests, or once `slots` admissible requests (vLLM cannot start more
-    this step) and the start horizon are both covered; what it did not check is `later`.
+    Failed loads first: a request among the first `scan_limit` (or among those split below)
+    whose adapter (`adapter_of`: lora id, path) has a known host-load error, resident or not, is
+    `failed`; the split below runs over the others, as if the failed ones had been taken out of
+    the queue before.
+
+    A request is admissible if it has no adapter, or its adapter is resident in the page pool
+    or ready on the host. The host loads of the first `start_limit` distinct adapters that are
+    not resident start now (a no-op for those ready or loading): the same horizon the old
+    prefetch hints had, so the host cache holds at most that many adapters ahead of admission
+    instead of thrashing over the whole queue. The scan stops after `scan_limit` requests, or
+    once `slots` admissible requests (vLLM cannot start more this step) and the start horizon
+    are both covered; what it did not check is `later`.
+
+    Cost: this runs every step over a queue that is ~1,000 long in the throughput benchmark, so
+    the queue is walked once and each oracle call is made once per adapter and step.
 
     Starvation: if `idle` (nothing runs) and no checked request is admissible, the first held
     one is `forced` (admitted; the worker waits for its copy, as without this gate). Otherwise
@@ -69,33 +80,72 @@ def plan_admission(waiting: Iterable[R], adapter_of: Callable[[R], tuple[int, st
     """
     plan: AdmissionPlan[R] = AdmissionPlan()
     admissible = 0
-    verdict: dict[int, bool] = {}  # lora id -> admissible this step
+    scanned = 0  # requests split (failed ones not counted)
+    verdict: dict[int, object] = {}  # lora id -> admissible this step (truthy), or _FAILED
+    reasons: dict[int, str] = {}  # lora id -> its known host-load error
     pending: set[int] = set()  # distinct non-resident adapters seen, in scan order
     it = iter(waiting)
-    for scanned, request in enumerate(it):
+    for position, request in enumerate(it):
         if scanned >= scan_limit or (admissible >= slots and len(pending) >= start_limit):
-            plan.later.append(request)
-            plan.later.extend(it)
+            _split_rest(plan, [request, *it], max(0, scan_limit - position), adapter_of,
+                        readiness, verdict, reasons)
             break
         adapter = adapter_of(request)
         if adapter is None:
+            scanned += 1
             admissible += 1
             continue
         lora_id, path = adapter
-        ok = verdict.get(lora_id)
-        if ok is None:
-            ok = resident(lora_id)
-            if not ok:
-                ok = readiness.ready(path)
-                if not ok and len(pending) < start_limit:
-                    readiness.start(path)
-                    plan.started += 1
-                pending.add(lora_id)
-            verdict[lora_id] = ok
-        if ok:
+        v = verdict.get(lora_id)
+        if v is None:
+            reason = readiness.error(path) if position < scan_limit else None
+            if reason:
+                reasons[lora_id] = reason
+                v = _FAILED
+            else:
+                v = resident(lora_id)
+                if not v:
+                    v = readiness.ready(path)
+                    if not v and len(pending) < start_limit:
+                        readiness.start(path)
+                        plan.started += 1
+                    pending.add(lora_id)
+            verdict[lora_id] = v
+        if v is _FAILED:
+            plan.failed.append((request, reasons[lora_id]))
+            continue
+        scanned += 1
+        if v:
             admissible += 1
         else:
             plan.held.append(request)
     if idle and admissible == 0 and plan.held:
         plan.forced = plan.held.pop(0)
     return plan
+
+
+#: The verdict of an adapter whose host load is known to have failed.
+_FAILED = object()
+
+
+def _split_rest(plan: AdmissionPlan[R], rest: list[R], num_checked: int,
+                adapter_of: Callable[[R], tuple[int, str] | None], readiness: HostReadiness,
+                verdict: dict[int, object], reasons: dict[int, str]) -> None:
+    """The requests past the split are `later`, except those of the first `num_checked` whose
+    adapter has a known host-load error (`failed`)."""
+    later = plan.later
+    for request in rest[:num_checked]:
+        adapter = adapter_of(request)
+        if adapter is not None:
+            lora_id = adapter[0]
+            v = verdict.get(lora_id)
+            if v is None:  # not seen in the split: only its error matters
+                reason = readiness.error(adapter[1])
+                if reason:
+                    reasons[lora_id] = reason
+                v = verdict[lora_id] = _FAILED if reason else False
+            if v is _FAILED:
+                plan.failed.append((request, reasons[lora_id]))
+                continue
+        later.append(request)
+    later.extend(rest[num_checked:])

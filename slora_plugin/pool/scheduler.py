@@ -215,7 +215,7 @@ class _SLoRAScheduling:
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         readiness = self._readiness()
-        self._mark_failed_loads(readiness)
+        self._mark_worker_failures()
         self._fail_unusable()
         hidden = self._hide_unready(readiness) if readiness is not None else None
         try:
@@ -228,30 +228,21 @@ class _SLoRAScheduling:
         attach(output, self.kv_cache_manager.pool.take_commands(hints))
         return output
 
-    def _mark_failed_loads(self, readiness: HostReadiness | None) -> None:
-        """Requests whose adapter cannot be loaded become unusable (failed before this step):
-        those of adapters whose load failed in the worker after admission (every request
-        using it, running or not), and waiting ones whose host load is known to have failed,
-        so that they are never admitted (their load would fail in the worker)."""
+    def _mark_worker_failures(self) -> None:
+        """The requests of adapters whose load failed in the worker after admission (every
+        request using it, running or not) become unusable. (Waiting requests whose host load
+        is known to have failed are found by the admission scan: `_hide_unready`.)"""
         link = self._worker_link()
         failed = link.failures.take() if link is not None else {}
+        if not failed:
+            return
         mgr = self.kv_cache_manager
         for lora_id in failed:
             mgr.pool.mark_broken(lora_id)
-        if failed:
-            for request in self.requests.values():
-                lr = request.lora_request
-                if lr is not None and lr.lora_int_id in failed and not request.is_finished():
-                    mgr.mark_unusable(request.request_id, failed[lr.lora_int_id])
-        if readiness is None:
-            return
-        for request in vllm_patch.waiting_in_order(self)[:self._scan_limit()]:
+        for request in self.requests.values():
             lr = request.lora_request
-            if lr is None:
-                continue
-            reason = readiness.error(lr.lora_path or lr.lora_name)
-            if reason is not None:  # an AdapterError's text: it names the adapter and file
-                mgr.mark_unusable(request.request_id, reason)
+            if lr is not None and lr.lora_int_id in failed and not request.is_finished():
+                mgr.mark_unusable(request.request_id, failed[lr.lora_int_id])
 
     def _scan_limit(self) -> int:
         return 2 * self.max_num_running_reqs + 8 * self.slora_config.prefetch_depth
@@ -265,8 +256,10 @@ class _SLoRAScheduling:
         return link.readiness if link is not None else None
 
     def _hide_unready(self, readiness: HostReadiness) -> vllm_patch.Hidden | None:
-        """Take the waiting requests whose adapters are not ready (and those not checked) out
-        of vLLM's queues for this step; see admission.plan_admission."""
+        """One walk over the waiting queue (admission.plan_admission): finish the requests
+        whose adapter's host load is known to have failed (so that they are never admitted:
+        their load would fail in the worker), and take those whose adapters are not ready (and
+        those not checked) out of vLLM's queues for this step."""
         waiting = vllm_patch.waiting_in_order(self)
         if not waiting:
             return None
@@ -281,6 +274,10 @@ class _SLoRAScheduling:
             waiting, adapter_of, lambda lora_id: pool.resident(lora_id) is not None, readiness,
             slots=self.max_num_running_reqs - len(self.running), start_limit=depth,
             scan_limit=self._scan_limit(), idle=not self.running)
+        if plan.failed:
+            for request, reason in plan.failed:
+                self.kv_cache_manager.mark_unusable(request.request_id, reason)
+            self._fail_unusable()
         self.admission_holds += len(plan.held)
         if plan.forced is not None:
             self.admission_forced += 1
