@@ -202,7 +202,7 @@ def run_one(system: str, pool: str, n_adapters: int, model_dir: str, paths: list
     }
     if hasattr(sched, "pool_stats"):
         stats = sched.pool_stats()
-        out["pool"] = {k: stats[k] for k in ("pages_total", "pages_free", "adapter_loads",
+        out["pool_stats"] = {k: stats[k] for k in ("pages_total", "pages_free", "adapter_loads",
                                              "adapter_evictions", "admission_holds")}
     return out
 

@@ -24,4 +24,4 @@ def test_sched_cost_small_run_writes_its_rows(tmp_path):
         assert row["steps"] == 4 and row["long_queue_steps"] == 4
         assert 0 <= row["ms_outside_vllm_long_queue_median"] <= row["ms_per_step_long_queue_median"]
     assert rows["stock-lora"]["ms_outside_vllm_long_queue_median"] < 0.5  # vLLM's own class only
-    assert rows["plugin"]["pool"]["adapter_loads"] == 3
+    assert rows["plugin"]["pool"] == "partly-full" and rows["plugin"]["pool_stats"]["adapter_loads"] == 3
