@@ -56,8 +56,8 @@ def configure_engine_args(args: Any, cfg: SLoRAConfig) -> None:
     if missing:
         raise guard.UnsupportedVLLMError(f"EngineArgs lacks field(s) {missing}")
     args.enable_lora = True
-    if cfg.max_adapters_per_step is not None:
-        args.max_loras = args.max_cpu_loras = cfg.max_adapters_per_step
+    args.max_loras = cfg.max_adapters_per_step
+    args.max_cpu_loras = cfg.max_adapters_per_step
     args.max_lora_rank = vllm_max_rank(cfg.max_lora_rank)
     if cfg.target_modules is not None:
         args.lora_target_modules = list(cfg.target_modules)
@@ -88,17 +88,12 @@ def configure_lora_targets(vllm_config: Any, cfg: SLoRAConfig) -> None:
     logger.info("slora: LoRA layers on %s; %s", ", ".join(choice.wrapped), choice.reason)
 
 
-def configure_vllm_config(vllm_config: Any, cfg: SLoRAConfig) -> None:
-    """After the config is built: the scheduler variant matching the final async_scheduling,
-    and, unless set, as many adapters per step as sequences (vLLM resolves its default
-    `max_num_seqs` only while building the config: 1,024 on an H100 for `LLM`)."""
+def configure_vllm_config(vllm_config: Any) -> None:
+    """After the config is built: the scheduler variant matching the final async_scheduling."""
     from slora_plugin.pool.scheduler import scheduler_class
 
     sc = vllm_config.scheduler_config
     sc.scheduler_cls = scheduler_class(bool(sc.async_scheduling))
-    if cfg.max_adapters_per_step is None:
-        lora_config = vllm_config.lora_config
-        lora_config.max_loras = lora_config.max_cpu_loras = int(sc.max_num_seqs)
 
 
 def apply() -> None:
@@ -115,7 +110,7 @@ def apply() -> None:
             return original(self, *args, **kwargs)
         configure_engine_args(self, cfg)
         vllm_config = original(self, *args, **kwargs)
-        configure_vllm_config(vllm_config, cfg)
+        configure_vllm_config(vllm_config)
         configure_lora_targets(vllm_config, cfg)
         return vllm_config
 

@@ -61,11 +61,8 @@ class SLoRAConfig:
     #: Largest rank accepted for any module of any adapter. It does not size any buffer by
     #: itself (no padding); it bounds the kernels' rank tiles and the row-address tables.
     max_lora_rank: int = 128
-    #: Most distinct adapters in one engine step (vLLM's `max_loras`): a ceiling on the kernels'
-    #: metadata, not GPU slots. None: vLLM's `max_num_seqs`, so every running request may bring
-    #: its own adapter and only memory bounds the batch (a fixed 128 halved the batch of the
-    #: 1,000-adapter benchmark next to the base model's ~300 sequences).
-    max_adapters_per_step: int | None = None
+    #: Most distinct adapters in one engine step: the kernels' metadata ceiling, not GPU slots.
+    max_adapters_per_step: int = 128
     #: Pinned host memory for packed adapters (LRU beyond it).
     host_cache_bytes: int = 8 * 2**30
     #: Threads reading and packing adapters from disk.
@@ -98,7 +95,7 @@ class SLoRAConfig:
                 f"slora: unknown key(s) {unknown}; known keys are {sorted(known)}")
         kw: dict[str, Any] = {}
         for key in ("max_lora_rank", "max_adapters_per_step", "loader_threads", "prefetch_depth"):
-            if key in raw and not (key == "max_adapters_per_step" and raw[key] is None):
+            if key in raw:
                 kw[key] = _positive_int(raw[key], key, allow_zero=key == "prefetch_depth")
         if "host_cache_bytes" in raw:
             kw["host_cache_bytes"] = parse_bytes(raw["host_cache_bytes"], "host_cache_bytes")

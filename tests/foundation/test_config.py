@@ -23,14 +23,6 @@ def test_additional_config_parses(tmp_path):
                               host_cache_bytes=2 * 2**30, target_modules=("qkv_proj",))
 
 
-def test_adapters_per_step_unset_round_trips():
-    """None (vLLM's max_num_seqs) survives the trip through additional_config to the workers."""
-    cfg = load_config({"slora": {}}, environ={})
-    assert cfg.max_adapters_per_step is None
-    assert SLoRAConfig.from_mapping(cfg.to_dict()) == cfg
-    assert load_config({"slora": {"max_adapters_per_step": 300}}, environ={}).max_adapters_per_step == 300
-
-
 def test_enabled_false_turns_it_off(tmp_path):
     assert load_config({"slora": {"enabled": False, "adapter_dir": str(tmp_path)}}, environ={}) is None
 

@@ -67,19 +67,6 @@ def test_enabled_turns_on_paged_lora(tiny_model_dir, tmp_path, cpu_platform):
     assert vc.additional_config["slora"]["adapter_dir"] == str(tmp_path)
 
 
-def test_adapters_per_step_follow_max_num_seqs(tiny_model_dir, tmp_path, cpu_platform):
-    """Unset, the per-step adapter ceiling is vLLM's resolved max_num_seqs: no fixed slot count."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    slora_plugin.register()
-    args = EngineArgs(model=tiny_model_dir, skip_tokenizer_init=True, load_format="dummy",
-                      max_num_seqs=96, additional_config={"slora": {"adapter_dir": str(tmp_path)}})
-    vc = args.create_engine_config()
-    assert vc.scheduler_config.max_num_seqs == 96
-    assert (vc.lora_config.max_loras, vc.lora_config.max_cpu_loras) == (96, 96)
-    assert vc.additional_config["slora"]["max_adapters_per_step"] is None
-
-
 def test_bad_setting_stops_start(tiny_model_dir, cpu_platform):
     from vllm.engine.arg_utils import EngineArgs
 

@@ -22,16 +22,6 @@ def test_scheduler_variant_follows_async_scheduling():
 
     for async_ in (True, False):
         vc = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=async_,
-                                                              scheduler_cls=None, max_num_seqs=8),
-                             lora_config=SimpleNamespace(max_loras=1, max_cpu_loras=1))
-        configure_vllm_config(vc, SLoRAConfig(max_adapters_per_step=3))
+                                                              scheduler_cls=None))
+        configure_vllm_config(vc)
         assert vc.scheduler_config.scheduler_cls is scheduler_class(async_)
-        assert vc.lora_config.max_loras == 1  # set by configure_engine_args, not here
-
-
-def test_adapters_per_step_default_to_max_num_seqs():
-    vc = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=False, scheduler_cls=None,
-                                                          max_num_seqs=1024),
-                         lora_config=SimpleNamespace(max_loras=1, max_cpu_loras=1))
-    configure_vllm_config(vc, SLoRAConfig())
-    assert (vc.lora_config.max_loras, vc.lora_config.max_cpu_loras) == (1024, 1024)
