@@ -70,6 +70,11 @@ class SLoRAConfig:
     #: Queued requests whose adapters are prefetched into host memory ahead of admission;
     #: 0 also turns off admission by host readiness.
     prefetch_depth: int = 64
+    #: Admit a request only once its adapter's host copy is ready (S-LoRA's rule; needs the
+    #: worker in the scheduler's process, tensor parallel 1). Off by default: on the H100 with
+    #: 1,000 adapters submitted at once, holding requests back cost more throughput (1,939-2,485
+    #: out tok/s) than the blocking loads it avoids (3,035 without it); see benchmarks/results.
+    admission_by_host_readiness: bool = False
     #: vLLM modules that get paged LoRA (qkv_proj, o_proj, gate_up_proj, down_proj; PEFT names
     #: select their fused module). None: the modules the adapters in adapter_dir target at engine
     #: start (every module without adapters); see slora_plugin/adapters/targets.py.
@@ -99,8 +104,9 @@ class SLoRAConfig:
                 kw[key] = _positive_int(raw[key], key, allow_zero=key == "prefetch_depth")
         if "host_cache_bytes" in raw:
             kw["host_cache_bytes"] = parse_bytes(raw["host_cache_bytes"], "host_cache_bytes")
-        if "allow_untested_vllm" in raw:
-            kw["allow_untested_vllm"] = _bool(raw["allow_untested_vllm"], "allow_untested_vllm")
+        for key in ("allow_untested_vllm", "admission_by_host_readiness"):
+            if key in raw:
+                kw[key] = _bool(raw[key], key)
         if "target_modules" in raw and raw["target_modules"] is not None:
             tm = raw["target_modules"]
             if not isinstance(tm, (list, tuple)) or not all(isinstance(m, str) for m in tm) or not tm:

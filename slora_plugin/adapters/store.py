@@ -21,7 +21,7 @@ from typing import Iterable, Sequence
 import torch
 
 from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
-from slora_plugin.adapters.host_cache import HostCache, Lease
+from slora_plugin.adapters.host_cache import HostCache, Lease, raw_bytes
 from slora_plugin.adapters.sources import AdapterSources
 from slora_plugin.adapters.spec import AdapterSpec, build_spec, files_key
 from slora_plugin.adapters.targets import check_wrapped, wrapped_modules
@@ -94,13 +94,23 @@ class AdapterStore:
         return self.cache.get(self.spec(name_or_path))
 
     def prefetch(self, names: Iterable[str]) -> None:
-        """Start loading each adapter in the background. Returns before any weights are read;
-        a bad or missing adapter is skipped here (its error is remembered for `get`)."""
+        """Start loading each adapter in the background, in order, while the ones not cached
+        yet fit in half the host cache (more would only evict the first ones, or make the
+        loader threads wait for room that this caller's own leases hold). Returns before any
+        weights are read; a bad or missing adapter is skipped here (its error is remembered
+        for `get`)."""
+        room = self.cache.arena.capacity // 2
         for name in names:
             try:
-                self.cache.prefetch(self.spec(name))
+                spec = self.spec(name)
             except AdapterError:
                 continue
+            if not self.cache.path_busy(spec.path):
+                need = raw_bytes(spec, self.dims, self.dtype)
+                if need > room:
+                    return
+                room -= need
+            self.cache.prefetch(spec)
 
     # ---- readiness (pool.admission.HostReadiness) ---------------------------------------------
     def ready(self, name_or_path: str) -> bool:

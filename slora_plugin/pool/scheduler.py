@@ -17,7 +17,8 @@ The residency logic itself is `page_pool.PagePool`; this module connects it to v
   waiting request whose adapter is neither resident nor ready in pinned host memory is hidden
   from vLLM's waiting loop for the step (the requests behind it are still considered), and its
   host load starts at once; if nothing runs and nothing else is admissible, the first one is
-  admitted anyway. Without an oracle (workers in other processes, or `prefetch_depth` 0) every
+  admitted anyway. Off unless `slora.admission_by_host_readiness` (or an explicit
+  `host_readiness=`). Without an oracle (workers in other processes, or `prefetch_depth` 0) every
   request is admitted as it comes and the worker waits for host copies; queued adapters are then
   prefetched by hints in the StepCommands.
 
@@ -248,10 +249,15 @@ class _SLoRAScheduling:
         return 2 * self.max_num_running_reqs + 8 * self.slora_config.prefetch_depth
 
     def _readiness(self) -> HostReadiness | None:
+        """The oracle admission waits on: an explicit `host_readiness=`, else the worker's
+        store when `slora.admission_by_host_readiness` is on and the worker shares this
+        process; None (admit as vLLM would, prefetch by hints) otherwise."""
         if self.slora_config.prefetch_depth == 0:
             return None  # no host loads ahead of admission: nothing to wait for
         if self._host_readiness is not None:
             return self._host_readiness
+        if not self.slora_config.admission_by_host_readiness:
+            return None
         link = self._worker_link()
         return link.readiness if link is not None else None
 
@@ -336,7 +342,10 @@ class _SLoRAScheduling:
         link = lookup(engine_key(self.vllm_config))
         if not self._link_logged:
             self._link_logged = True
+            gated = self.slora_config.admission_by_host_readiness
             logger.info("slora: %s (engine %s, pid %d)",
+                        "admission does not wait for host copies (admission_by_host_readiness "
+                        "is off)" if not gated else
                         "admission waits for host copies: the worker shares this process"
                         if link is not None else
                         "no worker in this process: admission does not wait for host copies",

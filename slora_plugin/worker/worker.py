@@ -12,7 +12,8 @@ What it adds to `vllm.v1.worker.gpu_worker.Worker`:
     contiguous page of every layer, points each LoRA layer at its decoder layer's pool, and opens
     the host adapter store with that page size;
   - `execute_model`: applies the scheduler's commands (evict, then load, then host prefetch)
-    before the step runs. Loads copy each raw pinned adapter to the GPU and write its pages there
+    before the step runs. The host copies of all the step's loads start reading at once;
+    loads copy each raw pinned adapter to the GPU and write its pages there
     (`page_loader.py`) on a copy stream that first waits for the compute stream (async scheduling
     may still run the previous step), and the compute stream waits for the loads before this
     step's forward. A load whose host copy is not in pinned memory yet blocks the step until
@@ -200,6 +201,10 @@ class SLoRAWorker(Worker):
         if commands.load:
             if self.adapter_store is None:
                 raise RuntimeError("an adapter load arrived before the KV cache was allocated")
+            # Every host copy this step needs starts reading now, before the first load waits:
+            # the loader threads read them side by side, not one after another (H100, 1,000
+            # adapters at once: 653 blocking loads, 15.5 s, when each waited in turn).
+            self.adapter_store.prefetch([load.path for load in commands.load])
             pools = self._pools()
             compute = torch.cuda.current_stream(self.device) if self._copy_stream else None
             if self._copy_stream is not None:

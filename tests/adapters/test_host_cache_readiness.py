@@ -178,3 +178,22 @@ def test_error_of_an_adapter_whose_config_is_refused(tmp_path, tiny_dims):
         assert store.ready("a") and "adapter_config.json" in store.error("a")
     finally:
         store.close()
+
+
+def test_prefetch_starts_only_what_fits_half_the_host_cache(tmp_path, tiny_dims):
+    """A step's loads (or queued hints) beyond half the host cache are not started: they would
+    evict the first ones, or make the loader threads wait for room the step's leases hold."""
+    names = ["a", "b", "c", "d"]
+    store = make_store(tmp_path, tiny_dims, names)
+    one = raw_bytes(store.spec("a"), tiny_dims, torch.float16)
+    store.close()
+    store = make_store(tmp_path, tiny_dims, names, capacity=5 * Arena.rounded(one), threads=1)
+    try:
+        store.prefetch(["a", "b", "c", "d"])  # room for two (half of five copies)
+        wait_until(lambda: store.ready("a") and store.ready("b"))
+        assert not any(store.cache.path_busy(store.locate(n)[1]) for n in ("c", "d"))
+        store.prefetch(["a", "b", "c"])  # cached ones take no room: c starts
+        wait_until(lambda: store.ready("c"))
+        assert store.stats()["loads"] == 3
+    finally:
+        store.close()

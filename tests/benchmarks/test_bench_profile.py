@@ -202,7 +202,7 @@ def test_report_keeps_profiled_rows_out_of_reference_and_plots(tmp_path):
     assert "| 75.0 | 0.0 | 25.0 |" in line and "`_shrink_kernel` (75.0%)" in line
     plain = _result_file(tmp_path, "q", [(2.0, {})])
     md = markdown_table(load_results([only, plain]))
-    rows = [ln for ln in md.splitlines() if "| base | 0 | 1/1 |" in ln]
+    rows = [ln for ln in md.splitlines() if "| base | 0 | - | 1/1 |" in ln]
     assert len(rows) == 2
     # The plain base row (64 out tok/s) is the reference, not the profiled one (128): ratio 2.0.
     assert any("PROFILED" in ln and "| 2.000 |" in ln for ln in rows)

@@ -35,6 +35,7 @@ def test_enabled_false_turns_it_off(tmp_path):
     ({"host_cache_bytes": "lots"}, "host_cache_bytes"),
     ({"target_modules": "qkv_proj"}, "target_modules"),
     ({"allow_untested_vllm": 1}, "allow_untested_vllm"),
+    ({"admission_by_host_readiness": "on"}, "admission_by_host_readiness"),
     ({"adapter_dir": "/definitely/not/here"}, "adapter_dir"),
     ({"enabled": "yes"}, "enabled"),
 ])

@@ -4,6 +4,8 @@ started in the same step, starvation guard, the worker link as the oracle."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from slora_plugin.pool.admission import plan_admission
@@ -164,8 +166,13 @@ def test_the_workers_store_is_the_oracle_when_it_shares_the_process(tiny_model_d
     link = WorkerLink(fake, HostLoadWaits())
     publish(engine_key(vllm_config), link)
     add_requests(sched, [make_request(16, 2), make_request(16, 2, lora_request=lora(2))])
+    out = engine_loop(sched).step()
+    # admission_by_host_readiness is off by default: the published store is not consulted
+    assert fake.asked == fake.started == [] and len(out.scheduled_new_reqs) == 2
+    sched.slora_config = dataclasses.replace(sched.slora_config, admission_by_host_readiness=True)
+    add_requests(sched, [make_request(16, 2), make_request(16, 2, lora_request=lora(3))])
     engine_loop(sched).step()
-    assert fake.started == [path(2)]
+    assert fake.started == [path(3)]
 
 
 def test_prefetch_depth_zero_turns_the_gate_off(tiny_model_dir):

@@ -261,6 +261,7 @@ class _Store:
 
     def prefetch(self, paths):
         self.prefetched.extend(paths)
+        self.log.extend(f"prefetch {p}" for p in paths)
 
 
 def test_worker_applies_evict_load_prefetch(vllm_cpu, tiny_dims, monkeypatch):
@@ -280,7 +281,9 @@ def test_worker_applies_evict_load_prefetch(vllm_cpu, tiny_dims, monkeypatch):
     pages = render_pages(store.raws["/a/x"], layout, kernel=False)
     for l, pool in enumerate(pools):
         assert torch.equal(pool[list(blocks)], pages[l])
-    assert mgr.is_resident(5) and store.prefetched == ["/a/y"] and store.log == ["get"]
+    # the step's own loads start reading before the first get waits; then the queued hints
+    assert mgr.is_resident(5) and store.prefetched == ["/a/x", "/a/y"]
+    assert store.log == ["prefetch /a/x", "get", "prefetch /a/y"]
     assert w.host_waits.snapshot() == {"host_load_hits": 0, "host_load_waits": 1,
                                        "host_load_wait_s": 0.25}
     mgr.add_adapter(mgr.resident_model(5))
@@ -288,7 +291,7 @@ def test_worker_applies_evict_load_prefetch(vllm_cpu, tiny_dims, monkeypatch):
     slot = mgr.lora_index_to_id.index(5)
     assert int(mgr.runtime.tables.ranks[slot].sum()) == 12
     w.apply_commands(StepCommands(evict=(5,)))
-    assert store.log == ["get", "release"]  # the CPU copy finished: lease given back
+    assert store.log == ["prefetch /a/x", "get", "prefetch /a/y", "release"]  # copy done: lease back
     assert not mgr.is_resident(5) and int(mgr.runtime.tables.ranks.sum()) == 0
 
 
@@ -364,4 +367,4 @@ def test_host_cache_full_within_one_step_waits_for_its_copies_and_retries(vllm_c
     w = _bare_worker(mgr, pools, store, tiny_dims)
     w.apply_commands(StepCommands(load=(LoadAdapter(5, "x", "/a/x", (3,)),)))
     assert store.full == 0 and mgr.is_resident(5) and w._link.failures.take() == {}
-    assert store.log == ["get"]
+    assert store.log == ["prefetch /a/x", "get"]
