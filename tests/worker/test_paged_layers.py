@@ -241,7 +241,10 @@ class _Store:
     def __init__(self, dims, layouts, g):
         from slora_plugin.raw_format import RawAdapter, raw_layout
 
+        from types import SimpleNamespace
+
         self.dims, self.layouts, self.g, self.log, self.prefetched = dims, layouts, g, [], []
+        self.cache = SimpleNamespace(arena=SimpleNamespace(capacity=1 << 30))
         self.raws = {}
         for p, lay in layouts.items():
             rl = raw_layout(lay, dims.num_hidden_layers, torch.float32)
@@ -368,3 +371,23 @@ def test_host_cache_full_within_one_step_waits_for_its_copies_and_retries(vllm_c
     w.apply_commands(StepCommands(load=(LoadAdapter(5, "x", "/a/x", (3,)),)))
     assert store.full == 0 and mgr.is_resident(5) and w._link.failures.take() == {}
     assert store.log == ["prefetch /a/x", "get"]
+
+
+def test_a_step_holds_at_most_half_the_host_cache_in_leases(vllm_cpu, tiny_dims, monkeypatch):
+    """Past half the host cache, the step's copies are waited for and their leases given back
+    before the next read, so that read never waits for room only this step could free."""
+    from slora_plugin.pool.commands import LoadAdapter, StepCommands
+
+    g = torch.Generator().manual_seed(5)
+    _, mgr, _ = _manager(vllm_cpu, tiny_dims, monkeypatch, slots=2)
+    pools = _layer_key_pools(mgr, tiny_dims)
+    layout = plan_layout({"q_proj": 4}, tiny_dims, PAGE)
+    store = _Store(tiny_dims, {"/a/x": layout, "/a/y": layout}, g)
+    one = store.raws["/a/x"].layout.nbytes
+    store.cache.arena.capacity = 3 * one  # half: one copy and a half
+    w = _bare_worker(mgr, pools, store, tiny_dims)
+    w.apply_commands(StepCommands(load=(LoadAdapter(5, "x", "/a/x", (3,)), LoadAdapter(6, "y", "/a/y", (4,)))))
+    assert store.log == ["prefetch /a/x", "prefetch /a/y", "get", "get", "release", "release"]
+    store.cache.arena.capacity = 1 << 30  # room: the leases stay until the copies are seen done
+    w.apply_commands(StepCommands(load=(LoadAdapter(7, "x", "/a/x", (5,)), LoadAdapter(8, "y", "/a/y", (6,)))))
+    assert store.log[6:] == ["prefetch /a/x", "prefetch /a/y", "get", "get"]
