@@ -78,12 +78,18 @@ class SlotTables:
         self.scales = torch.zeros(num_slots, m, dtype=torch.float32, device=device)
 
     def write(self, slot: int, rows: SlotRows) -> None:
-        """Point `slot` at an adapter's rows (stream-ordered copies into the fixed tensors)."""
+        """Point `slot` at an adapter's rows (stream-ordered copies into the fixed tensors).
+
+        Asynchronous copies: from pageable host memory CUDA stages the source before
+        `cudaMemcpyAsync` returns (so the host rows may be freed at once) and does not wait for
+        the device, where a blocking copy first waits for the stream to drain, i.e. for the
+        previous step that async scheduling is still running. Stream order still puts the new
+        rows before this step's kernels."""
         self._check(slot)
-        self.a_addr[slot].copy_(rows.a_addr, non_blocking=False)
-        self.b_addr[slot].copy_(rows.b_addr, non_blocking=False)
-        self.ranks[slot].copy_(rows.ranks, non_blocking=False)
-        self.scales[slot].copy_(rows.scales, non_blocking=False)
+        self.a_addr[slot].copy_(rows.a_addr, non_blocking=True)
+        self.b_addr[slot].copy_(rows.b_addr, non_blocking=True)
+        self.ranks[slot].copy_(rows.ranks, non_blocking=True)
+        self.scales[slot].copy_(rows.scales, non_blocking=True)
 
     def clear(self, slot: int) -> None:
         """Make `slot` a no-op adapter (rank 0 for every module)."""
