@@ -5,7 +5,8 @@ Both model runners (V1 `gpu_model_runner`, V2 `gpu/model_runner`) create their L
 `LoRAModelRunnerMixin.load_lora_model` from the name `LRUCacheWorkerLoRAManager` imported into
 the mixin's module. `SLoRAWorker.load_model` rebinds that name to the plugin's manager for the
 duration of the call. The plugin's managers subclass vLLM's and override the private methods
-listed here; the per-token slot index is read from the punica wrapper after it updates.
+listed here; the per-token slot index comes from the punica wrapper's base metadata alone
+(`update_token_slots`: vLLM's own LoRA kernels' metadata is never prepared).
 Written against vLLM 0.26.0.
 """
 
@@ -44,6 +45,8 @@ REQUIRES = (
              ("self", "module_name", "module")),
     Requires("vllm.lora.model_manager:DEFAULT_LANGUAGE_WRAPPER_KEY"),
     Requires("vllm.lora.punica_wrapper.punica_base:PunicaWrapperBase.token_lora_indices"),
+    Requires("vllm.lora.punica_wrapper.punica_base:PunicaWrapperBase._update_base_metadata",
+             ("self", "mapping", "lora_index_to_id", "max_loras", "vocab_size")),
     Requires("vllm.lora.lora_model:LoRAModel", ("lora_model_id", "rank", "loras")),
 )
 
@@ -61,8 +64,16 @@ def worker_lora_manager_class(cls: type) -> Iterator[None]:
         mixin.LRUCacheWorkerLoRAManager = original
 
 
-def token_slots(model_manager: Any) -> torch.Tensor:
-    """This step's slot index per token (-1: no adapter), as the punica wrapper computed it."""
+def update_token_slots(model_manager: Any, mapping: Any) -> torch.Tensor:
+    """This step's slot index per token (-1: no adapter) for `mapping`, computed by the punica
+    wrapper's `_update_base_metadata`: the first part of vLLM's `update_metadata`, without the
+    rest. The rest (`LoRAKernelMeta.prepare_tensors`, twice) prepares vLLM's own LoRA kernels,
+    which never run with the plugin, and synchronizes the host with the device twice per call (a
+    device-to-host copy of its no-LoRA flag and a `torch.unique`): with async scheduling the
+    CPU would wait for the previous step before finishing the inputs of this one."""
     from vllm.lora.model_manager import DEFAULT_LANGUAGE_WRAPPER_KEY
 
-    return model_manager.punica_wrapper_mapping[DEFAULT_LANGUAGE_WRAPPER_KEY].token_lora_indices
+    wrapper = model_manager.punica_wrapper_mapping[DEFAULT_LANGUAGE_WRAPPER_KEY]
+    wrapper._update_base_metadata(mapping, model_manager.lora_index_to_id,
+                                  model_manager.lora_slots + 1, model_manager.vocab_size)
+    return wrapper.token_lora_indices

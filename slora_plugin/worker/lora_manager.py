@@ -130,8 +130,9 @@ class SLoRAModelManager(LRUCacheLoRAModelManager):
         self.runtime.tables.clear_all()
 
     def _set_adapter_mapping(self, mapping) -> None:
-        super()._set_adapter_mapping(mapping)
-        self.runtime.set_token_slots(worker_patch.token_slots(self))
+        """Only the per-token slots, not vLLM's `update_metadata`: its kernel metadata is never
+        read here and costs two host-device syncs per call (`worker_patch.update_token_slots`)."""
+        self.runtime.set_token_slots(worker_patch.update_token_slots(self, mapping))
 
 
 class SLoRAWorkerLoRAManager(LRUCacheWorkerLoRAManager):

@@ -391,3 +391,21 @@ def test_a_step_holds_at_most_half_the_host_cache_in_leases(vllm_cpu, tiny_dims,
     store.cache.arena.capacity = 1 << 30  # room: the leases stay until the copies are seen done
     w.apply_commands(StepCommands(load=(LoadAdapter(7, "x", "/a/x", (5,)), LoadAdapter(8, "y", "/a/y", (6,)))))
     assert store.log[6:] == ["prefetch /a/x", "prefetch /a/y", "get", "get"]
+
+
+def test_mapping_updates_only_the_token_slots(vllm_cpu, tiny_dims, monkeypatch):
+    """vLLM's update_metadata (its own kernels' metadata, with host-device syncs on a GPU) is
+    never called; the per-token slots still follow the mapping and the slot layout."""
+    g = torch.Generator().manual_seed(6)
+    _, mgr, _ = _manager(vllm_cpu, tiny_dims, monkeypatch)
+    pools = _layer_key_pools(mgr, tiny_dims)
+    _install_adapter(mgr, pools, tiny_dims, 4, {"q_proj": 2}, list(range(1, 20)), g)
+    _install_adapter(mgr, pools, tiny_dims, 6, {"o_proj": 2}, list(range(20, 40)), g)
+    for wrapper in mgr.punica_wrapper_mapping.values():
+        monkeypatch.setattr(wrapper, "update_metadata", lambda *a, **k: pytest.fail("called"))
+    token_map = (6, 6, 0, 4)
+    mgr.set_adapter_mapping(LoRAMapping(token_map, (6, 0, 4), is_prefill=True))
+    slot = {i: mgr.lora_index_to_id.index(i) for i in (4, 6)}
+    expect = [slot[i] if i else -1 for i in token_map]
+    assert mgr.runtime.token_slot[:4].tolist() == expect
+    assert mgr.runtime.token_slot[4:].eq(-1).all()
