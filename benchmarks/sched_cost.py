@@ -16,9 +16,10 @@ step N's fake output). A step's time is `schedule()` + `update_from_output()`. S
   own per-step work for LoRA requests (its max_loras check skips over the queue), which the plugin
   inherits (it sets max_loras to max_adapters_per_step, 128);
 - `plugin`: SLoRAAsyncScheduler with a readiness oracle, the real host store (`AdapterStore`)
-  over tiny adapters on disk, all loaded before the clock starts: the production path when the
-  worker shares the scheduler's process (vLLM's default engine core);
-- `plugin-no-oracle`: SLoRAAsyncScheduler without an oracle (prefetch hints instead).
+  over tiny adapters on disk, all loaded before the clock starts: the path with
+  `slora.admission_by_host_readiness` on (the worker sharing the scheduler's process);
+- `plugin-no-oracle`: SLoRAAsyncScheduler without an oracle (prefetch hints instead): the
+  default since admission by host readiness became opt-in.
 
 Pool states: `full` is the H100 benchmark's engine (7,298 KV blocks of 16 tokens, max_num_seqs
 1,024, 16,384 batched tokens). `partly-full`: 40,000 blocks, max_num_seqs 256: the sequence cap
