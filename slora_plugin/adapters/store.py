@@ -96,10 +96,11 @@ class AdapterStore:
     def prefetch(self, names: Iterable[str]) -> None:
         """Start loading each adapter in the background, in order, while the ones not cached
         yet fit in half the host cache (more would only evict the first ones, or make the
-        loader threads wait for room that this caller's own leases hold). Returns before any
-        weights are read; a bad or missing adapter is skipped here (its error is remembered
-        for `get`)."""
-        room = self.cache.arena.capacity // 2
+        loader threads wait for room that this caller's own leases hold); one larger than
+        half the cache on its own is skipped (its `get` reads it). Returns before any weights
+        are read; a bad or missing adapter is skipped here (its error is remembered for
+        `get`)."""
+        half = room = self.cache.arena.capacity // 2
         for name in names:
             try:
                 spec = self.spec(name)
@@ -107,6 +108,8 @@ class AdapterStore:
                 continue
             if not self.cache.path_busy(spec.path):
                 need = raw_bytes(spec, self.dims, self.dtype)
+                if need > half:
+                    continue
                 if need > room:
                     return
                 room -= need

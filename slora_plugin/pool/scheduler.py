@@ -217,6 +217,8 @@ class _SLoRAScheduling:
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
         readiness = self._readiness()
         self._mark_worker_failures()
+        if readiness is None:
+            self._mark_known_bad(self._oracle())
         self._fail_unusable()
         hidden = self._hide_unready(readiness) if readiness is not None else None
         try:
@@ -232,7 +234,8 @@ class _SLoRAScheduling:
     def _mark_worker_failures(self) -> None:
         """The requests of adapters whose load failed in the worker after admission (every
         request using it, running or not) become unusable. (Waiting requests whose host load
-        is known to have failed are found by the admission scan: `_hide_unready`.)"""
+        is known to have failed are found by the admission scan, `_hide_unready`, or without
+        the gate by `_mark_known_bad`.)"""
         link = self._worker_link()
         failed = link.failures.take() if link is not None else {}
         if not failed:
@@ -248,18 +251,43 @@ class _SLoRAScheduling:
     def _scan_limit(self) -> int:
         return 2 * self.max_num_running_reqs + 8 * self.slora_config.prefetch_depth
 
+    def _oracle(self) -> HostReadiness | None:
+        """The host store's view: an explicit `host_readiness=`, else the worker's store when
+        the worker shares this process."""
+        if self._host_readiness is not None:
+            return self._host_readiness
+        link = self._worker_link()
+        return link.readiness if link is not None else None
+
     def _readiness(self) -> HostReadiness | None:
         """The oracle admission waits on: an explicit `host_readiness=`, else the worker's
         store when `slora.admission_by_host_readiness` is on and the worker shares this
         process; None (admit as vLLM would, prefetch by hints) otherwise."""
         if self.slora_config.prefetch_depth == 0:
             return None  # no host loads ahead of admission: nothing to wait for
-        if self._host_readiness is not None:
-            return self._host_readiness
-        if not self.slora_config.admission_by_host_readiness:
+        if self._host_readiness is None and not self.slora_config.admission_by_host_readiness:
             return None
-        link = self._worker_link()
-        return link.readiness if link is not None else None
+        return self._oracle()
+
+    def _mark_known_bad(self, oracle: HostReadiness | None) -> None:
+        """Without the admission gate: the waiting requests (as far as the admission scan
+        would look) whose adapter's host load is known to have failed become unusable, so
+        that they are never admitted (their load would fail in the worker, and the step
+        before the scheduler learns of it would run them without their weights). One
+        `error` call per adapter."""
+        if oracle is None:
+            return
+        errors: dict[int, str | None] = {}
+        mgr = self.kv_cache_manager
+        for request in vllm_patch.waiting_in_order(self)[:self._scan_limit()]:
+            lr = request.lora_request
+            if lr is None:
+                continue
+            if lr.lora_int_id not in errors:
+                errors[lr.lora_int_id] = oracle.error(lr.lora_path or lr.lora_name)
+            reason = errors[lr.lora_int_id]
+            if reason:  # an AdapterError's text: it names the adapter and the file
+                mgr.mark_unusable(request.request_id, reason)
 
     def _hide_unready(self, readiness: HostReadiness) -> vllm_patch.Hidden | None:
         """One walk over the waiting queue (admission.plan_admission): finish the requests

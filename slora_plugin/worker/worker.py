@@ -52,6 +52,14 @@ from slora_plugin.worker.threads import limit_child_torch_threads
 logger = init_logger("vllm.slora.worker")
 
 
+#: Seconds a host read waits for room while every cached adapter is leased. Here the leases
+#: are this worker's own in-flight copies, released only by this thread: waiting longer cannot
+#: help, and `_lease` answers the resulting HostCacheFullError by waiting for its copies and
+#: releasing them (after which the whole cache is evictable). Fragmentation of the arena by
+#: leases can reach that state below the `_bound_leased_bytes` bound.
+HOST_ROOM_WAIT_S = 1.0
+
+
 class SLoRAScopeError(ValueError):
     """The engine configuration is outside what the plugin supports."""
 
@@ -170,6 +178,7 @@ class SLoRAWorker(Worker):
                                           adapter_dir=c.adapter_dir, max_rank=c.max_lora_rank,
                                           host_cache_bytes=c.host_cache_bytes,
                                           loader_threads=c.loader_threads,
+                                          wait_timeout_s=HOST_ROOM_WAIT_S,
                                           lora_target_modules=self.vllm_config.lora_config.target_modules)
         self._link = WorkerLink(readiness=self.adapter_store, waits=self.host_waits)
         key = engine_key(self.vllm_config)

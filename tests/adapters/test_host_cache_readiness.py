@@ -197,3 +197,23 @@ def test_prefetch_starts_only_what_fits_half_the_host_cache(tmp_path, tiny_dims)
         assert store.stats()["loads"] == 3
     finally:
         store.close()
+
+
+def test_prefetch_skips_an_adapter_larger_than_half_the_cache(tmp_path, tiny_dims):
+    """One adapter larger than half the host cache is left to its own `get`; the ones behind
+    it still start."""
+    store = make_store(tmp_path, tiny_dims, ["small"])
+    write_random_adapter(str(tmp_path / "big"), tiny_dims, 16,
+                         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    small = raw_bytes(store.spec("small"), tiny_dims, torch.float16)
+    big = raw_bytes(store.spec("big"), tiny_dims, torch.float16)
+    store.close()
+    assert big > 2 * small
+    capacity = Arena.rounded(big) + Arena.rounded(small)  # half of it < big, >= small
+    store = make_store(tmp_path, tiny_dims, ["small"], capacity=capacity, threads=1)
+    try:
+        store.prefetch(["big", "small"])
+        wait_until(lambda: store.ready("small"))
+        assert not store.cache.path_busy(store.locate("big")[1])
+    finally:
+        store.close()

@@ -221,6 +221,31 @@ def test_a_failed_host_load_fails_only_its_requests_before_admission(tiny_model_
 
 
 @BOTH
+def test_without_the_gate_a_known_failed_host_load_still_fails_before_admission(tiny_model_dir,
+                                                                              async_scheduling):
+    """admission_by_host_readiness off (the default): nothing is held for readiness, but a
+    request whose adapter's host load is known to have failed is never admitted (it would run
+    a step without its weights before the worker's failure came back)."""
+    reason = "adapter 'adapter-1', file adapter_model.safetensors: truncated (read 10 of 20 bytes)"
+    fake = FakeReadiness(ready=(), errors={path(1): reason})
+    vllm_config = build_vllm_config(tiny_model_dir, async_scheduling=async_scheduling)
+    sched = create_scheduler(vllm_config=vllm_config, num_blocks=200,
+                             scheduler_cls=scheduler_class(async_scheduling),
+                             scheduler_kwargs={"pages_of": lambda lr: (2, "c")})
+    link = WorkerLink(fake, HostLoadWaits())
+    publish(engine_key(vllm_config), link)
+    bad, good = add_requests(sched, [make_request(16, 3, lora_request=lora(1)),
+                                     make_request(16, 3, lora_request=lora(2))])
+    loop = engine_loop(sched)
+    out = loop.step()
+    assert new_ids(out) == [good.request_id]  # adapter 2 is not ready: admitted anyway (no gate)
+    assert [l.lora_id for l in commands_of(out).load] == [2] and fake.asked == []
+    assert bad.status == RequestStatus.FINISHED_ERROR and bad.stop_reason == reason
+    loop.run()
+    assert good.status == RequestStatus.FINISHED_LENGTH_CAPPED
+
+
+@BOTH
 def test_a_load_that_failed_in_the_worker_fails_the_adapters_running_requests(tiny_model_dir,
                                                                              async_scheduling):
     fake = FakeReadiness(ready={path(1), path(2)})
