@@ -93,6 +93,12 @@ class AdapterStore:
         (or use `with`) once it is copied to the GPU."""
         return self.cache.get(self.spec(name_or_path))
 
+    @property
+    def step_share_bytes(self) -> int:
+        """Half the host cache: what one call of `prefetch` may start reading, and what the
+        worker lets one step's in-flight copies hold in leases, so that together they fit."""
+        return self.cache.arena.capacity // 2
+
     def prefetch(self, names: Iterable[str]) -> None:
         """Start loading each adapter in the background, in order, while the ones not cached
         yet fit in half the host cache (more would only evict the first ones, or make the
@@ -100,7 +106,7 @@ class AdapterStore:
         half the cache on its own is skipped (its `get` reads it). Returns before any weights
         are read; a bad or missing adapter is skipped here (its error is remembered for
         `get`)."""
-        half = room = self.cache.arena.capacity // 2
+        half = room = self.step_share_bytes
         for name in names:
             try:
                 spec = self.spec(name)

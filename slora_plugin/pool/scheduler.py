@@ -193,6 +193,7 @@ class _SLoRAScheduling:
         vllm_patch.set_content_key_resolver(mgr, "content_key")
         self.num_preemptions = 0
         self._host_readiness = host_readiness
+        self._engine_key = engine_key(self.vllm_config)  # the config object's identity: fixed
         self._link_logged = False  # whether the worker link (or its absence) was logged
         #: request-steps a waiting request was hidden for want of its adapter's host copy, and
         #: requests admitted without it because nothing else could run (see admission.py)
@@ -367,7 +368,7 @@ class _SLoRAScheduling:
 
     def _worker_link(self) -> WorkerLink | None:
         """The worker of this engine, when it runs in this process (see worker_link)."""
-        link = lookup(engine_key(self.vllm_config))
+        link = lookup(self._engine_key)
         if not self._link_logged:
             self._link_logged = True
             gated = self.slora_config.admission_by_host_readiness
@@ -377,7 +378,7 @@ class _SLoRAScheduling:
                         "admission waits for host copies: the worker shares this process"
                         if link is not None else
                         "no worker in this process: admission does not wait for host copies",
-                        engine_key(self.vllm_config), os.getpid())
+                        self._engine_key, os.getpid())
         return link
 
     # ----------------------------------------------------------- operators

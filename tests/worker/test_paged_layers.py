@@ -262,6 +262,10 @@ class _Store:
         lay = self.layouts[path]
         return _Lease(SimpleNamespace(num_pages=lay.num_pages, layout=lay), self.raws[path], self.log)
 
+    @property
+    def step_share_bytes(self):
+        return self.cache.arena.capacity // 2
+
     def prefetch(self, paths):
         self.prefetched.extend(paths)
         self.log.extend(f"prefetch {p}" for p in paths)
