@@ -19,7 +19,8 @@ from typing import Any
 
 from vllm.logger import init_logger
 
-from slora_plugin.config import ADDITIONAL_CONFIG_KEY, SLoRAConfig, SLoRAConfigError, load_config
+from slora_plugin.config import (ADDITIONAL_CONFIG_KEY, SLoRAConfig, SLoRAConfigError, load_config,
+                                 unwrapped_keys_warning)
 from slora_plugin.patches.guard import Requires
 
 logger = init_logger("vllm.slora.engine_args")
@@ -37,6 +38,11 @@ FIELDS = ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank", "lora_ta
 WORKER_CLS = "slora_plugin.worker.worker.SLoRAWorker"
 #: Ranks vLLM's LoRAConfig accepts (`vllm.config.lora.MaxLoRARanks`).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: vLLM's LoRA flags the plugin overrides -> the plugin setting their value comes from.
+OVERRIDDEN_FLAGS = {"max_loras": "max_adapters_per_step", "max_cpu_loras": "max_adapters_per_step",
+                    "max_lora_rank": "max_lora_rank"}
+#: Override lines already logged in this process (an engine may be built more than once).
+_logged_overrides: set[str] = set()
 
 
 def vllm_max_rank(rank: int) -> int:
@@ -55,10 +61,13 @@ def configure_engine_args(args: Any, cfg: SLoRAConfig) -> None:
     missing = [f for f in FIELDS if f not in type(args).__dataclass_fields__]
     if missing:
         raise guard.UnsupportedVLLMError(f"EngineArgs lacks field(s) {missing}")
+    plugin_values = {"max_loras": cfg.max_adapters_per_step,
+                     "max_cpu_loras": cfg.max_adapters_per_step,
+                     "max_lora_rank": vllm_max_rank(cfg.max_lora_rank)}
+    log_overridden_flags(lora_flag_overrides(args, cfg, plugin_values))
     args.enable_lora = True
-    args.max_loras = cfg.max_adapters_per_step
-    args.max_cpu_loras = cfg.max_adapters_per_step
-    args.max_lora_rank = vllm_max_rank(cfg.max_lora_rank)
+    for name, value in plugin_values.items():
+        setattr(args, name, value)
     if cfg.target_modules is not None:
         args.lora_target_modules = list(cfg.target_modules)
     args.additional_config = dict(args.additional_config or {})
@@ -72,6 +81,33 @@ def configure_engine_args(args: Any, cfg: SLoRAConfig) -> None:
         cc.setdefault("cudagraph_specialize_lora", False)
     elif hasattr(cc, "cudagraph_specialize_lora"):
         cc.cudagraph_specialize_lora = False
+
+
+def lora_flag_overrides(args: Any, cfg: SLoRAConfig, plugin_values: dict[str, int]) -> list[str]:
+    """One phrase per vLLM LoRA flag the user set (not its EngineArgs default) to a value the
+    plugin replaces: a user who passed --max-loras 4 should learn that 4 is not what runs, and
+    which slora setting to change instead. A flag set to its default is indistinguishable from
+    an unset one and is not reported."""
+    fields = type(args).__dataclass_fields__
+    phrases = []
+    for name, setting in OVERRIDDEN_FLAGS.items():
+        user, used = getattr(args, name), plugin_values[name]
+        if user == getattr(fields[name], "default", None) or user == used:
+            continue
+        phrases.append(f"--{name.replace('_', '-')} {user} -> {used} "
+                       f"(slora.{setting} = {getattr(cfg, setting)})")
+    return phrases
+
+
+def log_overridden_flags(phrases: list[str]) -> None:
+    """Log the overridden flags as one warning line, once per process for a given line."""
+    if not phrases:
+        return
+    line = ("slora: the plugin sets vLLM's LoRA flags from its own settings, ignoring "
+            + "; ".join(phrases) + "; change the slora.* settings instead")
+    if line not in _logged_overrides:
+        _logged_overrides.add(line)
+        logger.warning(line)
 
 
 def configure_lora_targets(vllm_config: Any, cfg: SLoRAConfig) -> None:
@@ -105,6 +141,9 @@ def apply() -> None:
 
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
+        warning = unwrapped_keys_warning(self.additional_config)
+        if warning:
+            logger.warning("slora: %s", warning)
         cfg = load_config(self.additional_config)
         if cfg is None:
             return original(self, *args, **kwargs)

@@ -82,8 +82,33 @@ def _lora_layers(cfg: Any, model: str | None) -> str:
     return f"{', '.join(choice.wrapped)} ({choice.reason})"
 
 
+def _doctor_inputs(text: str | None) -> dict[str, Any] | None:
+    """The `--additional-config` object, after checking that it and `VLLM_SLORA_CONFIG` (when it
+    is the one read) parse: a broken JSON text raises MalformedConfigError, one line naming its
+    source and position, since nothing else the report could say about it would help."""
+    from slora_plugin.config import MalformedConfigError, parse_json_object, raw_settings
+
+    extra = parse_json_object(text, "--additional-config") if text else None
+    try:
+        raw_settings(extra)
+    except MalformedConfigError:
+        raise
+    except ValueError:
+        pass  # a bad setting inside valid JSON: the report's "plugin switch" row names it
+    return extra
+
+
 def _doctor(args: argparse.Namespace) -> int:
-    extra = json.loads(args.additional_config) if args.additional_config else None
+    from slora_plugin.config import MalformedConfigError, unwrapped_keys_warning
+
+    try:
+        extra = _doctor_inputs(args.additional_config)
+    except MalformedConfigError as e:
+        print(f"slora-plugin doctor: {e}", file=sys.stderr)
+        return 2
+    warning = unwrapped_keys_warning(extra)
+    if warning:
+        print(f"slora-plugin doctor: warning: {warning}", file=sys.stderr)
     rows, ok = doctor_report(extra, args.model)
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -35,6 +35,23 @@ class SLoRAConfigError(ValueError):
     """A setting of the plugin is wrong; the message names the key."""
 
 
+class MalformedConfigError(SLoRAConfigError):
+    """The settings' JSON text itself is broken (syntax, or not an object): nothing of it can be
+    read, so callers such as `doctor` stop with this one line instead of reporting further."""
+
+
+def parse_json_object(text: str, where: str) -> dict[str, Any]:
+    """`text` parsed as a JSON object; MalformedConfigError naming `where` (the flag or variable
+    the text came from) and the decoder's position, so a quoting mistake is found at once."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MalformedConfigError(f"{where}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise MalformedConfigError(f"{where}: expected a JSON object, got {value!r}")
+    return value
+
+
 def parse_bytes(value: int | str, key: str) -> int:
     """Accept 8589934592, "8GiB", "8 GB", "512MiB"; reject anything else, naming the key."""
     if isinstance(value, bool):
@@ -157,12 +174,7 @@ def raw_settings(additional_config: Mapping[str, Any] | None,
             raise SLoRAConfigError(
                 f"additional_config['slora']: expected a JSON object, got {raw!r}")
     elif environ.get(ENV_CONFIG):
-        try:
-            raw = json.loads(environ[ENV_CONFIG])
-        except json.JSONDecodeError as e:
-            raise SLoRAConfigError(f"{ENV_CONFIG}: not valid JSON ({e})") from None
-        if not isinstance(raw, Mapping):
-            raise SLoRAConfigError(f"{ENV_CONFIG}: expected a JSON object, got {raw!r}")
+        raw = parse_json_object(environ[ENV_CONFIG], ENV_CONFIG)
     elif environ.get(ENV_ADAPTER_DIR):
         raw = {}
     else:
@@ -174,6 +186,23 @@ def raw_settings(additional_config: Mapping[str, Any] | None,
     if not isinstance(enabled, bool):
         raise SLoRAConfigError(f"slora.enabled: expected true or false, got {enabled!r}")
     return raw if enabled else None
+
+
+def unwrapped_keys_warning(additional_config: Any) -> str | None:
+    """A warning when `additional_config` has plugin settings at its top level, else None.
+
+    vLLM's additional_config is shared by every plugin, so the plugin reads only its "slora"
+    object; `{"adapter_dir": ...}` without the wrapper would otherwise run stock vLLM without a
+    word. Only keys that are SLoRAConfig fields count (other plugins own the rest)."""
+    if not isinstance(additional_config, Mapping):
+        return None
+    fields = {f.name for f in dataclasses.fields(SLoRAConfig)}
+    ours = sorted(k for k in additional_config if k in fields)
+    if not ours:
+        return None
+    inner = ", ".join(f"{json.dumps(k)}: ..." for k in ours)
+    return (f"additional_config has slora-plugin setting(s) {ours} at its top level, where the "
+            f"plugin does not read them; wrap them as {{\"{ADDITIONAL_CONFIG_KEY}\": {{{inner}}}}}")
 
 
 def load_config(additional_config: Mapping[str, Any] | None,

@@ -4,7 +4,7 @@
 links the rest, so 2,000 Llama-7B adapters take a few GB of disk, yet each is its own directory,
 name and lora_int_id to every loader (none of them deduplicates by inode).
 `check` validates every adapter of a directory the way the server would and prints a table of
-what is wrong (exit code 1 if anything is).
+what is wrong (exit code 1 if anything is), symlinks the server will not follow included.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from slora_plugin.adapters.peft_format import (
 from slora_plugin.layout import MODULES, ModelDims
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+#: `check` shows a progress bar (stderr) from this many adapters on: a full check reads every
+#: weight file, minutes for thousands of large adapters.
+CHECK_PROGRESS_MIN = 20
 
 
 def add_subparser(subparsers: argparse._SubParsersAction) -> None:
@@ -104,9 +107,14 @@ def synthesize(directory: str, count: int, ranks: list[int], dims: ModelDims, ta
     return names
 
 
-def check_directory(directory: str, dims: ModelDims | None, max_rank: int = 128) -> tuple[int, list[AdapterError]]:
+def check_directory(directory: str, dims: ModelDims | None, max_rank: int = 128,
+                    progress: bool = False) -> tuple[int, list[AdapterError]]:
     """(number of adapters, problems). With `dims`: exactly the server's validation (config and
-    a full load); without: everything that does not need the model."""
+    a full load); without: everything that does not need the model. Directory symlinks leading
+    outside `directory`, which the server never serves, count as adapters with a problem.
+    `progress`: a tqdm bar on stderr when there are at least CHECK_PROGRESS_MIN adapters."""
+    from tqdm import tqdm
+
     from slora_plugin.adapters.loader import check_weights_file, read_raw
     from slora_plugin.adapters.spec import build_spec, files_key
     from slora_plugin.adapters.validate import check_fields, load_config_json
@@ -114,10 +122,11 @@ def check_directory(directory: str, dims: ModelDims | None, max_rank: int = 128)
 
     index = AdapterIndex(directory)
     names = index.scan()
-    problems = []
+    problems = list(index.skipped)
     if dims is not None:  # one row of the widest module per page: any layout fits
         page = max(max(dims.module_io(m)) for m in MODULES)
-    for name in names:
+    quiet = not progress or len(names) < CHECK_PROGRESS_MIN
+    for name in tqdm(names, desc="checking adapters", unit="adapter", disable=quiet):
         try:
             path = index.locate(name)
             if dims is not None:
@@ -132,7 +141,7 @@ def check_directory(directory: str, dims: ModelDims | None, max_rank: int = 128)
                 check_weights_file(name, os.path.join(path, WEIGHTS_NAME))
         except AdapterError as e:
             problems.append(e)
-    return len(names), problems
+    return len(names) + len(index.skipped), problems
 
 
 def format_table(problems: list[AdapterError]) -> str:
@@ -158,7 +167,7 @@ def _check(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.dir):
         raise SystemExit(f"{args.dir}: not a directory")
     dims = model_dims(args.model) if args.model else None
-    count, problems = check_directory(args.dir, dims, args.max_rank)
+    count, problems = check_directory(args.dir, dims, args.max_rank, progress=True)
     if problems:
         print(format_table(problems))
     scope = "" if dims else " (config and weight files only; pass --model for the full check)"

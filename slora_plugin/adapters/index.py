@@ -54,6 +54,10 @@ class AdapterIndex:
             raise AdapterError(root, None, "the adapter directory does not exist")
         self.root = os.path.realpath(root)
         self._names: list[str] | None = None
+        #: Entries the last scan left out because they are symlinks leading outside the
+        #: directory, as errors saying so: `adapters check` reports them instead of the adapter
+        #: silently missing from the listing.
+        self.skipped: list[AdapterError] = []
         self._lock = threading.Lock()
         #: Stable name -> id table, kept next to the adapters.
         self.ids = IdRegistry(self.root)
@@ -87,6 +91,7 @@ class AdapterIndex:
     def scan(self) -> list[str]:
         """List every adapter name (sorted); reads directory entries only, never a file."""
         found: list[str] = []
+        skipped: list[AdapterError] = []
         stack = [(self.root, "")]
         while stack:
             directory, prefix = stack.pop()
@@ -102,12 +107,20 @@ class AdapterIndex:
                 if e.name.startswith(".") or not e.is_dir():
                     continue
                 if e.is_symlink() and not _inside(os.path.realpath(e.path), self.root):
+                    skipped.append(self._outside_link(prefix + e.name, e.path))
                     continue
                 stack.append((e.path, prefix + e.name + "/"))
         found.sort()
+        skipped.sort(key=lambda err: err.adapter)
         with self._lock:
             self._names = found
+            self.skipped = skipped
         return found
+
+    def _outside_link(self, name: str, path: str) -> AdapterError:
+        """The error for a directory symlink `scan()` skips: the same rule as `locate()`."""
+        return AdapterError(name, None, f"skipped: a symlink that leads outside the adapter "
+                                        f"directory {self.root} (to {os.path.realpath(path)})")
 
     def names(self) -> list[str]:
         """The names from the last scan (scanning once if never scanned)."""
