@@ -15,6 +15,7 @@ setup(
     description="Unified KV/adapter paging and paged LoRA kernels for vLLM (S-LoRA / Punica design)",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=[
         "slora_plugin",
@@ -36,8 +37,9 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        # matplotlib: the report tests draw the benchmark plots
-        "test": ["pytest>=7", "hypothesis>=6.100", "peft>=0.13", "matplotlib>=3.7"],
+        # matplotlib: the report tests draw the benchmark plots; wheel: the no-shadowing test
+        # builds the wheel without build isolation (offline)
+        "test": ["pytest>=7", "hypothesis>=6.100", "peft>=0.13", "matplotlib>=3.7", "wheel>=0.40"],
         "bench": ["tqdm>=4.60", "matplotlib>=3.7", "numpy>=1.24"],
     },
     entry_points={

@@ -37,8 +37,14 @@ import torch
 import triton
 import triton.testing
 
-from slora_plugin.kernels import SegmentMeta, paged_lora_expand, paged_lora_linear, paged_lora_shrink, shrink_buffer
-from slora_plugin.kernels.paged_lora import choose_config
+from slora_plugin.kernels.paged_lora import (
+    SegmentMeta,
+    choose_config,
+    paged_lora_expand,
+    paged_lora_linear,
+    paged_lora_shrink,
+    shrink_buffer,
+)
 from slora_plugin.kernels.synthetic import build_synthetic_pool
 from slora_plugin.layout import ModelDims
 

@@ -7,9 +7,15 @@ observable unless the plugin is switched on (see `slora_plugin.config`).
 
 from __future__ import annotations
 
+import sys as _sys
+
+from slora_plugin.source_tree import mount_sibling_folders as _mount_sibling_folders
+
 __version__ = "0.1.0.dev0"
 
 _registered = False
+
+_mount_sibling_folders(_sys.modules[__name__])
 
 
 def register() -> None:

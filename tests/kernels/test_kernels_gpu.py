@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from slora_plugin.kernels import SegmentMeta, bound_violations, decode_config, lora_linear_exact, paged_lora_linear
+from slora_plugin.kernels.paged_lora import SegmentMeta, decode_config, paged_lora_linear
+from slora_plugin.kernels.reference import bound_violations, lora_linear_exact
 from slora_plugin.kernels.synthetic import build_synthetic_pool
 from slora_plugin.layout import MODULE_INDEX, PACKED_MODULES, ModelDims
 

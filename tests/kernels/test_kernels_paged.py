@@ -13,20 +13,19 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slora_plugin.kernels import (
+from slora_plugin.kernels.paged_lora import (
+    CPU_SMS,
     KernelConfig,
     SegmentMeta,
     decode_config,
-    lora_linear_exact,
-    lora_linear_ref,
+    launch_plans,
     paged_lora_expand,
     paged_lora_linear,
     paged_lora_shrink,
     prefill_config,
     shrink_buffer,
 )
-from slora_plugin.kernels.paged_lora import CPU_SMS, launch_plans
-from slora_plugin.kernels.reference import bound_violations
+from slora_plugin.kernels.reference import bound_violations, lora_linear_exact, lora_linear_ref
 from slora_plugin.kernels.synthetic import SyntheticPool, build_synthetic_pool
 from slora_plugin.layout import MODULES, ModelDims
 
