@@ -21,6 +21,7 @@ from slora_plugin.adapters.errors import AdapterError
 from slora_plugin.adapters.index import AdapterIndex
 from slora_plugin.adapters.peft_format import (
     CONFIG_NAME, WEIGHTS_NAME, adapter_config, random_weights, write_adapter)
+from slora_plugin.compress.cli import add_compress_parser
 from slora_plugin.layout import MODULES, ModelDims
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -30,8 +31,8 @@ CHECK_PROGRESS_MIN = 20
 
 
 def add_subparser(subparsers: argparse._SubParsersAction) -> None:
-    """Register `adapters synth` and `adapters check` on the top-level parser's subparsers."""
-    adapters = subparsers.add_parser("adapters", help="write synthetic adapters; check a directory")
+    """Register `adapters synth`, `check` and `compress` on the top-level parser's subparsers."""
+    adapters = subparsers.add_parser("adapters", help="write synthetic adapters; check or compress a directory")
     sub = adapters.add_subparsers(dest="adapters_command", required=True)
 
     synth = sub.add_parser("synth", help="write N valid random PEFT adapters")
@@ -53,6 +54,7 @@ def add_subparser(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--model", help="directory with the base model's config.json (full checks)")
     check.add_argument("--max-rank", type=int, default=128, help="largest rank accepted")
     check.set_defaults(func=_check)
+    add_compress_parser(sub)
 
 
 def model_dims(model_dir: str) -> ModelDims:
