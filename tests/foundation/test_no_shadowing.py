@@ -26,25 +26,27 @@ OWN_PACKAGE = "slora_plugin"
 
 _PROBE = textwrap.dedent(
     """
-    import importlib.metadata, importlib.util, json, os, sys
+    import importlib, importlib.metadata, importlib.util, json, os, sys
     root = os.path.realpath(sys.argv[1])
     names = json.loads(sys.argv[2])
     import transformers.activations  # imports the PyPI `kernels` package on transformers >= 5.25
+
+    def in_folder(path, name):  # the checkout's folder itself, not e.g. a .venv inside the root
+        return os.path.realpath(path).startswith(os.path.join(root, name) + os.sep)
+
     hidden = []
     for name in names:
         spec = importlib.util.find_spec(name)
         if spec is None:
             continue
-        regular = spec.origin not in (None, "namespace")
-        where = os.path.realpath(spec.origin) if regular else ""
-        if regular and where.startswith(root + os.sep):
-            hidden.append(f"{name} -> {where}")
+        if spec.origin not in (None, "namespace") and in_folder(spec.origin, name):
+            hidden.append(f"{name} -> {spec.origin}")
         try:
             dist = importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError:
             continue
         module = importlib.import_module(name)
-        if os.path.realpath(getattr(module, "__file__", "") or "").startswith(root + os.sep):
+        if in_folder(getattr(module, "__file__", None) or "", name):
             hidden.append(f"{name}: installed {dist.version} hidden by the checkout")
     print(json.dumps(hidden))
     """
