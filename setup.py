@@ -23,6 +23,7 @@ setup(
         "slora_plugin.compress",
         "slora_plugin.pool",
         "slora_plugin.worker",
+        "slora_plugin.train",
         "slora_plugin.kernels",
         "slora_plugin.patches",
     ],

@@ -1,4 +1,4 @@
-"""`slora-plugin` console script: `doctor`, plus the `adapters` and `bench` command groups."""
+"""`slora-plugin` console script: `doctor`, the `adapters` and `bench` command groups, and `train`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from typing import Any, Callable
 
 #: Modules that contribute a sub-command through `add_subparser(subparsers)`.
-SUBCOMMAND_MODULES = ("slora_plugin.adapters.cli", "slora_plugin.bench_cli")
+SUBCOMMAND_MODULES = ("slora_plugin.adapters.cli", "slora_plugin.bench_cli", "slora_plugin.train.cli")
 
 
 def doctor_report(additional_config: dict[str, Any] | None,
