@@ -28,6 +28,8 @@
 #                trace); own adapter directory /dev/shm/slora-s1 (~4-8 min each)
 #   throughput-s2-plugin  S2 (ranks 8/16/32/64) at 20 req/s, 100 / 1000 / 2000 adapters (~5 min)
 #   throughput-report  markdown table + 2 PNG plots from every throughput-*.json in results/
+#   finetune     mLoRA training: mixed batches vs PEFT one adapter after another, N = 1, 4, 16, 64
+#                (benchmarks/finetune_bench.py, needs peft; results in finetune-DATE.json; ~4-6 min)
 # Each throughput step is one engine in one process, stops starting traces after --deadline-s
 # 450 and is killed at 530 s, so it ends under 9 minutes; rows are written after every trace.
 # Results go to benchmarks/results/ and, packed, to $OUT (what the device tool brings back).
@@ -128,6 +130,10 @@ for s in "$@"; do
     throughput-report)
       step "$s"
       $PY "$REPO/benchmarks/report.py" --out-dir "$RES" 2>&1 | tee "$OUT/throughput-report.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    finetune)
+      step finetune
+      timeout -k 10 590 $PY "$REPO/benchmarks/finetune_bench.py" --out "$RES" 2>&1 | tee "$OUT/finetune.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     *) echo "unknown step $s"; status=2 ;;
   esac

@@ -17,6 +17,7 @@ from train_fixtures import write_job
 
 @pytest.mark.gpu
 def test_paged_backend_bf16_tracks_peft_alone(tmp_path) -> None:
+    pytest.importorskip("peft", reason="the PEFT baseline needs peft (the test extra)")
     adapters = [dict(a, steps=20) if "steps" in a else dict(a, epochs=3) for a in ADAPTERS]
     job = load_job(write_job(str(tmp_path), adapters, dtype="bfloat16", device="cuda", micro_batch_tokens=64))
     trainer = Trainer(job)
