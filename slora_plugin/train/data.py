@@ -97,10 +97,6 @@ class MicroBatch:
     row_slot: torch.Tensor        # int64 [B]
     token_slot: torch.Tensor      # int32 [B * L], the row's slot, -1 at padding (no LoRA applied)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.input_ids.numel()
-
 
 def micro_batches(rows: list[Row], max_tokens: int, pad_id: int = 0) -> list[MicroBatch]:
     """Rows sorted by length (longest first, stable) and packed greedily into micro-batches of at

@@ -57,6 +57,9 @@ class Trainer:
         self.device = torch.device(job.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = getattr(torch, job.dtype)
         self.model = freeze(model) if model is not None else load_base_model(job.base_model, dtype, self.device)
+        model_dtype = next(self.model.parameters()).dtype
+        if model_dtype != dtype:
+            raise ValueError(f"the base model is {model_dtype} but the job says dtype {job.dtype}")
         self.model.train()
         config = self.model.config
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else 0
