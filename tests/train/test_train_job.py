@@ -146,3 +146,14 @@ def test_atomic_write_publishes_whole_adapters_only(tmp_path) -> None:
         write_adapter_atomic(out, "org/x", {"r": 3}, {"w": "not a tensor"})
     assert json.load(open(os.path.join(path, "adapter_config.json"))) == {"r": 2}
     assert os.listdir(os.path.join(out, "org")) == ["x"], "a temporary directory was left behind"
+
+
+def test_training_imports_nothing_of_vllm() -> None:
+    """slora_plugin.train (and the training op) must run where vLLM is absent."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['vllm'] = None; "
+            "import slora_plugin.train.trainer, slora_plugin.train.cli, slora_plugin.kernels.lora_function")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
