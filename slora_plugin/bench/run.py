@@ -150,35 +150,21 @@ def adapter_plan(traces: Sequence[Trace]) -> dict[int, tuple[int, int]]:
 
 def prepare_adapters(root: str, plan: dict[int, tuple[int, int]], model_cfg: dict[str, Any],
                      modules: Sequence[str], distinct: int) -> str:
-    """Write `distinct` random PEFT adapters per rank under root/variants and one directory
-    per global id under root/adapters, made of hard links to its variant. Reuses what exists
-    (checking the rank); returns the adapter directory."""
-    from slora_plugin.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, write_random_adapter
+    """Write `distinct` random PEFT adapters per rank under root/variants (variant v of rank r
+    seeded 1000 * r + v) and one directory per global id under root/adapters, made of hard links
+    to its variant. Reuses what exists (checking the rank); returns the adapter directory."""
+    from slora_plugin.adapters.fleet import FleetAdapter, FleetError, write_fleet
 
     dims = ModelMemory.from_config(model_cfg).dims
     adir, vdir = os.path.join(root, "adapters"), os.path.join(root, "variants")
-    os.makedirs(adir, exist_ok=True)
-    wanted = sorted({(rank, v % distinct) for rank, v in plan.values()})
+    fleet = [FleetAdapter(adapter_name(g), rank, seed=1000 * rank + v % distinct,
+                          group=f"r{rank}-v{v % distinct}") for g, (rank, v) in plan.items()]
     t0 = time.time()
-    for rank, v in tqdm(wanted, desc="adapter variants", leave=False):
-        path = os.path.join(vdir, f"r{rank}-v{v}")
-        if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-            write_random_adapter(path, dims, rank, list(modules), seed=1000 * rank + v)
-    for g, (rank, v) in plan.items():
-        dst = os.path.join(adir, adapter_name(g))
-        src = os.path.join(vdir, f"r{rank}-v{v % distinct}")
-        cfg_path = os.path.join(dst, CONFIG_NAME)
-        if os.path.isfile(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                have = json.load(f).get("r")
-            if have != rank:
-                raise BenchError(f"{dst} has rank {have}, this run needs {rank}: "
-                                 f"remove {root} (left by a run with another rank mix)")
-            continue
-        os.makedirs(dst, exist_ok=True)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            os.link(os.path.join(src, name), os.path.join(dst, name))
-    print(f"[bench] {len(plan)} adapters in {adir} from {len(wanted)} files "
+    try:
+        write_fleet(adir, fleet, dims, modules, files_dir=vdir, progress=True)
+    except FleetError as e:
+        raise BenchError(f"{e}: remove {root} (left by a run with another rank mix)") from None
+    print(f"[bench] {len(plan)} adapters in {adir} from {len({a.group for a in fleet})} files "
           f"({time.time() - t0:.1f} s)", flush=True)
     return adir
 
