@@ -4,5 +4,7 @@
 engine per command), `pool_log` (the page pool's counters from its log), `profile` (GPU time of a
 torch-profiler window), `report` (results files, markdown table, plots) and `cli` (`slora-plugin
 bench ...`). It sits on top of the package: it drives vLLM through its public API and reads the
-plugin's log, and no module outside this folder imports it except the console script.
+plugin's log; of the package's other modules only the console script (slora_plugin/cli.py)
+imports it. Model configs come from slora_plugin.model_config, adapter fleets from
+slora_plugin.adapters.fleet (shared with `slora-plugin adapters synth`).
 """
