@@ -20,6 +20,7 @@ setup(
     packages=[
         "slora_plugin",
         "slora_plugin.adapters",
+        "slora_plugin.bench",
         "slora_plugin.compress",
         "slora_plugin.pool",
         "slora_plugin.worker",

@@ -35,9 +35,9 @@ def write_adapters(directory: str, count: int, seed: int, std: float) -> list[tu
     import torch
 
     from slora_plugin.adapters.peft_format import adapter_config, random_weights, write_adapter
-    from slora_plugin.plan import ModelMemory, load_model_config
+    from slora_plugin.model_config import load_model_dims
 
-    dims = ModelMemory.from_config(load_model_config(LLAMA2_CONFIG_DIR)).dims
+    dims = load_model_dims(LLAMA2_CONFIG_DIR)
     out = []
     g = torch.Generator().manual_seed(seed)
     for j in range(count):

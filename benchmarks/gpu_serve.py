@@ -122,14 +122,14 @@ class Check:
 # --------------------------------------------------------------------------- files
 def model_dims():
     """The served model's dimensions (what the adapters are written for)."""
-    from slora_plugin.plan import ModelMemory, load_model_config
+    from slora_plugin.model_config import load_model_dims
 
-    return ModelMemory.from_config(load_model_config(MODEL_CONFIG_DIR)).dims
+    return load_model_dims(MODEL_CONFIG_DIR)
 
 
 def write_model(directory: str) -> str:
     """A config-only model directory (vLLM runs it with --load-format dummy)."""
-    from slora_plugin.plan import load_model_config, write_model_config
+    from slora_plugin.model_config import load_model_config, write_model_config
 
     return write_model_config(directory, load_model_config(MODEL_CONFIG_DIR))
 

@@ -26,9 +26,9 @@ def write_adapters(adapter_dir: str, ranks: list[int]) -> list[str]:
     import torch
 
     from slora_plugin.adapters.peft_format import write_random_adapter
-    from slora_plugin.plan import ModelMemory, load_model_config
+    from slora_plugin.model_config import load_model_dims
 
-    dims = ModelMemory.from_config(load_model_config(LLAMA2_CONFIG_DIR)).dims
+    dims = load_model_dims(LLAMA2_CONFIG_DIR)
     names = []
     for i, r in enumerate(ranks):
         name = f"smoke-r{r}-{i}"

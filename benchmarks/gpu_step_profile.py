@@ -78,8 +78,8 @@ def main() -> None:
                   max_model_len=1024, gpu_memory_utilization=0.9, seed=0, max_num_seqs=max(batches))
     rows: list[dict] = []
     if args.system == "plugin":
-        from slora_plugin.bench_run import adapter_name, prepare_adapters
-        from slora_plugin.plan import load_model_config
+        from slora_plugin.bench.run import adapter_name, prepare_adapters
+        from slora_plugin.model_config import load_model_config
 
         n = max(batches)
         plan = {g: (RANKS[g % len(RANKS)], g // len(RANKS)) for g in range(n)}

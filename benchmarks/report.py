@@ -7,7 +7,7 @@ this folder's `results/` as the default input and output, wherever the command i
 import os
 import sys
 
-from slora_plugin.bench_cli import main
+from slora_plugin.bench.cli import main
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

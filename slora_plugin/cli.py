@@ -10,7 +10,7 @@ import sys
 from typing import Any, Callable
 
 #: Modules that contribute a sub-command through `add_subparser(subparsers)`.
-SUBCOMMAND_MODULES = ("slora_plugin.adapters.cli", "slora_plugin.bench_cli", "slora_plugin.train.cli")
+SUBCOMMAND_MODULES = ("slora_plugin.adapters.cli", "slora_plugin.bench.cli", "slora_plugin.train.cli")
 
 
 def doctor_report(additional_config: dict[str, Any] | None,
@@ -72,12 +72,12 @@ def doctor_report(additional_config: dict[str, Any] | None,
 def _lora_layers(cfg: Any, model: str | None) -> str:
     """The modules the engine would wrap (raises ValueError on a bad setting or model)."""
     from slora_plugin.adapters.targets import choose_target_modules
-    from slora_plugin.plan import ModelMemory, load_model_config
+    from slora_plugin.model_config import load_model_dims
 
     if model is None and cfg.target_modules is None and cfg.adapter_dir:
         return (f"the modules the adapters in {cfg.adapter_dir} target, chosen at engine start "
                 f"(pass --model to see them now)")
-    dims = ModelMemory.from_config(load_model_config(model)).dims if model else None
+    dims = load_model_dims(model) if model else None
     choice = choose_target_modules(cfg, dims)
     return f"{', '.join(choice.wrapped)} ({choice.reason})"
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from slora_plugin.plan import write_model_config as _write_config
+from slora_plugin.model_config import write_model_config as _write_config
 
 #: A Llama-style config small enough for CPU tests but with GQA (4 query heads, 2 KV heads).
 TINY_LLAMA = {

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import torch
 
 from slora_plugin.adapters.errors import AdapterError
+from slora_plugin.adapters.fleet import FleetAdapter, write_fleet
 from slora_plugin.adapters.index import AdapterIndex
-from slora_plugin.adapters.peft_format import (
-    CONFIG_NAME, WEIGHTS_NAME, adapter_config, random_weights, write_adapter)
+from slora_plugin.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from slora_plugin.compress.cli import add_compress_parser
 from slora_plugin.layout import MODULES, ModelDims
 
@@ -75,38 +75,22 @@ def model_dims(model_dir: str) -> ModelDims:
 def synthesize(directory: str, count: int, ranks: list[int], dims: ModelDims, targets: list[str],
                distinct: int | None = None, dtype: torch.dtype = torch.float16, prefix: str = "adapter-",
                seed: int = 0, progress: bool = False) -> list[str]:
-    """Write `count` adapters; returns their names. See the module docstring for `distinct`."""
-    from tqdm import tqdm
-
+    """Write `count` adapters; returns their names. See the module docstring for `distinct`:
+    adapter i has rank ranks[i % len(ranks)] and shares the weights file of slot
+    (i // len(ranks)) % distinct of its rank, whose first adapter j writes it with seed
+    seed * 1_000_003 + j (adapters/fleet.py)."""
     bad = [t for t in targets if t not in MODULES]
     if bad or not targets:
         raise SystemExit(f"--targets: unknown module(s) {bad}; choose from {list(MODULES)}")
     if count < 1 or not ranks or any(r < 1 for r in ranks) or (distinct is not None and distinct < 1):
         raise SystemExit("--count, --ranks and --distinct must be positive")
-    os.makedirs(directory, exist_ok=True)
     width = max(5, len(str(count - 1)))
-    names, firsts = [], {}  # (rank, slot) -> weights file written first
-    for i in tqdm(range(count), desc="adapters", unit="adapter", disable=not progress):
+    fleet = []
+    for i in range(count):
         rank = ranks[i % len(ranks)]
-        name = f"{prefix}{i:0{width}d}"
-        path = os.path.join(directory, name)
-        cfg = adapter_config(rank, 2 * rank, targets)
-        slot = (rank, (i // len(ranks)) % distinct) if distinct else None
-        if slot in firsts:
-            os.makedirs(path, exist_ok=True)
-            with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
-                json.dump(cfg, f, indent=2)
-            target = os.path.join(path, WEIGHTS_NAME)
-            if os.path.lexists(target):
-                os.unlink(target)
-            os.link(firsts[slot], target)
-        else:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + i)
-            write_adapter(path, cfg, random_weights(dims, {m: rank for m in targets}, g, dtype))
-            if slot is not None:
-                firsts[slot] = os.path.join(path, WEIGHTS_NAME)
-        names.append(name)
-    return names
+        group = f"r{rank}-v{(i // len(ranks)) % distinct}" if distinct else None
+        fleet.append(FleetAdapter(f"{prefix}{i:0{width}d}", rank, seed * 1_000_003 + i, group))
+    return write_fleet(directory, fleet, dims, targets, dtype, progress=progress)
 
 
 def check_directory(directory: str, dims: ModelDims | None, max_rank: int = 128,

@@ -43,7 +43,7 @@ def served(tmp_path_factory):
 @pytest.fixture
 def store(served):
     from slora_plugin.adapters.store import AdapterStore
-    from slora_plugin.plan import ModelMemory, load_model_config
+    from slora_plugin.model_config import ModelMemory, load_model_config
 
     _, adapter_dir, dims = served
     page_elems = ModelMemory.from_config(load_model_config(gs.MODEL_CONFIG_DIR)).page_elems()

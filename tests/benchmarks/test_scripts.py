@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from test_report import _fake_results
+from bench_results import fake_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = [os.path.join(REPO, "benchmarks", name) for name in ("throughput.py", "report.py")]
@@ -29,7 +29,7 @@ def test_script_is_spawn_safe_and_leaves_sys_path_alone(script, monkeypatch):
 
 
 def test_report_script_from_another_directory(tmp_path):
-    paths = _fake_results(tmp_path)
+    paths = fake_results(tmp_path)
     elsewhere = tmp_path / "cwd"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -45,9 +45,9 @@ def test_report_script_from_another_directory(tmp_path):
 
 
 def test_report_defaults_to_the_given_results_dir(tmp_path, capsys):
-    from slora_plugin.bench_cli import main
+    from slora_plugin.bench.cli import main
 
-    _fake_results(tmp_path)
+    fake_results(tmp_path)
     assert main(["report"], results_dir=str(tmp_path)) == 0
     assert (tmp_path / "throughput.md").is_file() and "| plugin | 2,000 |" in capsys.readouterr().out
 
@@ -73,8 +73,8 @@ def _gpu_run_steps() -> dict[str, list[str]]:
 def test_gpu_run_throughput_steps_parse_to_the_planned_traces():
     import argparse
 
-    from slora_plugin.bench_cli import _add_commands, _traces
-    from slora_plugin.bench_run import adapter_plan
+    from slora_plugin.bench.cli import _add_commands, _traces
+    from slora_plugin.bench.run import adapter_plan
 
     parser = argparse.ArgumentParser()
     _add_commands(parser)

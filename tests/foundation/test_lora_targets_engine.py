@@ -77,7 +77,7 @@ def test_default_all_modules_without_adapters(tiny_model_dir, tmp_path, cpu_plat
 
 def test_doctor_and_plan_show_the_modules(tmp_path, tiny_model_dir, adapter_dir):
     from slora_plugin.cli import doctor_report
-    from slora_plugin.plan import format_plan, make_plan
+    from slora_plugin.bench.plan import format_plan, make_plan
     from tiny_model import TINY_LLAMA
 
     slora = {"slora": {"adapter_dir": str(adapter_dir)}}

@@ -123,6 +123,7 @@ def test_wheel_installs_the_subpackages_inside_the_package(tmp_path):
                     str(wheel)], check=True, capture_output=True, timeout=600)
     assert (site / "slora_plugin" / "kernels" / "paged_lora.py").is_file()
     assert (site / "slora_plugin" / "patches" / "guard.py").is_file()
+    assert (site / "slora_plugin" / "bench" / "cli.py").is_file()  # `slora-plugin` imports it at start
     assert not (site / "kernels").exists() and not (site / "patches").exists()
     code = ("import slora_plugin.kernels.paged_lora as k, slora_plugin.patches.guard as g; "
             "print(k.__file__); print(g.__file__)")

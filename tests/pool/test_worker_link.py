@@ -9,7 +9,7 @@ import gc
 import pytest
 from prometheus_client import REGISTRY
 
-from slora_plugin.bench_pool import pool_fields
+from slora_plugin.bench.pool_log import pool_fields
 from slora_plugin.pool.metrics import OPTIONAL_COUNTERS, PoolMetrics, multiprocess_enabled
 from slora_plugin.pool.scheduler import scheduler_class
 from slora_plugin.pool.worker_link import (HostLoadWaits, WorkerLink, engine_key, lookup,

@@ -10,14 +10,14 @@ from types import SimpleNamespace
 
 import pytest
 
-from slora_plugin.bench_cli import _traces, add_subparser, main
-from slora_plugin.bench_pool import POOL_KEYS
-from slora_plugin.bench_profile import ProfileWindow
-from slora_plugin.bench_run import (
+from slora_plugin.bench.cli import _traces, add_subparser, main
+from slora_plugin.bench.pool_log import POOL_KEYS
+from slora_plugin.bench.profile import ProfileWindow
+from slora_plugin.bench.run import (
     PROFILE_PREFIX, WARMUP_REQUESTS, BenchError, RunOptions, adapter_name, adapter_plan, engine_kwargs,
     prepare_adapters, run_trace, trace_offsets)
-from slora_plugin.plan import load_model_config
-from slora_plugin.workload import WorkloadSpec, generate
+from slora_plugin.bench.workload import WorkloadSpec, generate
+from slora_plugin.model_config import load_model_config
 
 
 def _trace(**kw):
@@ -276,7 +276,7 @@ def _unset(monkeypatch, name):
 def test_run_writes_rows_per_trace(tmp_path, tiny_model_dir, monkeypatch):
     import vllm
 
-    from slora_plugin.bench_run import run
+    from slora_plugin.bench.run import run
 
     monkeypatch.setattr(vllm, "LLM", FakeRunLLM)
     _unset(monkeypatch, "VLLM_WORKER_MULTIPROC_METHOD")
@@ -305,7 +305,7 @@ def test_run_writes_rows_per_trace(tmp_path, tiny_model_dir, monkeypatch):
 def test_plugin_engine_starts_spawned_after_adapters_exist(tmp_path, tiny_model_dir, monkeypatch):
     import vllm
 
-    from slora_plugin.bench_run import run
+    from slora_plugin.bench.run import run
 
     made = []
     monkeypatch.setattr(vllm, "LLM", lambda **kw: made.append(FakeRunLLM(**kw)) or made[-1])
@@ -341,7 +341,7 @@ def test_plugin_engine_starts_spawned_after_adapters_exist(tmp_path, tiny_model_
 def test_plugin_run_needs_the_entry_point(monkeypatch):
     import importlib.metadata
 
-    from slora_plugin.bench_run import check_plugin_installed
+    from slora_plugin.bench.run import check_plugin_installed
 
     check_plugin_installed()   # installed editable in this environment
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
@@ -428,8 +428,8 @@ class ProfilingRunLLM(FakeRunLLM):
 def test_run_with_profile_summarizes_the_window(tmp_path, tiny_model_dir, monkeypatch):
     import vllm
 
-    from slora_plugin.bench_report import load_results, markdown_table, write_report
-    from slora_plugin.bench_run import run
+    from slora_plugin.bench.report import load_results, markdown_table, write_report
+    from slora_plugin.bench.run import run
 
     monkeypatch.setattr(vllm, "LLM", ProfilingRunLLM)
     _unset(monkeypatch, "VLLM_WORKER_MULTIPROC_METHOD")

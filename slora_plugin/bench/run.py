@@ -28,14 +28,14 @@ reserves its KV cache up front, so this shows the reservation (about gpu_memory_
 the GPU), not the working set; torch's peak counters live in the engine-core process and are
 not visible here.
 
-Counters (`bench_pool`). Every row has `preemptions` (vLLM's counter, over the trace); plugin
+Counters (`bench.pool_log`). Every row has `preemptions` (vLLM's counter, over the trace); plugin
 rows have `adapter_loads`, `adapter_evictions`, `pages_total`, `adapter_pages_peak`,
 `adapters_resident_peak`, and the worker's host loads by whether the step had to wait for the
 disk: `host_load_hits`, `host_load_waits`, `host_load_wait_s` (seconds the steps waited), from
 the page pool's log (None for stock and base, or when no pool line came; the host counts also
 when the worker runs in another process than the scheduler, TP > 1).
 
-Output: `<out_dir>/throughput-<system>-<UTC stamp>.json` (see `bench_report`), rewritten after
+Output: `<out_dir>/throughput-<system>-<UTC stamp>.json` (see `bench.report`), rewritten after
 every trace so a cut command keeps what it finished, `...-requests.jsonl.gz` with every
 request's arrival, TTFT, end-to-end latency and TPOT, and for the plugin `...-pool.log` (the
 pool's log lines). The logging config that makes the engine core write that log is an internal
@@ -47,7 +47,7 @@ when its clock passes START_S and `LLM.stop_profile()` DURATION_S later or when 
 The engine core (its in-process worker, TP=1) profiles and writes the Chrome trace and
 `profiler_out_0.txt` into `<work_dir>/profile-<stamp>/`, kept there (tens of MB: not copied into
 the results); the row gets `profiled: true` and `profile` (the window actually profiled on the
-trace's clock, the trace file, and `bench_profile.summarize_gpu_trace`'s summary), and the table,
+trace's clock, the trace file, and `bench.profile.summarize_gpu_trace`'s summary), and the table,
 cut to 200 lines, goes next to the results as `...-profile.txt`. A profiled row's throughput is
 NOT a measurement: the profiler slows every step in the window, and stop_profile blocks the
 engine while the trace is exported; the report marks the row and keeps it out of its plots.
@@ -72,12 +72,12 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
-from slora_plugin.bench_pool import POOL_KEYS, PoolLog, pool_fields, pool_log_env, preemption_count
-from slora_plugin.bench_profile import (
+from slora_plugin.bench.pool_log import POOL_KEYS, PoolLog, pool_fields, pool_log_env, preemption_count
+from slora_plugin.bench.profile import (
     ProfileError, ProfileWindow, copy_table, describe, summarize_gpu_trace, wait_for_trace)
-from slora_plugin.bench_report import summarize, write_results
-from slora_plugin.plan import ModelMemory, load_model_config, write_model_config
-from slora_plugin.workload import Trace, prompt_tokens
+from slora_plugin.bench.report import summarize, write_results
+from slora_plugin.bench.workload import Trace, prompt_tokens
+from slora_plugin.model_config import ModelMemory, load_model_config, write_model_config
 
 SYSTEMS = ("base", "stock", "plugin")
 WARMUP_REQUESTS = 8
@@ -150,35 +150,21 @@ def adapter_plan(traces: Sequence[Trace]) -> dict[int, tuple[int, int]]:
 
 def prepare_adapters(root: str, plan: dict[int, tuple[int, int]], model_cfg: dict[str, Any],
                      modules: Sequence[str], distinct: int) -> str:
-    """Write `distinct` random PEFT adapters per rank under root/variants and one directory
-    per global id under root/adapters, made of hard links to its variant. Reuses what exists
-    (checking the rank); returns the adapter directory."""
-    from slora_plugin.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, write_random_adapter
+    """Write `distinct` random PEFT adapters per rank under root/variants (variant v of rank r
+    seeded 1000 * r + v) and one directory per global id under root/adapters, made of hard links
+    to its variant. Reuses what exists (checking the rank); returns the adapter directory."""
+    from slora_plugin.adapters.fleet import FleetAdapter, FleetError, write_fleet
 
     dims = ModelMemory.from_config(model_cfg).dims
     adir, vdir = os.path.join(root, "adapters"), os.path.join(root, "variants")
-    os.makedirs(adir, exist_ok=True)
-    wanted = sorted({(rank, v % distinct) for rank, v in plan.values()})
+    fleet = [FleetAdapter(adapter_name(g), rank, seed=1000 * rank + v % distinct,
+                          group=f"r{rank}-v{v % distinct}") for g, (rank, v) in plan.items()]
     t0 = time.time()
-    for rank, v in tqdm(wanted, desc="adapter variants", leave=False):
-        path = os.path.join(vdir, f"r{rank}-v{v}")
-        if not os.path.isfile(os.path.join(path, WEIGHTS_NAME)):
-            write_random_adapter(path, dims, rank, list(modules), seed=1000 * rank + v)
-    for g, (rank, v) in plan.items():
-        dst = os.path.join(adir, adapter_name(g))
-        src = os.path.join(vdir, f"r{rank}-v{v % distinct}")
-        cfg_path = os.path.join(dst, CONFIG_NAME)
-        if os.path.isfile(cfg_path):
-            with open(cfg_path, encoding="utf-8") as f:
-                have = json.load(f).get("r")
-            if have != rank:
-                raise BenchError(f"{dst} has rank {have}, this run needs {rank}: "
-                                 f"remove {root} (left by a run with another rank mix)")
-            continue
-        os.makedirs(dst, exist_ok=True)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            os.link(os.path.join(src, name), os.path.join(dst, name))
-    print(f"[bench] {len(plan)} adapters in {adir} from {len(wanted)} files "
+    try:
+        write_fleet(adir, fleet, dims, modules, files_dir=vdir, progress=True)
+    except FleetError as e:
+        raise BenchError(f"{e}: remove {root} (left by a run with another rank mix)") from None
+    print(f"[bench] {len(plan)} adapters in {adir} from {len({a.group for a in fleet})} files "
           f"({time.time() - t0:.1f} s)", flush=True)
     return adir
 
@@ -528,7 +514,7 @@ def _run(opts: RunOptions, scratch: str) -> str:
     warmup_s = time.time() - t
 
     def poke() -> None:
-        """One no-LoRA token: a scheduler step, so the pool logs its counters (bench_pool)."""
+        """One no-LoRA token: a scheduler step, so the pool logs its counters (bench.pool_log)."""
         llm.generate([{"prompt_token_ids": [3, 5, 7, 11]}],
                      SamplingParams(max_tokens=1, ignore_eos=True, temperature=0, detokenize=False),
                      use_tqdm=False)

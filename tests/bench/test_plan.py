@@ -5,21 +5,15 @@ from __future__ import annotations
 import pytest
 
 from slora_plugin.adapters.peft_format import adapter_config, write_adapter
-from slora_plugin.bench_cli import main
-from slora_plugin.plan import (
-    GIB, LLAMA_2_7B, TUNED_STOCK_TARGETS, ModelMemory, PlanError, adapter_ranks_from_dir,
-    format_plan, load_model_config, make_plan, ranks_from_mix, stock_slot_bytes,
-    write_model_config)
+from slora_plugin.bench.cli import main
+from slora_plugin.bench.plan import (
+    GIB, TUNED_STOCK_TARGETS, PlanError, adapter_ranks_from_dir, format_plan, make_plan,
+    ranks_from_mix, stock_slot_bytes)
+from slora_plugin.model_config import LLAMA_2_7B, ModelMemory, write_model_config
 
 MEM = ModelMemory.from_config(LLAMA_2_7B)
 #: H100 as torch reports it, and the overhead calibrated on the baseline's row a.
 H100 = dict(gpu_gib=79.19, overhead_gib=1.7)
-
-
-def test_llama_2_7b_sizes():
-    assert MEM.weight_bytes / GIB == pytest.approx(12.55, abs=0.01)  # "Model loading took 12.55 GiB"
-    assert MEM.kv_bytes_per_token == 512 * 1024
-    assert MEM.page_size_bytes(16) == 2 * 16 * 32 * 128 * 2
 
 
 @pytest.mark.parametrize("row,max_loras,rank,measured_gib,tol", [
@@ -99,14 +93,6 @@ def test_adapter_dir_ranks(tmp_path):
         adapter_ranks_from_dir(str(tmp_path / "not-an-adapter"))
 
 
-def test_model_config_sources(tmp_path):
-    assert load_model_config("Llama-2-7B") == LLAMA_2_7B
-    d = write_model_config(str(tmp_path / "m"), {**LLAMA_2_7B, "num_key_value_heads": 8})
-    assert load_model_config(d)["num_key_value_heads"] == 8
-    with pytest.raises(PlanError, match="not a known name"):
-        load_model_config(str(tmp_path / "nope"))
-
-
 def test_cli_plan_prints_table(capsys, tmp_path):
     assert main(["plan", "--model", "llama-2-7b", "--gpu-gib", "80", "--ranks", "8,16,32,64,128",
                  "--adapters", "1000"]) == 0
@@ -127,17 +113,3 @@ def test_tuned_stock_wraps_the_layers_the_adapters_touch():
     custom = make_plan(LLAMA_2_7B, [{"q_proj": 8}], kv_gib=50, stock_targets={"mine": ["o_proj"]})
     assert list(custom.rows[0].stock) == ["mine"]
     assert custom.rows[0].stock["mine"][0] == stock_slot_bytes(MEM, 1, 8, ["o_proj"])
-
-
-def test_gpu_scripts_model_config_matches_the_plan():
-    """The GPU smoke/isolation scripts read benchmarks/configs/llama-2-7b; the harness writes
-    plan.LLAMA_2_7B. Both describe the model every result is compared on: they must agree."""
-    import json
-    import os
-
-    from slora_plugin.plan import LLAMA_2_7B
-
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "configs", "llama-2-7b",
-                        "config.json")
-    with open(path, encoding="utf-8") as f:
-        assert json.load(f) == LLAMA_2_7B

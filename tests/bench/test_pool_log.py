@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from slora_plugin.bench_pool import (
+from slora_plugin.bench.pool_log import (
     POOL_KEYS, POOL_LOGGER, PREEMPTION_METRIC, PoolLog, logging_config, parse_pool_lines,
     pool_fields, pool_log_env, preemption_count)
 

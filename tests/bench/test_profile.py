@@ -1,4 +1,4 @@
-"""GPU-time summary of torch-profiler Chrome traces (bench_profile), on synthetic traces shaped
+"""GPU-time summary of torch-profiler Chrome traces (bench.profile), on synthetic traces shaped
 like the ones Kineto writes (kernel names as seen on the H100: FA3, nvjet, the paged kernels)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from slora_plugin.bench_profile import (
+from slora_plugin.bench.profile import (
     CATEGORIES, NAME_CHARS, TOP_N, ProfileError, ProfileWindow, category, copy_table, describe,
     load_chrome_trace, summarize_gpu_trace, wait_for_trace)
 
@@ -176,8 +176,8 @@ def test_profile_window_parse():
 
 
 def _result_file(tmp_path, name, rows):
-    from slora_plugin.bench_report import summarize, write_results
-    from slora_plugin.workload import WorkloadSpec
+    from slora_plugin.bench.report import summarize, write_results
+    from slora_plugin.bench.workload import WorkloadSpec
 
     spec = WorkloadSpec(n_adapters=0, arrival="all")
     recs = [{"input_len": 256, "n_out": 128, "finished": True, "ttft_s": 0.5, "e2e_s": 2.0, "tpot_s": 0.01}]
@@ -190,7 +190,7 @@ def _result_file(tmp_path, name, rows):
 
 
 def test_report_keeps_profiled_rows_out_of_reference_and_plots(tmp_path):
-    from slora_plugin.bench_report import load_results, markdown_table, write_report
+    from slora_plugin.bench.report import load_results, markdown_table, write_report
 
     summary = summarize_gpu_trace(_trace([_ev("_shrink_kernel", 0, 30), _ev("x_gemm", 30, 10)]))
     profile = {"requested": "0:1:2", "start_s": 1.0, "stop_s": 3.0, "stop_call_s": 9.0, **summary}

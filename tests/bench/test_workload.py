@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from slora_plugin.workload import (
+from slora_plugin.bench.workload import (
     WorkloadError, WorkloadSpec, adapter_counts, gap_stats, generate, load_trace, parse_spec,
     prompt_tokens, save_trace)
 

@@ -1,7 +1,7 @@
 """Where the GPU time of a harness run goes: a torch-profiler window, summarized.
 
 The throughput harness can run one window of one trace under vLLM's torch profiler
-(`--profile INDEX:START_S:DURATION_S`, see `bench_run`). The engine core writes a Chrome trace
+(`--profile INDEX:START_S:DURATION_S`, see `bench.run`). The engine core writes a Chrome trace
 (`<prefix>_dp0_pp0_tp0....pt.trace.json.gz`) and a key-averages table (`profiler_out_0.txt`);
 this module turns the trace into a small summary that fits in a results row, so "the plugin is
 slow at 1,000 adapters" becomes "the GPU is idle x% of the window, and of its busy time y% is the

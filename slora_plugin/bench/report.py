@@ -1,6 +1,6 @@
 """Throughput results: per-request records -> a row, result files -> tables and plots.
 
-The runner (`slora_plugin.bench_run`) measures; this module only computes and formats, so the
+The runner (`slora_plugin.bench.run`) measures; this module only computes and formats, so the
 report can be regenerated, and tested, on a machine without a GPU.
 
 A results file (`benchmarks/results/throughput-<system>-<stamp>.json`) is one object:
@@ -13,12 +13,12 @@ specs the command ran) and `rows`. A row is one (system, trace): `system` (base,
 knows of memory (`kv_cache_tokens`, `gpu_mem_used_peak_mib`) and counters (`preemptions`;
 for the plugin `adapter_loads`, `adapter_evictions`, `pages_total`, `adapter_pages_peak`,
 `adapters_resident_peak`, `host_load_hits`, `host_load_waits`, `host_load_wait_s`; see
-`bench_pool`). Counters may be absent (older files) or None
+`bench.pool_log`). Counters may be absent (older files) or None
 (unknown); the table shows "-" for both.
 
-A row with `profiled: true` ran (partly) under the torch profiler (`bench_run`, `--profile`): its
+A row with `profiled: true` ran (partly) under the torch profiler (`bench.run`, `--profile`): its
 throughput and latencies are perturbed, so the table marks it, it is never the "vs base"
-reference, the plots leave it out, and its `profile` summary (`bench_profile`) gets a table of
+reference, the plots leave it out, and its `profile` summary (`bench.profile`) gets a table of
 its own: where the GPU time of the window went.
 """
 
@@ -31,7 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from slora_plugin.bench_profile import CATEGORIES
+from slora_plugin.bench.profile import CATEGORIES
 
 ROW_KEYS = ("system", "trace", "workload", "n_adapters", "ranks", "req_per_s", "output_tok_per_s", "ttft_p50_s",
             "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "settings", "init_s")
@@ -189,7 +189,7 @@ def profile_table(rows: Sequence[Mapping[str, Any]]) -> str:
     where streams overlap), and the top GPU operation."""
     head = ["trace", "system", "adapters", "window (trace clock)", "GPU window s", "GPU idle",
             *[f"{c} % busy" for c in CATEGORIES], "kernels", "top GPU op (share of busy)"]
-    lines = ["GPU time in the profiled windows (torch profiler; see bench_profile):", "",
+    lines = ["GPU time in the profiled windows (torch profiler; see slora_plugin.bench.profile):", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         p = r["profile"]

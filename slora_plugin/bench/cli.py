@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from slora_plugin.workload import (
+from slora_plugin.bench.workload import (
     WorkloadError, WorkloadSpec, adapter_counts, gap_stats, generate, load_trace, parse_spec,
     save_trace)
 
@@ -98,7 +98,7 @@ def _add_commands(parser: argparse.ArgumentParser, results_dir: str = DEFAULT_RE
     p.add_argument("--profile", metavar="INDEX:START_S:DURATION_S",
                    help="run vLLM's torch profiler over one window of trace INDEX (0-based, in this "
                         "command's order), e.g. 0:15:5; that row is marked profiled (its throughput is "
-                        "perturbed) and gets a GPU-time summary (see slora_plugin.bench_profile)")
+                        "perturbed) and gets a GPU-time summary (see slora_plugin.bench.profile)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("report", help="markdown table and PNG plots from results files")
@@ -143,8 +143,9 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from slora_plugin.plan import (PlanError, adapter_ranks_from_dir, format_plan,
-                                   load_model_config, make_plan, ranks_from_mix)
+    from slora_plugin.bench.plan import (
+        PlanError, adapter_ranks_from_dir, format_plan, make_plan, ranks_from_mix)
+    from slora_plugin.model_config import load_model_config
 
     try:
         cfg = load_model_config(args.model)
@@ -165,8 +166,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from slora_plugin.bench_profile import ProfileWindow
-    from slora_plugin.bench_run import BenchError, RunOptions, command_line, run
+    from slora_plugin.bench.profile import ProfileWindow
+    from slora_plugin.bench.run import BenchError, RunOptions, command_line, run
 
     try:
         profile = ProfileWindow.parse(args.profile) if args.profile else None
@@ -204,7 +205,7 @@ def _traces(args: argparse.Namespace) -> list:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from slora_plugin.bench_report import ReportError, load_results, markdown_table, write_report
+    from slora_plugin.bench.report import ReportError, load_results, markdown_table, write_report
 
     patterns = args.paths or [os.path.join(args.results_dir, "throughput-*.json")]
     paths = sorted({p for pat in patterns for p in (glob.glob(pat) or [pat])})

@@ -7,21 +7,13 @@ import os
 
 import pytest
 
-from slora_plugin.bench_cli import main
-from slora_plugin.bench_report import (
-    ReportError, load_results, markdown_table, summarize, write_report, write_results)
-from slora_plugin.workload import WorkloadSpec
-
-
-def _records(n=100, ttft_step=0.1, finished=None):
-    return [{"index": i, "adapter": i % 7, "input_len": 256, "n_out": 128,
-             "finished": True if finished is None else i < finished,
-             "ttft_s": ttft_step * (i + 1), "e2e_s": ttft_step * (i + 1) + 2.0,
-             "tpot_s": 0.01 + i * 1e-4} for i in range(n)]
+from bench_results import fake_records, fake_results
+from slora_plugin.bench.cli import main
+from slora_plugin.bench.report import ReportError, load_results, markdown_table, summarize, write_report
 
 
 def test_summarize_numbers():
-    m = summarize(_records(), duration_s=10.0, slo_ttft_s=5.0)
+    m = summarize(fake_records(), duration_s=10.0, slo_ttft_s=5.0)
     assert m["requests"] == m["completed"] == 100
     assert m["req_per_s"] == 10.0 and m["output_tok_per_s"] == 1280.0
     assert m["total_tok_per_s"] == (128 + 256) * 10.0
@@ -33,7 +25,7 @@ def test_summarize_numbers():
 
 
 def test_summarize_counts_unfinished_as_slo_miss():
-    recs = _records(finished=40)
+    recs = fake_records(finished=40)
     for r in recs[40:]:
         r.update(ttft_s=None, e2e_s=None, tpot_s=None, n_out=0)
     m = summarize(recs, duration_s=4.0, slo_ttft_s=100.0)
@@ -45,41 +37,8 @@ def test_summarize_counts_unfinished_as_slo_miss():
         summarize(recs, 0, 1.0)
 
 
-def _row(system, n, out_tok, spec, ttft_step=0.1):
-    m = summarize(_records(ttft_step=ttft_step), duration_s=1000 / out_tok * 12.8, slo_ttft_s=6.0)
-    m["output_tok_per_s"] = out_tok
-    return {"system": system, "trace": spec.label, "workload": spec.to_dict(),
-            "n_adapters": 0 if system == "base" else n, "ranks": [] if system == "base" else [8, 16],
-            **m, "truncated": False, "settings": {"max_loras": 128} if system == "stock" else {},
-            "init_s": 80.0, "warmup_s": 2.0, "kv_cache_tokens": 116768, "gpu_mem_used_peak_mib": 74000,
-            "preemptions": 0 if system == "base" else 3,
-            **({"adapter_loads": n + 5, "adapter_evictions": n // 2, "pages_total": 7000,
-                "adapter_pages_peak": 2500, "adapters_resident_peak": 120} if system == "plugin" else {})}
-
-
-def _fake_results(tmp_path):
-    paths = []
-    allq = WorkloadSpec(n_adapters=1000, arrival="all")
-    gamma = WorkloadSpec(n_adapters=1000, arrival="gamma", rate=4, input_len=(8, 512), output_len=(8, 512))
-    for system, rows in {
-        "base": [_row("base", 0, 7270.7, WorkloadSpec(n_adapters=0, arrival="all")),
-                 _row("base", 0, 900.0, WorkloadSpec(n_adapters=0, arrival="gamma", rate=4,
-                                                     input_len=(8, 512), output_len=(8, 512)))],
-        "stock": [_row("stock", n, t, WorkloadSpec(n_adapters=n, arrival="all"), 0.5)
-                  for n, t in ((1, 5639.4), (100, 3656.6), (1000, 818.9))] + [_row("stock", 1000, 500.0, gamma, 1.0)],
-        "plugin": [_row("plugin", n, t, WorkloadSpec(n_adapters=n, arrival="all"))
-                   for n, t in ((1, 6500.0), (100, 6000.0), (1000, 5000.0), (2000, 4800.0))],
-    }.items():
-        meta = {"date": "2026-11-23T00:00:00+00:00", "device": "NVIDIA H100 80GB HBM3 (81559 MiB)",
-                "vllm_version": "0.26.0", "plugin_version": "0.1.0.dev0",
-                "command": f"python benchmarks/throughput.py --system {system}",
-                "workload": [allq.to_dict(), gamma.to_dict()]}
-        paths.append(write_results(str(tmp_path / f"throughput-{system}-x.json"), meta, rows))
-    return paths
-
-
 def test_results_file_shape(tmp_path):
-    paths = _fake_results(tmp_path)
+    paths = fake_results(tmp_path)
     data = json.load(open(paths[1]))
     assert {"date", "device", "vllm_version", "plugin_version", "command", "workload", "rows"} <= set(data)
     row = data["rows"][0]
@@ -90,7 +49,7 @@ def test_results_file_shape(tmp_path):
 
 
 def test_markdown_table_and_ratio_to_base(tmp_path):
-    table = markdown_table(load_results(_fake_results(tmp_path)))
+    table = markdown_table(load_results(fake_results(tmp_path)))
     lines = [ln for ln in table.splitlines() if ln.startswith("| all-at-once")]
     assert len(lines) == 8
     stock1000 = next(ln for ln in lines if "| stock | 1,000 |" in ln)
@@ -106,7 +65,7 @@ def test_markdown_table_and_ratio_to_base(tmp_path):
 
 
 def test_write_report_makes_pngs(tmp_path):
-    out = write_report(_fake_results(tmp_path), str(tmp_path / "report"))
+    out = write_report(fake_results(tmp_path), str(tmp_path / "report"))
     for key in ("throughput_plot", "ttft_cdf_plot"):
         with open(out[key], "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -115,7 +74,7 @@ def test_write_report_makes_pngs(tmp_path):
 
 
 def test_report_cli_and_errors(tmp_path, capsys):
-    _fake_results(tmp_path)
+    fake_results(tmp_path)
     assert main(["report", str(tmp_path / "throughput-*.json"), "--out-dir", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
     assert "| plugin | 2,000 |" in out and "ttft_cdf_plot:" in out
@@ -135,7 +94,7 @@ def test_console_script_report(tmp_path):
     import subprocess
     import sys
 
-    _fake_results(tmp_path)
+    fake_results(tmp_path)
     exe = shutil.which("slora-plugin") or os.path.join(os.path.dirname(sys.executable), "slora-plugin")
     proc = subprocess.run([exe, "bench", "report", str(tmp_path / "throughput-*.json"),
                            "--out-dir", str(tmp_path / "r"), "--name", "h100"],
@@ -146,7 +105,7 @@ def test_console_script_report(tmp_path):
 
 
 def test_settings_column_shows_the_plugins_own_settings():
-    from slora_plugin.bench_report import _settings
+    from slora_plugin.bench.report import _settings
 
     plugin = {"additional_config": {"slora": {"adapter_dir": "/a", "max_lora_rank": 128,
                                               "target_modules": ["qkv_proj", "o_proj"]}}}
