@@ -2,7 +2,8 @@
 takes, and its content id.
 
 Scheduler and workers open their `AdapterStore` with `engine_store`, one function: the model's
-dimensions (`ModelDims.from_hf_config`, through the text config of a composite model), page size,
+dimensions (`engine_dims`: `ModelDims.from_hf_config`, through the text config of a composite
+model), page size,
 serving dtype, rank limit, adapter directory and LoRA target modules are read the same way in
 both, so `AdapterStore.spec` gives both the same spec, and they agree on the layout by
 construction (`slora_plugin.layout.plan_layout`). Both ask the store for an adapter by its
@@ -21,15 +22,19 @@ from slora_plugin.layout import ModelDims
 from slora_plugin.pool.unusable import PagesOf
 
 
+def engine_dims(vllm_config: Any) -> ModelDims:
+    """The dimensions of the engine's model, as its adapter stores use them."""
+    return ModelDims.from_hf_config(vllm_config.model_config.hf_config,
+                                    tp_size=vllm_config.parallel_config.tensor_parallel_size)
+
+
 def engine_store(vllm_config: Any, cfg: SLoRAConfig, page_elems: int, *,
                  host_cache_bytes: int = 0, loader_threads: int = 1,
                  wait_timeout_s: float = 60.0) -> AdapterStore:
     """The AdapterStore for the model, serving dtype and LoRA targets of `vllm_config` and
     pages of `page_elems` elements; without a host cache (the default) it only gives specs."""
-    model_config = vllm_config.model_config
-    dims = ModelDims.from_hf_config(model_config.hf_config,
-                                    tp_size=vllm_config.parallel_config.tensor_parallel_size)
-    return AdapterStore(dims, page_elems, model_config.dtype, adapter_dir=cfg.adapter_dir,
+    return AdapterStore(engine_dims(vllm_config), page_elems, vllm_config.model_config.dtype,
+                        adapter_dir=cfg.adapter_dir,
                         max_rank=cfg.max_lora_rank, host_cache_bytes=host_cache_bytes,
                         loader_threads=loader_threads, wait_timeout_s=wait_timeout_s,
                         lora_target_modules=vllm_config.lora_config.target_modules)
