@@ -14,11 +14,11 @@ What it adds to `vllm.v1.worker.gpu_worker.Worker`:
     the host adapter store with that page size (`pool/adapter_pages.engine_store`, as the
     scheduler does);
   - `execute_model`: applies the scheduler's commands (evict, then load, then host prefetch)
-    before the step runs (`adapter_copies.py`, which needs no vLLM). The host copies of all the step's loads start reading at once;
-    loads copy each raw pinned adapter to the GPU and write its pages there
-    (`page_loader.py`) on a copy stream that first waits for the compute stream (async scheduling
-    may still run the previous step), and the compute stream waits for the loads before this
-    step's forward. A load whose host copy is not in pinned memory yet blocks the step until
+    before the step runs (`adapter_copies.py`, which needs no vLLM). The host copies of all the
+    step's loads start reading at once; loads copy each raw pinned adapter to the GPU and write
+    its pages there (`page_loader.py`) on a copy stream that first waits for the compute stream
+    (async scheduling may still run the previous step), and the compute stream waits for the
+    loads before this step's forward. A load whose host copy is not in pinned memory yet blocks the step until
     the disk read is done: `host_waits` counts the loads that did and the seconds they waited;
   - publishes its host store (readiness oracle) and `host_waits` for a scheduler in the same
     process (`pool/worker_link.py`), which then admits only requests whose adapter is ready.
@@ -47,7 +47,6 @@ from slora_plugin.worker.lora_layers import layer_index
 from slora_plugin.worker.lora_manager import SLoRAModelManager, SLoRAWorkerLoRAManager
 from slora_plugin.worker.ops import pool_view
 from slora_plugin.worker.page_loader import PageLoader
-from slora_plugin.worker.scope import SLoRAScopeError
 from slora_plugin.worker.threads import limit_child_torch_threads
 
 
@@ -108,7 +107,7 @@ class SLoRAWorker(Worker):
         for key in mgr.modules:
             li = layer_index(key)
             if li >= num_layers:
-                raise SLoRAScopeError(f"{key}: decoder layer {li} has no attention KV cache")
+                raise scope.SLoRAScopeError(f"{key}: decoder layer {li} has no attention KV cache")
             mgr.runtime.bind_layer(key, lambda m=self._layer_pools[li]: m.kv_cache)
         self._open_store(num_layers, dtype)
 
