@@ -117,7 +117,6 @@ def configure_lora_targets(vllm_config: Any, cfg: SLoRAConfig) -> None:
     from slora_plugin.layout import ModelDims
 
     hf = vllm_config.model_config.hf_config
-    hf = hf.get_text_config() if hasattr(hf, "get_text_config") else hf
     lora_config = vllm_config.lora_config
     choice = choose_target_modules(cfg, ModelDims.from_hf_config(hf), lora_config.target_modules)
     lora_config.target_modules = list(choice.target_modules) if choice.target_modules else None

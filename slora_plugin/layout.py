@@ -62,7 +62,13 @@ class ModelDims:
 
     @classmethod
     def from_hf_config(cls, hf_config: object, tp_size: int = 1) -> "ModelDims":
-        """Read a transformers config (or anything with the same attributes)."""
+        """Read a transformers config (or anything with the same attributes). A composite
+        config (e.g. a vision-language model's) is read through its `get_text_config()`, the
+        decoder whose layers get LoRA. The one way the package derives model dimensions: the
+        scheduler's and the worker's adapter stores (`pool/adapter_pages.engine_store`) and the
+        engine-args hook all come here, so they cannot disagree."""
+        if hasattr(hf_config, "get_text_config"):
+            hf_config = hf_config.get_text_config()
         heads = int(getattr(hf_config, "num_attention_heads"))
         hidden = int(getattr(hf_config, "hidden_size"))
         head_dim = getattr(hf_config, "head_dim", None) or hidden // heads

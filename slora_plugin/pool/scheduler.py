@@ -4,7 +4,10 @@
 the plugin is on; vLLM 0.26 uses a custom class as given, so there is one subclass of each of
 its two schedulers (`Scheduler`, and `AsyncScheduler`, the default).
 
-The residency logic itself is `page_pool.PagePool`; this module connects it to vLLM:
+The residency logic itself is `page_pool.PagePool`, and the rest of what the scheduler decides
+needs no vLLM either: which requests have an unusable adapter (`unusable.py`), the host-load
+decisions of a step (`admission_step.py`, `admission.py`), what `pool_stats()` reports
+(`stats.py`). This module connects them to vLLM:
 
 - `SLoRAKVCacheManager` (installed on the scheduler's manager instance by class swap) runs every
   admission of a waiting/preempted request through `PagePool.admit` and every growth of a running
@@ -32,7 +35,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 from vllm.logger import init_logger
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -44,31 +47,18 @@ from vllm.v1.request import Request, RequestStatus
 from slora_plugin.config import engine_settings
 from slora_plugin.patches import kv_pool
 from slora_plugin.patches import scheduler as vllm_patch
-from slora_plugin.pool.admission import HostReadiness, plan_admission
+from slora_plugin.pool import admission_step, stats
+from slora_plugin.pool.admission import HostReadiness
 from slora_plugin.pool.commands import attach
 from slora_plugin.pool.metrics import PoolMetrics, describe_export
 from slora_plugin.pool.page_pool import AdapterNeed, PagePool, WaitForDrain
-from slora_plugin.pool.worker_link import WorkerLink, engine_key, lookup
+from slora_plugin.pool.unusable import AdapterUnusable, PagesOf, adapter_need, mark_failed_loads
+from slora_plugin.pool.worker_link import WorkerLink, describe_link, engine_key, lookup
 
 logger = init_logger("vllm.slora.pool")
 
-#: lora_request -> (number of KV pages the adapter occupies, content id). Raises for an adapter
-#: that cannot be used (the message should name the adapter, the file and the reason).
-PagesOf = Callable[[Any], tuple[int, str]]
-
 #: Seconds between two pool-statistics log lines (when the engine logs stats).
 STATS_LOG_INTERVAL_S = 10.0
-
-
-class AdapterUnusable(Exception):
-    """The request's adapter cannot be served; the message says which adapter and why."""
-
-
-def describe_failure(lora_request: Any, error: BaseException) -> str:
-    text = str(error)
-    if getattr(error, "adapter", None) is not None:  # AdapterError names itself already
-        return text
-    return f"adapter {lora_request.lora_name!r} ({lora_request.lora_path}): {text}"
 
 
 class SLoRAKVCacheManager(KVCacheManager):
@@ -92,19 +82,7 @@ class SLoRAKVCacheManager(KVCacheManager):
     # ------------------------------------------------------------ adapters
     def adapter_need(self, request: Request) -> AdapterNeed | None:
         """What admitting `request` takes besides KV; raises AdapterUnusable."""
-        lr = request.lora_request
-        if lr is None:
-            return None
-        try:
-            num_pages, content_id = self._pages_of(lr)
-        except Exception as e:  # noqa: BLE001 - one broken adapter must not stop the engine
-            raise AdapterUnusable(describe_failure(lr, e)) from e
-        if num_pages > self._usable_blocks:
-            raise AdapterUnusable(
-                f"adapter {lr.lora_name!r} ({lr.lora_path}): needs {num_pages} KV pages but "
-                f"the whole KV cache has {self._usable_blocks}; raise gpu_memory_utilization "
-                f"or serve it with a smaller rank")
-        return AdapterNeed(lr.lora_int_id, lr.lora_name, lr.lora_path, num_pages, content_id)
+        return adapter_need(request.lora_request, self._pages_of, self._usable_blocks)
 
     def content_key(self, lora_request: Any) -> str:
         """The prefix-cache key of an adapter: its content id (see patches/scheduler.py)."""
@@ -219,7 +197,7 @@ class _SLoRAScheduling:
         readiness = self._readiness()
         self._mark_worker_failures()
         if readiness is None:
-            self._mark_known_bad(self._oracle())
+            self._mark_known_bad()
         self._fail_unusable()
         hidden = self._hide_unready(readiness) if readiness is not None else None
         try:
@@ -228,7 +206,9 @@ class _SLoRAScheduling:
             if hidden is not None:
                 vllm_patch.unhide(self, hidden)
         # With an oracle the host loads of queued adapters were started above, at once.
-        hints = self._prefetch_hints() if readiness is None else ()
+        hints = admission_step.prefetch_hints(
+            self.kv_cache_manager.pool, (self.skipped_waiting, self.waiting),
+            self.slora_config.prefetch_depth) if readiness is None else ()
         attach(output, self.kv_cache_manager.pool.take_commands(hints))
         return output
 
@@ -242,73 +222,37 @@ class _SLoRAScheduling:
         if not failed:
             return
         mgr = self.kv_cache_manager
-        for lora_id in failed:
-            mgr.pool.mark_broken(lora_id)
-        for request in self.requests.values():
-            lr = request.lora_request
-            if lr is not None and lr.lora_int_id in failed and not request.is_finished():
-                mgr.mark_unusable(request.request_id, failed[lr.lora_int_id])
-
-    def _scan_limit(self) -> int:
-        return 2 * self.max_num_running_reqs + 8 * self.slora_config.prefetch_depth
-
-    def _oracle(self) -> HostReadiness | None:
-        """The host store's view: an explicit `host_readiness=`, else the worker's store when
-        the worker shares this process."""
-        if self._host_readiness is not None:
-            return self._host_readiness
-        link = self._worker_link()
-        return link.readiness if link is not None else None
+        mark_failed_loads(failed, mgr.pool, self.requests.values(), mgr.mark_unusable)
 
     def _readiness(self) -> HostReadiness | None:
-        """The oracle admission waits on: an explicit `host_readiness=`, else the worker's
-        store when `slora.admission_by_host_readiness` is on and the worker shares this
-        process; None (admit as vLLM would, prefetch by hints) otherwise."""
-        if self.slora_config.prefetch_depth == 0:
-            return None  # no host loads ahead of admission: nothing to wait for
-        if self._host_readiness is None and not self.slora_config.admission_by_host_readiness:
-            return None
-        return self._oracle()
+        """The oracle admission waits on this step, if any (`admission_step.step_readiness`)."""
+        return admission_step.step_readiness(self.slora_config, self._host_readiness,
+                                             self._worker_link)
 
-    def _mark_known_bad(self, oracle: HostReadiness | None) -> None:
-        """Without the admission gate: the waiting requests (as far as the admission scan
-        would look) whose adapter's host load is known to have failed become unusable, so
-        that they are never admitted (their load would fail in the worker, and the step
-        before the scheduler learns of it would run them without their weights). One
-        `error` call per adapter."""
+    def _mark_known_bad(self) -> None:
+        """Without the admission gate: the waiting requests whose adapter's host load is known
+        to have failed become unusable (`admission_step.known_failed`)."""
+        oracle = admission_step.host_oracle(self._host_readiness, self._worker_link)
         if oracle is None:
             return
-        errors: dict[int, str | None] = {}
+        limit = admission_step.scan_limit(self.max_num_running_reqs,
+                                          self.slora_config.prefetch_depth)
         mgr = self.kv_cache_manager
-        for request in vllm_patch.waiting_in_order(self)[:self._scan_limit()]:
-            lr = request.lora_request
-            if lr is None:
-                continue
-            if lr.lora_int_id not in errors:
-                errors[lr.lora_int_id] = oracle.error(lr.lora_path or lr.lora_name)
-            reason = errors[lr.lora_int_id]
-            if reason:  # an AdapterError's text: it names the adapter and the file
-                mgr.mark_unusable(request.request_id, reason)
+        for request, reason in admission_step.known_failed(vllm_patch.waiting_in_order(self),
+                                                           oracle, limit):
+            mgr.mark_unusable(request.request_id, reason)
 
     def _hide_unready(self, readiness: HostReadiness) -> vllm_patch.Hidden | None:
-        """One walk over the waiting queue (admission.plan_admission): finish the requests
+        """One walk over the waiting queue (`admission_step.plan_step`): finish the requests
         whose adapter's host load is known to have failed (so that they are never admitted:
         their load would fail in the worker), and take those whose adapters are not ready (and
         those not checked) out of vLLM's queues for this step."""
         waiting = vllm_patch.waiting_in_order(self)
         if not waiting:
             return None
-        pool = self.kv_cache_manager.pool
-        depth = self.slora_config.prefetch_depth
-
-        def adapter_of(request: Request) -> tuple[int, str] | None:
-            lr = request.lora_request
-            return None if lr is None else (lr.lora_int_id, lr.lora_path or lr.lora_name)
-
-        plan = plan_admission(
-            waiting, adapter_of, lambda lora_id: pool.resident(lora_id) is not None, readiness,
-            slots=self.max_num_running_reqs - len(self.running), start_limit=depth,
-            scan_limit=self._scan_limit(), idle=not self.running)
+        plan = admission_step.plan_step(
+            waiting, self.kv_cache_manager.pool, readiness, max_running=self.max_num_running_reqs,
+            num_running=len(self.running), prefetch_depth=self.slora_config.prefetch_depth)
         if plan.failed:
             for request, reason in plan.failed:
                 self.kv_cache_manager.mark_unusable(request.request_id, reason)
@@ -354,69 +298,34 @@ class _SLoRAScheduling:
             request.stop_reason = reason
             self._failed.append((request, reason))
 
-    def _prefetch_hints(self) -> tuple[tuple[str, str], ...]:
-        depth = self.slora_config.prefetch_depth
-
-        def queued():
-            for queue in (self.skipped_waiting, self.waiting):
-                for request in queue:
-                    lr = request.lora_request
-                    if lr is not None:
-                        yield lr.lora_int_id, lr.lora_name, lr.lora_path
-
-        return self.kv_cache_manager.pool.prefetch_hints(queued(), depth, scan_limit=8 * depth)
-
     def _worker_link(self) -> WorkerLink | None:
         """The worker of this engine, when it runs in this process (see worker_link)."""
         link = lookup(self._engine_key)
         if not self._link_logged:
             self._link_logged = True
-            gated = self.slora_config.admission_by_host_readiness
             logger.info("slora: %s (engine %s, pid %d)",
-                        "admission does not wait for host copies (admission_by_host_readiness "
-                        "is off)" if not gated else
-                        "admission waits for host copies: the worker shares this process"
-                        if link is not None else
-                        "no worker in this process: admission does not wait for host copies",
-                        self._engine_key, os.getpid())
+                        describe_link(self.slora_config.admission_by_host_readiness,
+                                      link is not None), self._engine_key, os.getpid())
         return link
 
     # ----------------------------------------------------------- operators
     def pool_stats(self) -> dict[str, int | float]:
-        """Where the KV blocks are (pages = blocks; bytes = device bytes over all layers), and
-        cumulative counts. With the worker in this process, also its adapter loads by whether
-        the step waited for the host copy: `host_load_hits`, `host_load_waits`,
-        `host_load_wait_s` (absent otherwise: the worker's process keeps them)."""
+        """`stats.pool_stats` of this scheduler; the `host_load_*` keys only with the worker in
+        this process (the worker's process keeps them otherwise)."""
         mgr = self.kv_cache_manager
-        pool = mgr.pool
-        total = mgr.block_pool.num_gpu_blocks - 1
-        free = mgr.block_pool.get_num_free_blocks()
-        adapter_pages = pool.adapter_pages
+        block_pool = mgr.block_pool
+        total = block_pool.num_gpu_blocks - 1  # minus the null block
+        free = block_pool.get_num_free_blocks()
         link = self._worker_link()
-        stats: dict[str, int | float] = {
-            "pages_total": total,
-            "pages_free": free,
-            "pages_kv": total - free - adapter_pages,
-            "pages_adapters": adapter_pages,
-            "adapter_bytes": adapter_pages * self.bytes_per_page,
-            "adapters_resident": pool.num_resident,
-            "adapters_idle": pool.num_idle,
-            "adapter_loads": pool.loads,
-            "adapter_evictions": pool.evictions,
-            "preemptions": self.num_preemptions,
-            "admission_holds": self.admission_holds,
-            "admission_forced": self.admission_forced,
-        }
-        if link is not None:
-            stats.update(link.waits.snapshot())
-        return stats
+        return stats.pool_stats(
+            mgr.pool, pages_total=total, pages_free=free, bytes_per_page=self.bytes_per_page,
+            preemptions=self.num_preemptions, admission_holds=self.admission_holds,
+            admission_forced=self.admission_forced,
+            host_waits=link.waits if link is not None else None)
 
     def adapter_residency(self) -> list[dict]:
         """One entry per resident adapter (name, path, pages, bytes, requests using it)."""
-        rows = self.kv_cache_manager.pool.residency()
-        for row in rows:
-            row["bytes"] = row["pages"] * self.bytes_per_page
-        return rows
+        return stats.adapter_residency(self.kv_cache_manager.pool, self.bytes_per_page)
 
 
 class SLoRAScheduler(_SLoRAScheduling, Scheduler):

@@ -113,3 +113,14 @@ def lookup(key: str) -> WorkerLink | None:
     """The link a worker of engine `key` published in this process, if any."""
     with _lock:
         return _links.get(key)
+
+
+def describe_link(gated: bool, linked: bool) -> str:
+    """The scheduler's one log line about admission and the worker link: whether admission
+    waits for host copies (`gated`: `slora.admission_by_host_readiness`; `linked`: a worker
+    published in this process)."""
+    if not gated:
+        return "admission does not wait for host copies (admission_by_host_readiness is off)"
+    if linked:
+        return "admission waits for host copies: the worker shares this process"
+    return "no worker in this process: admission does not wait for host copies"

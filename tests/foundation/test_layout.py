@@ -92,3 +92,16 @@ def test_row_longer_than_page_is_a_clear_error(tiny_dims):
 def test_unknown_module_is_an_error(tiny_dims):
     with pytest.raises(LayoutError, match="unknown module 'lm_head'"):
         plan_layout({"lm_head": 4}, tiny_dims, 1024)
+
+
+def test_model_dims_of_a_composite_config_come_from_its_text_config():
+    """A vision-language config keeps the decoder's sizes in its text config: the scheduler's
+    store, the worker's and the engine-args hook all read them through `get_text_config()`."""
+    from types import SimpleNamespace
+
+    from tiny_model import TINY_LLAMA
+
+    text = SimpleNamespace(**TINY_LLAMA)
+    composite = SimpleNamespace(get_text_config=lambda: text, vision_config=object())
+    assert ModelDims.from_hf_config(composite) == ModelDims.from_hf_config(text)
+    assert ModelDims.from_hf_config(composite, tp_size=2).tp_size == 2

@@ -48,10 +48,10 @@ def test_union_when_unset(tiny_model_dir, adapter_dir, tiny_dims, cpu_platform, 
 
     # an adapter added while serving, outside the wrapped set: the scheduler's store refuses it
     from slora_plugin.config import engine_settings
-    from slora_plugin.pool.adapter_pages import spec_store
+    from slora_plugin.pool.adapter_pages import engine_store
 
     write_random_adapter(str(adapter_dir / "late"), tiny_dims, 4, ["gate_proj", "up_proj"])
-    store = spec_store(vc, engine_settings(vc), 512)
+    store = engine_store(vc, engine_settings(vc), 512)
     assert store.spec("qv").num_pages >= 1
     with pytest.raises(AdapterError, match="'late'.*include gate_up_proj and restart"):
         store.spec("late")

@@ -104,3 +104,13 @@ def test_rows_get_the_growth_of_the_waits_over_their_trace():
     assert (row["host_load_hits"], row["host_load_waits"], row["host_load_wait_s"]) == (3, 5, 1.75)
     row = pool_fields(line, [], line)  # the worker in another process: unknown, not 0
     assert row["host_load_waits"] is None and row["host_load_wait_s"] is None
+
+
+def test_the_link_log_line_says_whether_admission_waits():
+    from slora_plugin.pool.worker_link import describe_link
+
+    assert "admission_by_host_readiness is off" in describe_link(False, True)
+    assert describe_link(False, True) == describe_link(False, False)
+    assert describe_link(True, True) == ("admission waits for host copies: the worker shares "
+                                         "this process")
+    assert describe_link(True, False).startswith("no worker in this process")

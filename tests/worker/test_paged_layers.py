@@ -324,14 +324,16 @@ def _bare_worker(mgr, pools, store, tiny_dims):
     from types import SimpleNamespace
 
     from slora_plugin.pool.worker_link import HostLoadWaits, WorkerLink
+    from slora_plugin.worker.adapter_copies import AdapterCopies
     from slora_plugin.worker.page_loader import PageLoader
     from slora_plugin.worker.worker import SLoRAWorker
 
     w = object.__new__(SLoRAWorker)
-    w.adapter_store, w.page_elems, w._copy_stream, w._in_flight = store, PAGE, None, []
-    w._page_loader = PageLoader("cpu", 0)
+    w.adapter_store, w.page_elems = store, PAGE
     w.host_waits = HostLoadWaits()
     w._link = WorkerLink(store, w.host_waits)
+    w._copies = AdapterCopies(store, PAGE, PageLoader("cpu", 0), None, "cpu", w.host_waits,
+                              w._link.failures)
     w._layer_pools = [SimpleNamespace(kv_cache=p) for p in pools]
     w.model_config = SimpleNamespace(dtype=torch.float32)
     w.model_runner = SimpleNamespace(lora_manager=SimpleNamespace(model_manager=mgr))

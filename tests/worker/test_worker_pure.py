@@ -9,7 +9,7 @@ import torch
 
 from slora_plugin.patches.kv_pool import KVLayoutError, check_blocks_first
 from slora_plugin.worker.page_loader import PageLoader
-from slora_plugin.worker.worker import scope_problems
+from slora_plugin.worker.scope import scope_problems
 
 
 def test_page_loader_writes_every_page_of_every_layer_at_its_blocks(tiny_dims):
