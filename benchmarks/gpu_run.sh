@@ -7,6 +7,7 @@
 #   tests        the pytest tests marked `gpu`
 #   smoke        dummy Llama-2-7B generation, plugin off then on (benchmarks/gpu_smoke.py)
 #   kernels      paged-kernel benchmark vs vLLM's LoRA kernels (benchmarks/bench_kernels.py)
+#   compress-kernels  compressed-collection op vs paged op, Llama-3-8B layers (benchmarks/bench_compressed.py)
 #   store        host store: pinned host -> GPU bandwidth (benchmarks/bench_store.py)
 #   correctness  token-for-token check vs merged weights (benchmarks/gpu_correctness.py)
 #   correctness-v1  the same with vLLM's V1 GPU model runner (VLLM_USE_V2_MODEL_RUNNER=0; 0.26
@@ -80,6 +81,9 @@ for s in "$@"; do
     kernels)
       step kernels
       $PY "$REPO/benchmarks/bench_kernels.py" 2>&1 | tee "$OUT/kernels.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    compress-kernels)
+      step compress-kernels
+      $PY "$REPO/benchmarks/bench_compressed.py" 2>&1 | tee "$OUT/compress-kernels.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     store)
       step store
       $PY "$REPO/benchmarks/bench_store.py" 2>&1 | tee "$OUT/store.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;

@@ -9,7 +9,7 @@ Between them each token needs its own adapter's K x K core: w[t, g-block] = Σ_a
 the only per-adapter work and the only adapter bytes read per step (K² per adapter and module,
 e.g. 8 KB at K = 64 in fp16 against 1.3 MB for a rank-16 Llama-3-8B gate_proj LoRA).
 
-The cores live in the KV page pool like any adapter's rows (`compress/core_layout.py` places
+The cores live in the KV page pool like any adapter's rows (`slora_plugin/core_layout.py` places
 them): row i of adapter a's core of module m is K elements at `core_addr[s, m, i]` (one row, the
 diagonal, with `diagonal`); `has_core[s, m]` is 0 where the adapter has no core for module m
 (a layer it does not adapt holds zero rows, as with the paged kernels' ranks). Tokens are grouped

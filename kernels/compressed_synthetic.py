@@ -1,7 +1,7 @@
 """Random compressed adapters (cores) in a layer page pool, with their tables and bases, for the
 tests and benchmarks of `kernels/compressed_lora.py`.
 
-Placed through the real core layout (`compress/core_layout.py`) with shuffled block ids, so each
+Placed through the real core layout (`slora_plugin/core_layout.py`) with shuffled block ids, so each
 kernel test also checks the layout contract. Everything in the pool that is not a core row is NaN
 and every unused table entry points at a NaN page: a kernel that reads a wrong address produces NaN.
 """
@@ -13,7 +13,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from slora_plugin.compress.core_layout import pack_cores, plan_cores
+from slora_plugin.core_layout import pack_cores, plan_cores
 from slora_plugin.kernels.compressed_lora import CompressedBases
 from slora_plugin.layout import MODULE_INDEX, MODULES, physical_rows
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 from safetensors import safe_open
@@ -67,8 +67,8 @@ class Manifest:
     dtype: str
     num_layers: int
     modules: Mapping[str, tuple[int, int]]
-    clusters: tuple[Mapping[str, object], ...]
-    adapters: Mapping[str, Mapping[str, object]]
+    clusters: tuple[Mapping[str, Any], ...]
+    adapters: Mapping[str, Mapping[str, Any]]
 
     def to_json(self) -> dict:
         return {"format": FORMAT, "version": VERSION, "rank": self.rank, "diagonal": self.diagonal,
@@ -77,16 +77,19 @@ class Manifest:
                 "clusters": list(self.clusters), "adapters": dict(self.adapters)}
 
     @classmethod
-    def from_json(cls, data: Mapping[str, object], where: str) -> "Manifest":
+    def from_json(cls, data: Mapping[str, Any], where: str) -> "Manifest":
         if data.get("format") != FORMAT or data.get("version") != VERSION:
             raise ValueError(f"{where}: not a compressed collection of format {FORMAT} version "
                              f"{VERSION} (format {data.get('format')!r}, version {data.get('version')!r})")
         if data.get("dtype") not in STORAGE_DTYPES:
             raise ValueError(f"{where}: dtype {data.get('dtype')!r} is not one of {sorted(STORAGE_DTYPES)}")
-        modules = {m: (int(io[0]), int(io[1])) for m, io in dict(data["modules"]).items()}  # type: ignore[arg-type]
-        return cls(rank=int(data["rank"]), diagonal=bool(data["diagonal"]), dtype=str(data["dtype"]),  # type: ignore[arg-type]
-                   num_layers=int(data["num_layers"]), modules=modules,  # type: ignore[arg-type]
-                   clusters=tuple(data["clusters"]), adapters=dict(data["adapters"]))  # type: ignore[arg-type]
+        try:
+            return cls(rank=int(data["rank"]), diagonal=bool(data["diagonal"]), dtype=str(data["dtype"]),
+                       num_layers=int(data["num_layers"]),
+                       modules={m: (int(io[0]), int(io[1])) for m, io in data["modules"].items()},
+                       clusters=tuple(data["clusters"]), adapters=dict(data["adapters"]))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+            raise ValueError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
 
 
 def write_collection(out_dir: str, manifest: Manifest, bases: Mapping[int, Mapping[str, torch.Tensor]],
@@ -126,7 +129,7 @@ class CompressedCollection:
         return sorted(self.manifest.adapters)
 
     def cluster_of(self, name: str) -> int:
-        return int(self._entry(name)["cluster"])  # type: ignore[arg-type]
+        return int(self._entry(name)["cluster"])
 
     def bases(self, cluster: int) -> dict[str, torch.Tensor]:
         """Every U and V of a cluster, by `tensor_key`."""
@@ -150,7 +153,7 @@ class CompressedCollection:
         core = torch.diag(core.float()) if self.manifest.diagonal else core.float()
         return u @ core @ v.T
 
-    def _entry(self, name: str) -> Mapping[str, object]:
+    def _entry(self, name: str) -> Mapping[str, Any]:
         try:
             return self.manifest.adapters[name]
         except KeyError:

@@ -8,8 +8,9 @@ and weight-file headers), and each pass then `pread`s exactly the A and B tensor
 Validation is the server's own (`adapters/`): names from `AdapterIndex` (nested names, no
 symlink escapes), the config through `build_spec` (peft's matching of `target_modules`,
 `rank_pattern`, `alpha_pattern`, rsLoRA: the per-layer rank and scale the pages would get), the
-weight file through `read_header` + `tensor_map` (names, shapes, dtypes, sizes before a byte is
-read); values are checked finite as they are read. The scale is folded into B in the compute
+weight file through `read_header` + `tensor_map` + the loader's `_check_entry` (names, shapes,
+dtypes, sizes before a byte is read), tensors read with the loader's `_read_tensor` (`pread`);
+values are checked finite as they are read. The scale is folded into B in the compute
 dtype, as the page writer folds it on the GPU.
 """
 

@@ -215,3 +215,15 @@ def test_cli(tmp_path, tiny_dims, tiny_model_dir, capsys):
     assert CompressedCollection(str(out)).manifest.dtype == "float32"
     assert cli.main(["adapters", "compress", str(src), str(out), "--rank", "4"]) == 1
     assert "not empty" in capsys.readouterr().err
+
+
+def test_compression_and_its_kernel_import_nothing_of_vllm():
+    """Compression runs where vLLM is absent (an offline job on any machine with torch)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['vllm'] = None; "
+            "import slora_plugin.compress.api, slora_plugin.compress.cli, slora_plugin.core_layout, "
+            "slora_plugin.kernels.compressed_lora, slora_plugin.kernels.compressed_reference")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,7 +11,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slora_plugin.compress.core_layout import pack_cores, plan_cores
+from slora_plugin.core_layout import pack_cores, plan_cores
 from slora_plugin.kernels.compressed_lora import CompressedWorkspace, compressed_lora_linear
 from slora_plugin.kernels.compressed_reference import compressed_lora_exact
 from slora_plugin.kernels.compressed_synthetic import SyntheticCores, build_synthetic_cores

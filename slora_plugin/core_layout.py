@@ -1,8 +1,8 @@
 """Where a compressed adapter's cores sit inside KV pages (the counterpart of `layout.plan_layout`).
 
-A compressed adapter holds, per module it adapts, its core: K rows of K elements (one row, the
-diagonal, for diagonal cores), identical placement in every layer like an uncompressed adapter's
-rows (a layer it does not adapt gets zero rows). Rows never straddle a page, so the kernel
+A compressed adapter (`slora_plugin/compress/`) holds, per module it adapts, its core: K rows
+of K elements (one row, the diagonal, for diagonal cores), identical placement in every layer like
+an uncompressed adapter's rows (a layer it does not adapt gets zero rows). Rows never straddle a page, so the kernel
 addresses each with one element offset (`kernels/compressed_lora.py`: `core_addr[s, m, i]`);
 offsets are adapter-local (`page * page_elems + offset`) and become pool addresses through
 `layout.physical_rows`, exactly as for the paged kernels. Pure torch, no vLLM.
