@@ -219,3 +219,28 @@ def fill_file(path: str, candidates: Sequence[str], gbps: float = H100_COPY_GBPS
         rows.append({**row, **roofline_fields(row, records, steps_line[0]["step_s"] if steps_line else None,
                                               cfg, gbps, tflops, base)})
     return rows
+
+
+def roofline_table(files_rows: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]) -> str:
+    """Markdown: measured against roofline for every row that has one, with what it was made
+    of; `files_rows` pairs a results file's base name with its rows (`fill_file`)."""
+    head = ["file", "trace", "system", "adapters", "measured out tok/s", "roofline out tok/s",
+            "% of roofline", "% of roofline, busy steps", "base eta (calibrated on)", "batch / step",
+            "KV tokens / step", "distinct adapters / step", "adapter GB / step", "steps (source, check)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, rows in files_rows:
+        for r in rows:
+            rl = r.get("roofline")
+            if not rl:
+                continue
+            flags = (" (cut)" if r.get("truncated") else "") + (" (PROFILED)" if r.get("profiled") else "")
+            cal = rl["calibrated_on"] or "none: eta = 1"
+            lines.append("| " + " | ".join([
+                name.replace("throughput-", "").replace(".json", ""), r["trace"] + flags, r["system"],
+                f"{r['n_adapters']:,}", f"{r['output_tok_per_s']:,.0f}", f"{r['roofline_out_tok_per_s']:,.0f}",
+                f"{r['pct_of_roofline']:.1f}", f"{rl['pct_of_roofline_busy']:.1f}",
+                f"{rl['base_efficiency']:.3f} ({cal})", f"{r['batch_size_per_step_mean']:.1f}",
+                f"{r['kv_tokens_per_step_mean']:,}", f"{r['distinct_adapters_per_step_mean']:.1f}",
+                f"{r['adapter_bytes_per_step_mean'] / 1e9:.2f}",
+                f"{rl['steps']:,} ({rl['steps_source']}, {rl['step_count_check']})"]) + " |")
+    return "\n".join(lines)
