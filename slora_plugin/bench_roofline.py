@@ -114,7 +114,7 @@ def row_steps(row: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
     and the finished requests' spans."""
     spans = spans_from_records(records)
     source = "recorded" if step_s else "reconstructed"
-    grid = list(step_s) if step_s else reconstruct_steps(spans)
+    grid, spans = (list(step_s), spans) if step_s else reconstruct_steps(spans)
     check = reconstruction_check(spans, grid)
     how = {"steps_source": source, "step_count_check": None if check is None else round(check, 3)}
     return run_steps(spans, grid, adapter_costs(row, model_cfg)), how, spans

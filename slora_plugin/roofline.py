@@ -60,7 +60,7 @@ their roofline run cannot end before every request, arriving when it did, could 
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import median
 from typing import Callable, Mapping, Sequence
 
@@ -202,20 +202,22 @@ def spans_from_records(records: Sequence[Mapping]) -> list[RequestSpan]:
     return out
 
 
-def _clusters(times: Sequence[float]) -> list[float]:
-    """Sorted times, those within SAME_STEP_S of the previous kept one merged into it (the latest
-    of a cluster is kept: a step ends when its last output is stamped)."""
-    out: list[float] = []
-    for t in sorted(times):
-        if out and t - out[-1] < SAME_STEP_S:
-            out[-1] = t
+def _clusters(times: Sequence[float]) -> dict[float, float]:
+    """Each time -> the end of its cluster: sorted times within SAME_STEP_S of the previous one
+    are one step, which ends at the latest of them (when its last output was stamped)."""
+    groups: list[list[float]] = []
+    for t in sorted(set(times)):
+        if groups and t - groups[-1][-1] < SAME_STEP_S:
+            groups[-1].append(t)
         else:
-            out.append(t)
-    return out
+            groups.append([t])
+    return {t: g[-1] for g in groups for t in g}
 
 
-def reconstruct_steps(spans: Sequence[RequestSpan]) -> list[float]:
-    """Step end times of a run recorded without them (module docstring).
+def reconstruct_steps(spans: Sequence[RequestSpan]) -> tuple[list[float], list[RequestSpan]]:
+    """Step end times of a run recorded without them (module docstring), and the spans with
+    their first-token and finish times moved to the end of the step they were stamped in (so
+    that `run_steps` maps them to it).
 
     The known step ends are the distinct first-token and finish times (`_clusters`). A request
     with n_out tokens spans at least n_out - 1 steps between its first-token step and its finish
@@ -223,9 +225,11 @@ def reconstruct_steps(spans: Sequence[RequestSpan]) -> list[float]:
     is one step; the fewest steps that satisfy all of these is a longest path over the known ends
     in time order: N[g] = max(N[g-1] + 1, N[first step of r] + n_out(r) - 1 for each r finishing
     at g). The N[g] - N[g-1] steps of each gap are spread evenly over it."""
-    known = _clusters([s.first_s for s in spans] + [s.finish_s for s in spans])
+    end = _clusters([s.first_s for s in spans] + [s.finish_s for s in spans])
+    spans = [replace(s, first_s=end[s.first_s], finish_s=end[s.finish_s]) for s in spans]
+    known = sorted(set(end.values()))
     if not known:
-        return []
+        return [], spans
     ending: dict[int, list[tuple[int, int]]] = {}
     for s in spans:
         a, b = _first_step(known, s.first_s), _last_step(known, s.finish_s)
@@ -238,7 +242,7 @@ def reconstruct_steps(spans: Sequence[RequestSpan]) -> list[float]:
     for g in range(1, len(known)):
         k, prev, t = count[g] - count[g - 1], known[g - 1], known[g]
         steps += [prev + (t - prev) * j / k for j in range(1, k + 1)]
-    return steps
+    return steps, spans
 
 
 def reconstruction_check(spans: Sequence[RequestSpan], step_s: Sequence[float]) -> float | None:
