@@ -269,7 +269,9 @@ def plot_roofline(results: Sequence[Mapping[str, Any]], path: str) -> str:
     shapes = sorted({r["_shape"] for r in rows})
     if not shapes:
         raise ReportError("no unprofiled row has a roofline; nothing to plot")
-    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
+    widths = [max(4.0, 0.6 * sum(r["_shape"] == shape for r in rows)) for shape in shapes]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(sum(widths) + 1, 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     for ax, shape in zip(axes[0], shapes):
         here = sorted((r for r in rows if r["_shape"] == shape),
                       key=lambda r: (_SYSTEM_ORDER.get(r["system"], 9), r["n_adapters"]))

@@ -234,7 +234,7 @@ def roofline_table(files_rows: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]
             if not rl:
                 continue
             flags = (" (cut)" if r.get("truncated") else "") + (" (PROFILED)" if r.get("profiled") else "")
-            cal = rl["calibrated_on"] or "none: eta = 1"
+            cal = (rl["calibrated_on"] or "none: eta = 1").replace("throughput-", "").replace(".json", "")
             lines.append("| " + " | ".join([
                 name.replace("throughput-", "").replace(".json", ""), r["trace"] + flags, r["system"],
                 f"{r['n_adapters']:,}", f"{r['output_tok_per_s']:,.0f}", f"{r['roofline_out_tok_per_s']:,.0f}",
