@@ -37,8 +37,10 @@ when the worker runs in another process than the scheduler, TP > 1).
 
 Output: `<out_dir>/throughput-<system>-<UTC stamp>.json` (see `bench_report`), rewritten after
 every trace so a cut command keeps what it finished, `...-requests.jsonl.gz` with every
-request's arrival, TTFT, end-to-end latency and TPOT, and for the plugin `...-pool.log` (the
-pool's log lines). The logging config that makes the engine core write that log is an internal
+request's arrival, TTFT, end-to-end latency and TPOT, `...-steps.jsonl.gz` with every engine
+step's end time (each row's roofline keys are computed from these two and the model config,
+which the results file keeps: `bench_roofline`), and for the plugin `...-pool.log` (the pool's
+log lines). The logging config that makes the engine core write that log is an internal
 file: it lives in a temporary directory for the duration of `run` only.
 
 Profile window (`RunOptions.profile`, `--profile INDEX:START_S:DURATION_S`). The engine gets

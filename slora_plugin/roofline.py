@@ -40,8 +40,9 @@ bandwidth. A base row calibrated on itself is at 100% of its roofline by definit
 Steps. A run records every engine step's end time (`step_s`); each finished request's first token
 and finish time map it to the step that produced its first token (its prefill) and its last
 token. A request with `n_out` tokens decodes in the last `n_out - 1` steps up to its finish
-(exact without preemption; a preempted request is taken to have paused right after its first
-token, and its recompute is not charged), with context `input_len + 1, ..., input_len + n_out -
+(exact when it was scheduled in every step; a request preempted, or left out of some steps by
+the plugin's adapters-per-step cap, is taken to have paused right after its first token, and a
+recompute is not charged), with context `input_len + 1, ..., input_len + n_out -
 1`. Runs recorded before step times were kept are reconstructed (`reconstruct_steps`): the step
 ends are the distinct first-token and finish times (vLLM stamps every first token of one step
 with the same time), and between two of them as many evenly spaced steps as the median TPOT of
