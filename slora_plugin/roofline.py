@@ -77,6 +77,9 @@ H100_PEAK_TFLOPS = 989.0
 #: after that, up to a few milliseconds later; a 7B model's decode steps are >= 5.9 ms apart
 #: on the H100 (`step-profile-2026-11-23.json`).
 SAME_STEP_S = 5e-3
+#: Rounding slack when a stamp is mapped to its step (times are kept to the microsecond; a
+#: step's stamps are tens of microseconds or more from the step's end).
+STAMP_EPS_S = 1e-5
 
 
 @dataclass(frozen=True)
@@ -261,13 +264,13 @@ def reconstruction_check(spans: Sequence[RequestSpan], step_s: Sequence[float]) 
 def _first_step(step_s: Sequence[float], t: float) -> int:
     """The step that produced a first token stamped at `t`: the front end stamps first tokens
     before the harness stamps the step's end, so the first step ending at or after `t`."""
-    return min(bisect_left(step_s, t), len(step_s) - 1)
+    return min(bisect_left(step_s, t - STAMP_EPS_S), len(step_s) - 1)
 
 
 def _last_step(step_s: Sequence[float], t: float) -> int:
     """The step that finished a request at `t`: the harness stamps a finish just after the
     step's end, so the last step ending at or before `t`."""
-    return max(bisect_right(step_s, t) - 1, 0)
+    return max(bisect_right(step_s, t + STAMP_EPS_S) - 1, 0)
 
 
 @dataclass(frozen=True)

@@ -258,5 +258,5 @@ def test_recorded_run_rows_report_and_script(tmp_path, capsys):
         sys.argv = old
     assert done.value.code == 0
     printed = capsys.readouterr().out
-    assert printed.count("| t |") == 3 and "throughput-base-x.json: t" in printed
+    assert printed.count("| t |") == 3 and "(base-x: t)" in printed
     assert "Copy bandwidth 3005 GB/s" in printed
