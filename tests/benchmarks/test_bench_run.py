@@ -487,4 +487,4 @@ def test_run_with_profile_summarizes_the_window(tmp_path, tiny_model_dir, monkey
     assert "GPU time in the profiled windows" in md and "`Memcpy HtoD (Pinned -> Device)`" not in md
     assert "`nvjet_sm90_hsh_TNN` (50.0%)" in md
     report = write_report([path], str(tmp_path / "r"))
-    assert set(report) == {"table", "throughput_plot", "ttft_cdf_plot"}
+    assert set(report) == {"table", "throughput_plot", "ttft_cdf_plot", "roofline_plot"}  # rows have rooflines
