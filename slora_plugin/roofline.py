@@ -45,9 +45,9 @@ the plugin's adapters-per-step cap, is taken to have paused right after its firs
 recompute is not charged), with context `input_len + 1, ..., input_len + n_out -
 1`. Runs recorded before step times were kept are reconstructed (`reconstruct_steps`): the step
 ends are the distinct first-token and finish times (vLLM stamps every first token of one step
-with the same time), and between two of them as many evenly spaced steps as the median TPOT of
-the requests decoding across the gap implies; `reconstruction_check` says how well that count
-matches each request's own token count.
+with the same time), and between two of them the fewest evenly spaced steps that give every
+request at least its own token count; `reconstruction_check` says how well the grid matches
+each request's token count.
 
 Idle time. A step's measured time runs from the previous step's end, or from the first arrival
 after it when nothing was outstanding (a timed trace waiting for requests). The roofline run is
@@ -190,7 +190,6 @@ class RequestSpan:
     arrival_s: float
     first_s: float        # its first token (end of its prefill step)
     finish_s: float       # its last token
-    tpot_s: float | None = None
 
 
 def spans_from_records(records: Sequence[Mapping]) -> list[RequestSpan]:
@@ -202,7 +201,7 @@ def spans_from_records(records: Sequence[Mapping]) -> list[RequestSpan]:
             continue
         a = float(r["arrival_s"])
         out.append(RequestSpan(int(r["adapter"]), int(r["input_len"]), int(r["n_out"]), a,
-                               a + float(r["ttft_s"]), a + float(r["e2e_s"]), r.get("tpot_s")))
+                               a + float(r["ttft_s"]), a + float(r["e2e_s"])))
     return out
 
 

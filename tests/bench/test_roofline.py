@@ -144,7 +144,7 @@ def test_arrival_bound_serves_each_request_alone():
 def test_reconstructed_steps_match_token_counts():
     # A: first token at 0, 5 tokens, done at 1.0 -> 4 steps in (0, 1]; B: 1.0 -> 1.5, 2 tokens;
     # C's first token (1.002) is stamped with B's finish step (within SAME_STEP_S)
-    spans = [RequestSpan(-1, 8, 5, 0.0, 0.0, 1.0, 0.25), RequestSpan(-1, 8, 2, 0.0, 1.0, 1.5, 0.5),
+    spans = [RequestSpan(-1, 8, 5, 0.0, 0.0, 1.0), RequestSpan(-1, 8, 2, 0.0, 1.0, 1.5),
              RequestSpan(-1, 8, 1, 0.0, 1.002, 1.002)]
     steps, snapped = reconstruct_steps(spans)
     assert steps == pytest.approx([0.0, 0.2505, 0.501, 0.7515, 1.002, 1.5])
@@ -161,7 +161,7 @@ def test_spans_from_records_skip_unfinished():
              "ttft_s": 0.5, "e2e_s": 2.0, "tpot_s": 0.5},
             {"adapter": 3, "input_len": 5, "n_out": 0, "finished": False, "arrival_s": 1.0,
              "ttft_s": None, "e2e_s": None, "tpot_s": None}]
-    assert spans_from_records(recs) == [RequestSpan(3, 5, 4, 1.0, 1.5, 3.0, 0.5)]
+    assert spans_from_records(recs) == [RequestSpan(3, 5, 4, 1.0, 1.5, 3.0)]
 
 
 # ----------------------------------------------------------------------------- a recorded run
