@@ -99,6 +99,12 @@ def _add_commands(parser: argparse.ArgumentParser, results_dir: str = DEFAULT_RE
                    help="run vLLM's torch profiler over one window of trace INDEX (0-based, in this "
                         "command's order), e.g. 0:15:5; that row is marked profiled (its throughput is "
                         "perturbed) and gets a GPU-time summary (see slora_plugin.bench.profile)")
+    p.add_argument("--copy-gbps", type=float,
+                   help="the GPU's measured device-to-device copy bandwidth (GB/s, read + write) for "
+                        "the rows' roofline (default: the H100's 3005, kernels/NOTES.md)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="the GPU's dense fp16 peak (TFLOP/s) for the roofline of prefill steps "
+                        "(default: the H100 SXM's 989)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("report", help="markdown table and PNG plots from results files")
@@ -182,7 +188,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             slora_config=_json_object(args.slora_config, "--slora-config"),
             engine_args=dict(_engine_arg(a) for a in args.engine_arg),
             slo_ttft_s=args.slo_ttft_s, deadline_s=args.deadline_s, command=command_line(),
-            profile=profile)
+            profile=profile, **{k: v for k, v in (("copy_gbps", args.copy_gbps),
+                                                  ("peak_tflops", args.peak_tflops)) if v})
     except (WorkloadError, BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,7 +14,11 @@ knows of memory (`kv_cache_tokens`, `gpu_mem_used_peak_mib`) and counters (`pree
 for the plugin `adapter_loads`, `adapter_evictions`, `pages_total`, `adapter_pages_peak`,
 `adapters_resident_peak`, `host_load_hits`, `host_load_waits`, `host_load_wait_s`; see
 `bench.pool_log`). Counters may be absent (older files) or None
-(unknown); the table shows "-" for both.
+(unknown); the table shows "-" for both. Rows recorded since the roofline (`bench.roofline_rows`)
+also have `adapter_modules`, `roofline_out_tok_per_s`, `pct_of_roofline`,
+`distinct_adapters_per_step_mean`, `adapter_bytes_per_step_mean`, `batch_size_per_step_mean`,
+`kv_tokens_per_step_mean` and `roofline` (how it was computed); the table shows the roofline
+next to the measured throughput and `plot_roofline` draws both.
 
 A row with `profiled: true` ran (partly) under the torch profiler (`bench.run`, `--profile`): its
 throughput and latencies are perturbed, so the table marks it, it is never the "vs base"
@@ -148,7 +152,7 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
     base = {r["_shape"]: r["output_tok_per_s"] for r in rows
             if r["system"] == "base" and not r.get("profiled")}
     head = ["trace", "system", "adapters", "ranks", "done/req", "req/s", "out tok/s", "vs base",
-            "TTFT p50/p99 s", "TPOT p50/p99 ms", "SLO TTFT", "preempt", "loads / evictions",
+            "roofline tok/s (% of it)", "TTFT p50/p99 s", "TPOT p50/p99 ms", "SLO TTFT", "preempt", "loads / evictions",
             "adapter pages peak", "host-load waits (s)", "KV tokens", "init s", "settings"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -160,6 +164,8 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
             f"{r.get('completed', '?')}/{r.get('requests', '?')}" + (" (cut)" if r.get("truncated") else ""),
             _num(r["req_per_s"], 2), _num(r["output_tok_per_s"], 1),
             _num(r["output_tok_per_s"] / ref, 3) if ref else "-",
+            "-" if r.get("roofline_out_tok_per_s") is None
+            else f"{_num(r['roofline_out_tok_per_s'], 1)} ({_num(r.get('pct_of_roofline'), 1)}%)",
             f"{_num(r['ttft_p50_s'], 2)} / {_num(r['ttft_p99_s'], 2)}",
             f"{_ms(r['tpot_p50_s'])} / {_ms(r['tpot_p99_s'])}",
             "-" if slo is None else f"{100 * slo:.1f}% <= {r.get('slo_ttft_s'):g} s",
@@ -254,6 +260,36 @@ def plot_throughput(results: Sequence[Mapping[str, Any]], path: str) -> str:
     return _save(fig, plt, path)
 
 
+def plot_roofline(results: Sequence[Mapping[str, Any]], path: str) -> str:
+    """Measured output tok/s against the row's roofline (`bench.roofline_rows`), one panel per trace
+    shape, one pair of bars per row that has one (profiled rows left out)."""
+    plt = _pyplot()
+    rows = [r for r in all_rows(results)
+            if r.get("roofline_out_tok_per_s") is not None and not r.get("profiled")]
+    shapes = sorted({r["_shape"] for r in rows})
+    if not shapes:
+        raise ReportError("no unprofiled row has a roofline; nothing to plot")
+    widths = [max(4.0, 0.6 * sum(r["_shape"] == shape for r in rows)) for shape in shapes]
+    fig, axes = plt.subplots(1, len(shapes), figsize=(sum(widths) + 1, 4.2), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, shape in zip(axes[0], shapes):
+        here = sorted((r for r in rows if r["_shape"] == shape),
+                      key=lambda r: (_SYSTEM_ORDER.get(r["system"], 9), r["n_adapters"]))
+        x = np.arange(len(here))
+        ax.bar(x - 0.2, [r["output_tok_per_s"] for r in here], 0.4, label="measured")
+        ax.bar(x + 0.2, [r["roofline_out_tok_per_s"] for r in here], 0.4, label="roofline", alpha=0.6)
+        for i, r in enumerate(here):
+            ax.annotate(f"{r['pct_of_roofline']:.0f}%", (i - 0.2, r["output_tok_per_s"]),
+                        ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(x, [f"{r['system']}\nN={r['n_adapters']:,}" for r in here], fontsize=7)
+        ax.set_ylabel("output tokens / s")
+        ax.set_title(shape, fontsize=9)
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, plt, path)
+
+
 def plot_latency_cdf(results: Sequence[Mapping[str, Any]], path: str,
                      which: str = "ttft_quantiles_s") -> str:
     """CDF of time to first token (or `e2e_quantiles_s`), one panel per trace shape, one line
@@ -302,7 +338,8 @@ def _save(fig, plt, path: str) -> str:
 
 def write_report(paths: Sequence[str], out_dir: str, name: str = "throughput") -> dict[str, str]:
     """The whole report: `<name>.md` (table), `<name>-vs-adapters.png`, `<name>-ttft-cdf.png`
-    (the plots only when some row is not profiled)."""
+    (the plots only when some row is not profiled), and `<name>-roofline.png` when some
+    unprofiled row has a roofline."""
     results = load_results(paths)
     if not any(res["rows"] for res in results):
         raise ReportError(f"no rows in {list(paths)}")
@@ -314,4 +351,7 @@ def write_report(paths: Sequence[str], out_dir: str, name: str = "throughput") -
     if any(not row.get("profiled") for res in results for row in res["rows"]):
         out["throughput_plot"] = plot_throughput(results, os.path.join(out_dir, f"{name}-vs-adapters.png"))
         out["ttft_cdf_plot"] = plot_latency_cdf(results, os.path.join(out_dir, f"{name}-ttft-cdf.png"))
+    if any(row.get("roofline_out_tok_per_s") is not None and not row.get("profiled")
+           for res in results for row in res["rows"]):
+        out["roofline_plot"] = plot_roofline(results, os.path.join(out_dir, f"{name}-roofline.png"))
     return out

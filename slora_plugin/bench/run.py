@@ -37,8 +37,10 @@ when the worker runs in another process than the scheduler, TP > 1).
 
 Output: `<out_dir>/throughput-<system>-<UTC stamp>.json` (see `bench.report`), rewritten after
 every trace so a cut command keeps what it finished, `...-requests.jsonl.gz` with every
-request's arrival, TTFT, end-to-end latency and TPOT, and for the plugin `...-pool.log` (the
-pool's log lines). The logging config that makes the engine core write that log is an internal
+request's arrival, TTFT, end-to-end latency and TPOT, `...-steps.jsonl.gz` with every engine
+step's end time (each row's roofline keys are computed from these two and the model config,
+which the results file keeps: `bench.roofline_rows`), and for the plugin `...-pool.log` (the pool's
+log lines). The logging config that makes the engine core write that log is an internal
 file: it lives in a temporary directory for the duration of `run` only.
 
 Profile window (`RunOptions.profile`, `--profile INDEX:START_S:DURATION_S`). The engine gets
@@ -76,8 +78,10 @@ from slora_plugin.bench.pool_log import POOL_KEYS, PoolLog, pool_fields, pool_lo
 from slora_plugin.bench.profile import (
     ProfileError, ProfileWindow, copy_table, describe, summarize_gpu_trace, wait_for_trace)
 from slora_plugin.bench.report import summarize, write_results
+from slora_plugin.bench.roofline_rows import STEPS_SUFFIX, calibration_for, roofline_fields, write_steps
 from slora_plugin.bench.workload import Trace, prompt_tokens
 from slora_plugin.model_config import ModelMemory, load_model_config, write_model_config
+from slora_plugin.roofline import H100_COPY_GBPS, H100_PEAK_TFLOPS
 
 SYSTEMS = ("base", "stock", "plugin")
 WARMUP_REQUESTS = 8
@@ -110,6 +114,9 @@ class RunOptions:
     deadline_s: float = 480.0
     command: str = ""
     profile: ProfileWindow | None = None
+    #: The GPU's measured copy bandwidth and fp16 peak, for the rows' roofline (bench.roofline_rows).
+    copy_gbps: float = H100_COPY_GBPS
+    peak_tflops: float = H100_PEAK_TFLOPS
 
     def __post_init__(self) -> None:
         if self.system not in SYSTEMS:
@@ -272,7 +279,9 @@ def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir
     """Serve one trace; returns (row metrics, per-request records, whether the deadline cut it).
 
     A record has the request's `arrival_s` (scheduled, after the trace's start), `ttft_s`,
-    `e2e_s` (both from that arrival), `tpot_s`, `n_out` and `finished`. With `profile`, the
+    `e2e_s` (both from that arrival), `tpot_s`, `n_out` and `finished`. The row's `step_s` is
+    when each `step()` call (one engine step) returned, on the trace's clock, for the roofline
+    (`bench.roofline_rows`); the caller takes it out of the row. With `profile`, the
     engine is profiled over that window of the trace's clock (see the module docstring): the
     row gets `profiled` and `profile` (`start_s`, `stop_s`: when start/stop_profile were called;
     `stop_call_s`: how long stop_profile blocked), or `profile.error` when the trace ended
@@ -297,6 +306,7 @@ def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir
     bar = tqdm(total=len(reqs), desc=f"{opts.system} {spec.label}", dynamic_ncols=True,
                mininterval=0.1 if sys.stderr.isatty() else 10.0)
     window = _ProfileClock(llm, profile)
+    step_s: list[float] = []
     t0 = time.time()
     while True:
         now = time.time() - t0
@@ -327,7 +337,9 @@ def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir
             nxt += len(due)
             inflight += len(due)
         if engine.has_unfinished_requests():
-            for out in engine.step():
+            outs = engine.step()
+            step_s.append(time.time() - t0)
+            for out in outs:
                 if out.finished:
                     i = by_id[out.request_id]
                     last_finish = time.time()
@@ -344,6 +356,7 @@ def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir
     row = summarize(records, max(end - t0, 1e-9), opts.slo_ttft_s)
     row["client_lag_max_s"] = round(lag, 4)
     row["distinct_adapters"] = 0 if opts.system == "base" else trace.distinct_adapters
+    row["step_s"] = step_s
     if profile is not None:
         row.update(window.fields())
     return row, records, cut
@@ -480,6 +493,7 @@ def _run(opts: RunOptions, scratch: str) -> str:
     kw = engine_kwargs(opts, model_dir, adapter_dir, profile_dir)
     path = os.path.join(opts.out_dir, f"throughput-{opts.system}-{stamp}.json")
     requests_path = path[:-len(".json")] + "-requests.jsonl.gz"
+    steps_path = path[:-len(".json")] + STEPS_SUFFIX
     pool_log = None
     if opts.system == "plugin":
         log_env = pool_log_env(path[:-len(".json")] + "-pool.log", scratch)
@@ -497,6 +511,7 @@ def _run(opts: RunOptions, scratch: str) -> str:
         "command": opts.command,
         "environment": environment,
         "workload": [t.spec.to_dict() for t in opts.traces],
+        "model_config": model_cfg,
         "engine_kwargs": {k: v for k, v in kw.items() if k != "model"},
     }
     t = time.time()
@@ -535,6 +550,8 @@ def _run(opts: RunOptions, scratch: str) -> str:
         if window is not None:
             _summarize_profile(metrics, profile_dir, path[:-len(".json")] + "-profile.txt")
         write_requests(requests_path, trace.spec.label, records)
+        step_s = metrics.pop("step_s")
+        write_steps(steps_path, trace.spec.label, step_s)
         pool: dict[str, Any] = dict.fromkeys(POOL_KEYS)
         if pool_log:
             pool_after, during = pool_log.boundary(poke)
@@ -543,19 +560,22 @@ def _run(opts: RunOptions, scratch: str) -> str:
         row = {"system": opts.system, "trace": trace.spec.label, "workload": trace.spec.to_dict(),
                "n_adapters": 0 if opts.system == "base" else trace.spec.n_adapters,
                "ranks": [] if opts.system == "base" else list(trace.spec.ranks),
+               "adapter_modules": [] if opts.system == "base" else list(opts.adapter_modules),
                **metrics, "truncated": cut, "settings": _settings(kw),
                "init_s": round(init_s, 2), "warmup_s": round(warmup_s, 2),
                "kv_cache_tokens": kv_tokens, "gpu_mem_used_peak_mib": mem.peak_mib,
                "preemptions": None if None in (preempted_before, preempted_after)
                else preempted_after - preempted_before,
                **pool}
+        _add_roofline(row, records, step_s, model_cfg, meta["device"], opts)
         rows.append(row)
         write_results(path, meta, rows)
         print(f"[bench] {opts.system} {trace.spec.label}: {row['req_per_s']:.2f} req/s, "
               f"{row['output_tok_per_s']:.1f} out tok/s, TTFT p50 {row['ttft_p50_s']} s, "
               f"preemptions {row['preemptions']}, adapter loads {row['adapter_loads']}, "
               f"evictions {row['adapter_evictions']}, host-load waits {row['host_load_waits']} "
-              f"({row['host_load_wait_s']} s)"
+              f"({row['host_load_wait_s']} s), {row.get('pct_of_roofline')}% of the roofline "
+              f"({row.get('roofline_out_tok_per_s')} out tok/s)"
               + (" (cut by the deadline)" if cut else "")
               + (" (PROFILED: throughput perturbed)" if row.get("profiled") else ""), flush=True)
         if opts.system == "stock":
@@ -564,6 +584,19 @@ def _run(opts: RunOptions, scratch: str) -> str:
     write_results(path, meta, rows)
     print(f"[bench] wrote {path} and {requests_path} ({time.time() - start:.0f} s in all)", flush=True)
     return path
+
+
+def _add_roofline(row: dict[str, Any], records: Sequence[dict[str, Any]], step_s: Sequence[float],
+                  model_cfg: dict[str, Any], device: str, opts: RunOptions) -> None:
+    """The row's roofline keys (bench.roofline_rows), calibrated on the newest base row of this trace
+    shape and device in the output directory. A failure is printed, not raised: the row's
+    measurements are kept."""
+    try:
+        base = None if row["system"] == "base" else calibration_for(
+            row, device, model_cfg, opts.out_dir, opts.copy_gbps, opts.peak_tflops)
+        row.update(roofline_fields(row, records, step_s, model_cfg, opts.copy_gbps, opts.peak_tflops, base))
+    except (ValueError, KeyError, OSError) as e:
+        print(f"[bench] roofline FAILED for {row['trace']}: {e}", flush=True)
 
 
 def write_requests(path: str, trace_label: str, records: Sequence[dict[str, Any]]) -> None:

@@ -297,6 +297,18 @@ def test_run_writes_rows_per_trace(tmp_path, tiny_model_dir, monkeypatch):
 
     reqs = [json.loads(ln) for ln in gzip.open(path[:-5] + "-requests.jsonl.gz", "rt")]
     assert len(reqs) == 24 and reqs[0]["trace"] == traces[0].spec.label and reqs[-1]["finished"]
+    # The roofline's inputs and keys (bench.roofline_rows): every engine step's end, per trace; the
+    # model config; each row priced with stock's padded slots, uncalibrated (no base row here).
+    steps = [json.loads(ln) for ln in gzip.open(path[:-5] + "-steps.jsonl.gz", "rt")]
+    assert [s["trace"] for s in steps] == [t.spec.label for t in traces]
+    assert all(s["step_s"] == sorted(s["step_s"]) and len(s["step_s"]) >= 3 for s in steps)
+    assert data["model_config"] == json.load(open(os.path.join(tiny_model_dir, "config.json")))
+    for r, s in zip(data["rows"], steps):
+        assert r["adapter_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj"] and "step_s" not in r
+        assert r["roofline_out_tok_per_s"] > 0 and r["pct_of_roofline"] > 0
+        assert r["roofline"]["steps_source"] == "recorded" and r["roofline"]["calibrated_on"] is None
+        assert r["roofline"]["steps"] == len(s["step_s"])
+        assert r["distinct_adapters_per_step_mean"] >= 1 and r["adapter_bytes_per_step_mean"] > 0
     kw = FakeRunLLM.made[-1]
     assert kw["model"] == tiny_model_dir and kw["max_lora_rank"] == 8
     assert sorted(os.listdir(tmp_path / "w" / "adapters")) == [adapter_name(g) for g in range(WARMUP_REQUESTS + 6)]
@@ -327,7 +339,8 @@ def test_plugin_engine_starts_spawned_after_adapters_exist(tmp_path, tiny_model_
     assert os.path.dirname(path) not in config and not os.path.exists(config)
     assert "VLLM_LOGGING_CONFIG_PATH" not in os.environ
     assert sorted(os.listdir(os.path.dirname(path))) == sorted(
-        os.path.basename(path[:-5] + s) for s in (".json", "-requests.jsonl.gz", "-pool.log"))
+        os.path.basename(path[:-5] + s) for s in (".json", "-requests.jsonl.gz", "-pool.log",
+                                                  "-steps.jsonl.gz"))
     assert os.path.isfile(path[:-5] + "-pool.log")
     import glob                          # the report's default pattern finds only results files
     assert glob.glob(os.path.join(os.path.dirname(path), "throughput-*.json")) == [path]
@@ -474,4 +487,4 @@ def test_run_with_profile_summarizes_the_window(tmp_path, tiny_model_dir, monkey
     assert "GPU time in the profiled windows" in md and "`Memcpy HtoD (Pinned -> Device)`" not in md
     assert "`nvjet_sm90_hsh_TNN` (50.0%)" in md
     report = write_report([path], str(tmp_path / "r"))
-    assert set(report) == {"table", "throughput_plot", "ttft_cdf_plot"}
+    assert set(report) == {"table", "throughput_plot", "ttft_cdf_plot", "roofline_plot"}  # rows have rooflines

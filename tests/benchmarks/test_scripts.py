@@ -16,7 +16,7 @@ import pytest
 from bench_results import fake_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SCRIPTS = [os.path.join(REPO, "benchmarks", name) for name in ("throughput.py", "report.py")]
+SCRIPTS = [os.path.join(REPO, "benchmarks", name) for name in ("throughput.py", "report.py", "roofline.py")]
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
