@@ -30,12 +30,18 @@ REQUIRES = (
     Requires("vllm.engine.arg_utils:EngineArgs.create_engine_config", ("self", "usage_context", "headless")),
     Requires("vllm.engine.arg_utils:EngineArgs.__dataclass_fields__"),
     Requires("vllm.config.lora:LoRAConfig", ("max_lora_rank", "max_loras", "max_cpu_loras", "target_modules")),
+    Requires("vllm.config.scheduler:SchedulerConfig", ("scheduler_cls", "async_scheduling")),
+    Requires("vllm.config.scheduler:SchedulerConfig.get_scheduler_cls", ("self",)),
 )
 #: EngineArgs fields this patch sets.
 FIELDS = ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank", "lora_target_modules",
           "additional_config", "worker_cls", "compilation_config")
 #: The worker that serves adapters from KV pages.
 WORKER_CLS = "slora_plugin.worker.worker.SLoRAWorker"
+#: `SchedulerConfig.scheduler_cls` by the final `async_scheduling`: named, not imported (vLLM
+#: resolves a dotted name in the engine core), so that this module never imports `pool/`.
+SCHEDULER_CLS = {True: "slora_plugin.pool.scheduler.SLoRAAsyncScheduler",
+                 False: "slora_plugin.pool.scheduler.SLoRAScheduler"}
 #: Ranks vLLM's LoRAConfig accepts (`vllm.config.lora.MaxLoRARanks`).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: vLLM's LoRA flags the plugin overrides -> the plugin setting their value comes from.
@@ -126,10 +132,8 @@ def configure_lora_targets(vllm_config: Any, cfg: SLoRAConfig) -> None:
 
 def configure_vllm_config(vllm_config: Any) -> None:
     """After the config is built: the scheduler variant matching the final async_scheduling."""
-    from slora_plugin.pool.scheduler import scheduler_class
-
     sc = vllm_config.scheduler_config
-    sc.scheduler_cls = scheduler_class(bool(sc.async_scheduling))
+    sc.scheduler_cls = SCHEDULER_CLS[bool(sc.async_scheduling)]
 
 
 def apply() -> None:

@@ -1,16 +1,16 @@
 """Component: `vllm.lora.utils._all_lora_classes` (the LoRA layer classes `from_layer` tries).
 
-The plugin's model manager wraps vLLM's linear layers with its paged subclasses
-(`slora_plugin.worker.lora_layers`) by swapping this module global for the duration of its own
-`__init__` (where `_create_lora_modules` calls `from_layer`), then restoring it, so nothing else
-in the process sees the swap. The layer methods the subclasses override are checked too.
+The plugin's model manager wraps vLLM's linear layers with its paged subclasses (passed in by
+the caller: `slora_plugin.worker.lora_layers.PAGED_CLASSES`) by swapping this module global for
+the duration of its own `__init__` (where `_create_lora_modules` calls `from_layer`), then
+restoring it, so nothing else in the process sees the swap. The layer methods the subclasses override are checked too.
 Written against vLLM 0.26.0.
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from slora_plugin.patches.guard import Requires
 
@@ -36,14 +36,13 @@ REQUIRES = (
 
 
 @contextmanager
-def paged_lora_classes() -> Iterator[None]:
-    """Within the block, `from_layer` builds the plugin's paged layers for linear modules."""
+def paged_lora_classes(replacements: Mapping[type, type]) -> Iterator[None]:
+    """Within the block, `from_layer` builds `replacements[c]` wherever it would build vLLM's
+    LoRA layer class `c` (the others are left as they are)."""
     import vllm.lora.utils as lora_utils
 
-    from slora_plugin.worker.lora_layers import PAGED_CLASSES
-
     original = lora_utils._all_lora_classes
-    lora_utils._all_lora_classes = tuple(PAGED_CLASSES.get(c, c) for c in original)
+    lora_utils._all_lora_classes = tuple(replacements.get(c, c) for c in original)
     try:
         yield
     finally:

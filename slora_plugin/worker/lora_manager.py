@@ -19,7 +19,7 @@ from slora_plugin.config import engine_settings
 from slora_plugin.layout import PACKED_MODULES, PageLayout
 from slora_plugin.patches import lora_layers as layers_patch
 from slora_plugin.patches import lora_worker as worker_patch
-from slora_plugin.worker.lora_layers import PagedLoRAError, PagedLoRALayer
+from slora_plugin.worker.lora_layers import PAGED_CLASSES, PagedLoRAError, PagedLoRALayer
 from slora_plugin.worker.ops import PagedLoRARuntime, install
 from slora_plugin.worker.tables import SlotRows, slot_rows
 
@@ -38,7 +38,7 @@ class SLoRAModelManager(LRUCacheLoRAModelManager):
         self.slora_config = engine_settings(vllm_config)
         self._resident: dict[int, tuple[SlotRows, int]] = {}  # lora_id -> (rows, rank)
         self._dummies: set[int] = set()
-        with layers_patch.paged_lora_classes():
+        with layers_patch.paged_lora_classes(PAGED_CLASSES):
             super().__init__(model, max_num_seqs, max_num_batched_tokens, vocab_size,
                              lora_config, device, vllm_config)
         if self.supports_mm:
