@@ -9,7 +9,6 @@ original method runs untouched. Once the config is built (the model's layer coun
 modules that get LoRA layers are chosen (`slora_plugin.adapters.targets.choose_target_modules`:
 slora.target_modules, else the modules the adapters of slora.adapter_dir target) and written into
 `LoRAConfig.target_modules`, which the workers' LoRA manager and both adapter stores read.
-Written against vLLM 0.26.0.
 """
 
 from __future__ import annotations
@@ -21,15 +20,18 @@ from vllm.logger import init_logger
 
 from slora_plugin.config import (ADDITIONAL_CONFIG_KEY, SLoRAConfig, SLoRAConfigError, load_config,
                                  unwrapped_keys_warning)
-from slora_plugin.patches.guard import Requires
+from slora_plugin.patches.guard import Overrides, Requires
 
 logger = init_logger("vllm.slora.engine_args")
 
-VLLM_VERSION = "0.26.0"
 REQUIRES = (
-    Requires("vllm.engine.arg_utils:EngineArgs.create_engine_config", ("self", "usage_context", "headless")),
+    Overrides("vllm.engine.arg_utils:EngineArgs.create_engine_config",
+              "(self, usage_context=None, headless=False)",
+              "slora_plugin.patches.engine_args:apply.<locals>.create_engine_config",
+              "(self, *args, **kwargs)"),
     Requires("vllm.engine.arg_utils:EngineArgs.__dataclass_fields__"),
-    Requires("vllm.config.lora:LoRAConfig", ("max_lora_rank", "max_loras", "max_cpu_loras", "target_modules")),
+    Requires("vllm.config.lora:LoRAConfig", ("max_lora_rank", "max_loras", "max_cpu_loras",
+                                             "target_modules", "fully_sharded_loras")),
     Requires("vllm.config.scheduler:SchedulerConfig", ("scheduler_cls", "async_scheduling")),
     Requires("vllm.config.scheduler:SchedulerConfig.get_scheduler_cls", ("self",)),
 )
@@ -61,9 +63,9 @@ def vllm_max_rank(rank: int) -> int:
 
 def configure_engine_args(args: Any, cfg: SLoRAConfig) -> None:
     """Set the EngineArgs fields the plugin needs (called with the plugin on, before the config)."""
-    from slora_plugin.patches import guard, lora_resolver, registry
+    from slora_plugin.patches import catalogue, guard, lora_resolver
 
-    guard.enforce(registry.patch_modules(), allow_untested_version=cfg.allow_untested_vllm)
+    guard.enforce(catalogue.patch_modules(), allow_untested_version=cfg.allow_untested_vllm)
     missing = [f for f in FIELDS if f not in type(args).__dataclass_fields__]
     if missing:
         raise guard.UnsupportedVLLMError(f"EngineArgs lacks field(s) {missing}")
