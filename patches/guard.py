@@ -16,8 +16,8 @@ Every patch file changes one vLLM component and declares, as `REQUIRES`, what it
 that names the installed vLLM, each missing or changed name (for a changed signature: the
 expected and the found one) and the version the plugin supports. With
 `slora.allow_untested_vllm` a vLLM other than `SUPPORTED_VLLM` may run, and so may an
-overridden method whose signature changed in a way our override still accepts (both are logged
-as warnings); a missing name, or a call our override cannot take, always stops start-up.
+overridden method whose signature changed in a way our override still accepts (logged as a
+warning); a missing name, or a call our override cannot take, always stops start-up.
 
 The same checks run on a vLLM that is not installed, from its source
 (`python -m slora_plugin.patches.port_check WHEEL_OR_DIR`): a `Lookup` finds the targets either
@@ -365,18 +365,19 @@ def problems(patch_modules: Iterable[ModuleType]) -> list[str]:
 
 def enforce(patch_modules: Iterable[ModuleType], allow_untested_version: bool = False) -> None:
     """Raise UnsupportedVLLMError unless every patch's requirements hold and the version
-    matches; with `allow_untested_version`, differences that are only untested are logged."""
+    matches. With `allow_untested_version` another version passes (silently, as it always
+    did) and so do signature changes our overrides accept (each logged as a warning)."""
     version = installed_vllm_version()
     found = check(patch_modules, ImportLookup())
-    if version != SUPPORTED_VLLM:
-        found.insert(0, Problem(f"vLLM {version} is installed; this plugin is written for "
-                                f"{SUPPORTED_VLLM} (set slora.allow_untested_vllm=true to try "
-                                f"anyway)", untested=True))
     if allow_untested_version:
         for p in found:
             if p.untested:
                 logger.warning("slora: untested vLLM: %s", p.text)
         found = [p for p in found if not p.untested]
+    elif version != SUPPORTED_VLLM:
+        found.insert(0, Problem(f"vLLM {version} is installed; this plugin is written for "
+                                f"{SUPPORTED_VLLM} (set slora.allow_untested_vllm=true to try "
+                                f"anyway)"))
     if found:
         lines = "\n  - ".join(p.text for p in found)
         raise UnsupportedVLLMError(
