@@ -102,11 +102,9 @@ class _Imported:
 class Found:
     """What a target names: a function, a class, a value, or a module."""
 
-    node: ast.AST | None  # FunctionDef, ClassDef, or the assigned expression
+    node: ast.AST | None  # FunctionDef, ClassDef, the assigned expression (None: a field)
     module: Module
-    owner: ast.ClassDef | None = None  # the class the member was found in
     kind: str = "value"  # function | class | value | module
-    annotated_only: bool = False  # a class-level annotation without a value (a field)
 
 
 class Module:
@@ -227,7 +225,7 @@ class SourceLookup:
             alias = self._expr(mod, bound.value)  # X = Y: what Y is
             if alias is not None:
                 return alias
-        return Found(bound.value, mod, kind="value", annotated_only=bound.value is None)
+        return Found(bound.value, mod)
 
     def _imported(self, imp: _Imported) -> Found | None:
         if not imp.module.split(".")[0] == ROOT_PACKAGE:
@@ -263,19 +261,19 @@ class SourceLookup:
             for stmt in _flat(klass.body):
                 if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and \
                         stmt.name == name:
-                    member = Found(stmt, kmod, klass,
+                    member = Found(stmt, kmod,
                                    "class" if isinstance(stmt, ast.ClassDef) else "function")
                 elif isinstance(stmt, ast.Assign) and \
                         name in [n for t in stmt.targets for n in _names(t)]:
-                    member = Found(stmt.value, kmod, klass)
+                    member = Found(stmt.value, kmod)
                 elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and \
                         stmt.target.id == name:
-                    member = Found(stmt.value, kmod, klass, annotated_only=stmt.value is None)
+                    member = Found(stmt.value, kmod)
             if member is not None:
                 return member
             if name == "__dataclass_fields__" and any("dataclass" in ast.unparse(d)
                                                        for d in klass.decorator_list):
-                return Found(None, kmod, klass)
+                return Found(None, kmod)
         return None
 
     def mro(self, mod: Module, cls: ast.ClassDef) -> list[tuple[ast.ClassDef, Module]]:
