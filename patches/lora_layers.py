@@ -3,7 +3,8 @@
 The plugin's model manager wraps vLLM's linear layers with its paged subclasses (passed in by
 the caller: `slora_plugin.worker.lora_layers.PAGED_CLASSES`) by swapping this module global for
 the duration of its own `__init__` (where `_create_lora_modules` calls `from_layer`), then
-restoring it, so nothing else in the process sees the swap. The layer methods the subclasses override are checked too.
+restoring it, so nothing else in the process sees the swap. The layer methods the subclasses
+override are declared with their signatures.
 """
 
 from __future__ import annotations
