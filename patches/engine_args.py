@@ -9,7 +9,6 @@ original method runs untouched. Once the config is built (the model's layer coun
 modules that get LoRA layers are chosen (`slora_plugin.adapters.targets.choose_target_modules`:
 slora.target_modules, else the modules the adapters of slora.adapter_dir target) and written into
 `LoRAConfig.target_modules`, which the workers' LoRA manager and both adapter stores read.
-Written against vLLM 0.26.0.
 """
 
 from __future__ import annotations
@@ -21,21 +20,30 @@ from vllm.logger import init_logger
 
 from slora_plugin.config import (ADDITIONAL_CONFIG_KEY, SLoRAConfig, SLoRAConfigError, load_config,
                                  unwrapped_keys_warning)
-from slora_plugin.patches.guard import Requires
+from slora_plugin.patches.guard import Overrides, Requires
 
 logger = init_logger("vllm.slora.engine_args")
 
-VLLM_VERSION = "0.26.0"
 REQUIRES = (
-    Requires("vllm.engine.arg_utils:EngineArgs.create_engine_config", ("self", "usage_context", "headless")),
+    Overrides("vllm.engine.arg_utils:EngineArgs.create_engine_config",
+              "(self, usage_context=None, headless=False)",
+              "slora_plugin.patches.engine_args:apply.<locals>.create_engine_config",
+              "(self, *args, **kwargs)"),
     Requires("vllm.engine.arg_utils:EngineArgs.__dataclass_fields__"),
-    Requires("vllm.config.lora:LoRAConfig", ("max_lora_rank", "max_loras", "max_cpu_loras", "target_modules")),
+    Requires("vllm.config.lora:LoRAConfig", ("max_lora_rank", "max_loras", "max_cpu_loras",
+                                             "target_modules", "fully_sharded_loras")),
+    Requires("vllm.config.scheduler:SchedulerConfig", ("scheduler_cls", "async_scheduling")),
+    Requires("vllm.config.scheduler:SchedulerConfig.get_scheduler_cls", ("self",)),
 )
 #: EngineArgs fields this patch sets.
 FIELDS = ("enable_lora", "max_loras", "max_cpu_loras", "max_lora_rank", "lora_target_modules",
           "additional_config", "worker_cls", "compilation_config")
 #: The worker that serves adapters from KV pages.
 WORKER_CLS = "slora_plugin.worker.worker.SLoRAWorker"
+#: `SchedulerConfig.scheduler_cls` by the final `async_scheduling`: named, not imported (vLLM
+#: resolves a dotted name in the engine core), so that this module never imports `pool/`.
+SCHEDULER_CLS = {True: "slora_plugin.pool.scheduler.SLoRAAsyncScheduler",
+                 False: "slora_plugin.pool.scheduler.SLoRAScheduler"}
 #: Ranks vLLM's LoRAConfig accepts (`vllm.config.lora.MaxLoRARanks`).
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 #: vLLM's LoRA flags the plugin overrides -> the plugin setting their value comes from.
@@ -55,9 +63,9 @@ def vllm_max_rank(rank: int) -> int:
 
 def configure_engine_args(args: Any, cfg: SLoRAConfig) -> None:
     """Set the EngineArgs fields the plugin needs (called with the plugin on, before the config)."""
-    from slora_plugin.patches import guard, lora_resolver, registry
+    from slora_plugin.patches import catalogue, guard, lora_resolver
 
-    guard.enforce(registry.patch_modules(), allow_untested_version=cfg.allow_untested_vllm)
+    guard.enforce(catalogue.patch_modules(), allow_untested_version=cfg.allow_untested_vllm)
     missing = [f for f in FIELDS if f not in type(args).__dataclass_fields__]
     if missing:
         raise guard.UnsupportedVLLMError(f"EngineArgs lacks field(s) {missing}")
@@ -125,10 +133,8 @@ def configure_lora_targets(vllm_config: Any, cfg: SLoRAConfig) -> None:
 
 def configure_vllm_config(vllm_config: Any) -> None:
     """After the config is built: the scheduler variant matching the final async_scheduling."""
-    from slora_plugin.pool.scheduler import scheduler_class
-
     sc = vllm_config.scheduler_config
-    sc.scheduler_cls = scheduler_class(bool(sc.async_scheduling))
+    sc.scheduler_cls = SCHEDULER_CLS[bool(sc.async_scheduling)]
 
 
 def apply() -> None:

@@ -2,7 +2,6 @@
 
 Registers the plugin's variables in `vllm.envs.environment_variables`, so vLLM's start-up
 validation neither warns about them nor (with `fail_on_environ_validation`) rejects them.
-Written against vLLM 0.26.0.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ import os
 from slora_plugin.config import ENV_VARS
 from slora_plugin.patches.guard import Requires
 
-VLLM_VERSION = "0.26.0"
 REQUIRES = (Requires("vllm.envs:environment_variables"),)
 
 

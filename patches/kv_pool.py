@@ -6,8 +6,8 @@ blocks-first backend, KV block id b is the contiguous bytes [b * page, (b + 1) *
 layer's KV storage. This file checks that fact on the real allocation, refusing anything else
 with a clear message, and finds each decoder layer's attention module (whose `kv_cache` the
 plugin's op resolves at call time; a missing `static_forward_context` entry or `kv_cache`
-attribute is reported by `attention_layers`, the guard cannot see dataclass fields). It also lists the `Worker` methods `SLoRAWorker` overrides.
-Written against vLLM 0.26.0.
+attribute is reported by `attention_layers`, the guard cannot see dataclass fields). It also
+lists the `Worker` methods `SLoRAWorker` overrides.
 """
 
 from __future__ import annotations
@@ -17,17 +17,25 @@ from typing import Any
 
 import torch
 
-from slora_plugin.patches.guard import Requires
+from slora_plugin.patches.guard import InstanceAttributes, Overrides, Requires
 
-VLLM_VERSION = "0.26.0"
+_WORKER = "vllm.v1.worker.gpu_worker:Worker"
+_OURS = "slora_plugin.worker.worker:SLoRAWorker"
+#: The `Worker` methods `SLoRAWorker` overrides: (name, vLLM's signature, ours).
+_WORKER_OVERRIDES = (
+    ("__init__", "(self, vllm_config, local_rank, rank, distributed_init_method, "
+                 "is_driver_worker=False)",
+     "(self, vllm_config, local_rank, rank, distributed_init_method, is_driver_worker=False)"),
+    ("init_device", "(self)", "(self)"),
+    ("load_model", "(self, *, load_dummy_weights=False)", "(self, *args, **kwargs)"),
+    ("initialize_from_config", "(self, kv_cache_config)", "(self, kv_cache_config)"),
+    ("execute_model", "(self, scheduler_output)", "(self, scheduler_output)"),
+    ("add_lora", "(self, lora_request)", "(self, lora_request)"),
+)
 REQUIRES = (
-    Requires("vllm.v1.worker.gpu_worker:Worker.__init__",
-             ("self", "vllm_config", "local_rank", "rank", "distributed_init_method",
-              "is_driver_worker")),
-    Requires("vllm.v1.worker.gpu_worker:Worker.initialize_from_config", ("self", "kv_cache_config")),
-    Requires("vllm.v1.worker.gpu_worker:Worker.execute_model", ("self", "scheduler_output")),
-    Requires("vllm.v1.worker.gpu_worker:Worker.load_model", ("self",)),
-    Requires("vllm.v1.worker.gpu_worker:Worker.add_lora", ("self", "lora_request")),
+    *(Overrides(f"{_WORKER}.{name}", vllm, f"{_OURS}.{name}", ours)
+      for name, vllm, ours in _WORKER_OVERRIDES),
+    InstanceAttributes(_WORKER, ("model_runner", "model_config", "device", "vllm_config")),
     Requires("vllm.v1.kv_cache_interface:KVCacheConfig",
              ("num_blocks", "kv_cache_tensors", "kv_cache_groups")),
     Requires("vllm.v1.kv_cache_interface:KVCacheTensor", ("size", "shared_by", "offset", "block_stride")),

@@ -7,7 +7,6 @@ own attention/MoE/KV-cache ops avoid this with `LayerName`, an opaque value type
 that torch.compile lifts as a graph input; `slora::lora_linear` takes its layer key the same way.
 With `VLLM_USE_LAYERNAME=0` (or torch < 2.11) vLLM falls back to plain strings and so do we
 (correct, but compiled per layer).
-Written against vLLM 0.26.0.
 """
 
 from __future__ import annotations
@@ -16,7 +15,6 @@ from typing import Any
 
 from slora_plugin.patches.guard import Requires
 
-VLLM_VERSION = "0.26.0"
 REQUIRES = (
     Requires("vllm.utils.torch_utils:LayerNameType"),
     Requires("vllm.utils.torch_utils:_encode_layer_name", ("layer_name",)),

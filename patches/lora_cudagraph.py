@@ -15,7 +15,6 @@ vLLM's behaviour:
     only [max_loras+1]; V1's dispatcher lists only that case and dispatches every batch to it;
   - `dispatch_to_lora_case(runner, lora_config)`, after the KV cache (when V2 builds its graph
     manager): V2 dispatches every batch, with or without adapters, to that case.
-Written against vLLM 0.26.0.
 """
 
 from __future__ import annotations
@@ -23,9 +22,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from slora_plugin.patches.guard import Requires, UnsupportedVLLMError
+from slora_plugin.patches.guard import InstanceAttributes, Overrides, Requires, UnsupportedVLLMError
 
-VLLM_VERSION = "0.26.0"
 REQUIRES = (
     Requires("vllm.v1.worker.gpu.model_runner:GPUModelRunner.initialize_kv_cache",
              ("self", "kv_cache_config")),
@@ -34,12 +32,23 @@ REQUIRES = (
     Requires("vllm.v1.worker.gpu.cudagraph_utils:CudaGraphManager.__init__",
              ("self", "vllm_config", "device", "cudagraph_mode", "decode_query_len",
               "lora_capture_cases")),
-    Requires("vllm.v1.worker.gpu.cudagraph_utils:CudaGraphManager.dispatch",
-             ("self", "num_reqs", "num_tokens", "uniform_token_count", "num_active_loras")),
-    Requires("vllm.v1.cudagraph_dispatcher:CudagraphDispatcher._get_lora_cases", ("self",)),
-    Requires("vllm.v1.cudagraph_dispatcher:CudagraphDispatcher.dispatch",
-             ("self", "num_tokens", "uniform_decode", "has_lora", "num_active_loras",
-              "valid_modes", "invalid_modes")),
+    Overrides("vllm.v1.worker.gpu.cudagraph_utils:ModelCudaGraphManager.dispatch",
+              "(self, num_reqs, num_tokens, uniform_token_count, num_active_loras)",
+              "slora_plugin.patches.lora_cudagraph:dispatch_to_lora_case.<locals>.dispatch",
+              "(num_reqs, num_tokens, uniform_token_count, num_active_loras=0)"),
+    InstanceAttributes("vllm.v1.worker.gpu.cudagraph_utils:ModelCudaGraphManager",
+                       ("lora_capture_cases",)),
+    InstanceAttributes("vllm.v1.worker.gpu.model_runner:GPUModelRunner",
+                       ("lora_capture_cases", "cudagraph_manager")),
+    Overrides("vllm.v1.cudagraph_dispatcher:CudagraphDispatcher._get_lora_cases", "(self)",
+              "slora_plugin.patches.lora_cudagraph:capture_one_lora_case.<locals>.<lambda>", "()"),
+    Overrides("vllm.v1.cudagraph_dispatcher:CudagraphDispatcher.dispatch",
+              "(self, num_tokens, uniform_decode=False, has_lora=False, num_active_loras=0, "
+              "valid_modes=None, invalid_modes=None)",
+              "slora_plugin.patches.lora_cudagraph:capture_one_lora_case.<locals>.dispatch",
+              "(num_tokens, uniform_decode=False, has_lora=False, num_active_loras=0, "
+              "valid_modes=None, invalid_modes=None)"),
+    InstanceAttributes("vllm.v1.worker.gpu_model_runner:GPUModelRunner", ("cudagraph_dispatcher",)),
 )
 
 

@@ -4,19 +4,19 @@ Registers `slora_plugin.adapters.resolver.SLoRAResolver` under the name "slora",
 `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1` the OpenAI server resolves any adapter name of
 `slora.adapter_dir` on its first request. The registry and `LoRAResolver` are public-ish but
 undocumented as API, so they are checked like every other vLLM name.
-Written against vLLM 0.26.0.
 """
 
 from __future__ import annotations
 
 from slora_plugin.config import SLoRAConfig, load_config
-from slora_plugin.patches.guard import Requires
+from slora_plugin.patches.guard import Overrides, Requires
 
-VLLM_VERSION = "0.26.0"
 REQUIRES = (
     Requires("vllm.lora.resolver:LoRAResolverRegistry.register_resolver", ("resolver_name", "resolver")),
     Requires("vllm.lora.resolver:LoRAResolverRegistry.resolvers"),
-    Requires("vllm.lora.resolver:LoRAResolver.resolve_lora", ("self", "base_model_name", "lora_name")),
+    Overrides("vllm.lora.resolver:LoRAResolver.resolve_lora", "(self, base_model_name, lora_name)",
+              "slora_plugin.adapters.resolver:SLoRAResolver.resolve_lora",
+              "(self, base_model_name, lora_name)"),
     Requires("vllm.lora.request:LoRARequest", ("lora_name", "lora_int_id", "lora_path")),
 )
 

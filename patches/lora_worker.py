@@ -7,7 +7,6 @@ the mixin's module. `SLoRAWorker.load_model` rebinds that name to the plugin's m
 duration of the call. The plugin's managers subclass vLLM's and override the private methods
 listed here; the per-token slot index comes from the punica wrapper's base metadata alone
 (`update_token_slots`: vLLM's own LoRA kernels' metadata is never prepared).
-Written against vLLM 0.26.0.
 """
 
 from __future__ import annotations
@@ -17,32 +16,47 @@ from typing import Any, Iterator
 
 import torch
 
-from slora_plugin.patches.guard import Requires
+from slora_plugin.patches import guard
+from slora_plugin.patches.guard import InstanceAttributes, Overrides, Requires
 
-VLLM_VERSION = "0.26.0"
+_MM = "vllm.lora.model_manager:LRUCacheLoRAModelManager"
+_WM = "vllm.lora.worker_manager:LRUCacheWorkerLoRAManager"
+_OUR_MM = "slora_plugin.worker.lora_manager:SLoRAModelManager"
+_OUR_WM = "slora_plugin.worker.lora_manager:SLoRAWorkerLoRAManager"
+#: Set in vLLM's model manager __init__; read here and by `SLoRAModelManager`.
+MODEL_MANAGER_ATTRIBUTES = InstanceAttributes(_MM, (
+    "_registered_adapters", "lora_index_to_id", "lora_slots", "punica_wrapper_mapping",
+    "vocab_size", "supports_mm", "max_num_batched_tokens", "modules"))
+#: The methods the plugin's managers override: (vLLM class, ours, name, vLLM's signature, ours).
+_OVERRIDES = (
+    (_MM, _OUR_MM, "__init__", "(self, model, max_num_seqs, max_num_batched_tokens, vocab_size, "
+                               "lora_config, device, vllm_config)",
+     "(self, model, max_num_seqs, max_num_batched_tokens, vocab_size, lora_config, device, "
+     "vllm_config)"),
+    (_MM, _OUR_MM, "_match_target_modules", "(self, module_name)", "(self, module_name)"),
+    (_MM, _OUR_MM, "register_module", "(self, module_name, module)", "(self, module_name, module)"),
+    (_MM, _OUR_MM, "activate_adapter", "(self, lora_id)", "(self, lora_id)"),
+    (_MM, _OUR_MM, "_deactivate_adapter", "(self, lora_id)", "(self, lora_id)"),
+    (_MM, _OUR_MM, "remove_all_adapters", "(self)", "(self)"),
+    (_MM, _OUR_MM, "_add_adapter", "(self, lora)", "(self, lora)"),
+    (_MM, _OUR_MM, "_set_adapter_mapping", "(self, mapping)", "(self, mapping)"),
+    (_WM, _OUR_WM, "_load_adapter", "(self, lora_request)", "(self, lora_request)"),
+    (_WM, _OUR_WM, "add_dummy_lora", "(self, lora_request, rank)", "(self, lora_request, rank)"),
+)
 REQUIRES = (
+    *(Overrides(f"{cls}.{name}", vllm, f"{ours_cls}.{name}", ours)
+      for cls, ours_cls, name, vllm, ours in _OVERRIDES),
     Requires("vllm.v1.worker.lora_model_runner_mixin:LRUCacheWorkerLoRAManager"),
     Requires("vllm.v1.worker.lora_model_runner_mixin:LoRAModelRunnerMixin.load_lora_model",
              ("self", "model", "vllm_config", "device")),
-    Requires("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager._manager_cls"),
-    Requires("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager._load_adapter",
-             ("self", "lora_request")),
-    Requires("vllm.lora.worker_manager:LRUCacheWorkerLoRAManager.add_dummy_lora",
-             ("self", "lora_request", "rank")),
-    Requires("vllm.lora.model_manager:LRUCacheLoRAModelManager.__init__",
-             ("self", "model", "max_num_seqs", "max_num_batched_tokens", "vocab_size",
-              "lora_config", "device", "vllm_config")),
-    Requires("vllm.lora.model_manager:LRUCacheLoRAModelManager.activate_adapter",
-             ("self", "lora_id")),
-    Requires("vllm.lora.model_manager:LRUCacheLoRAModelManager._deactivate_adapter",
-             ("self", "lora_id")),
-    Requires("vllm.lora.model_manager:LRUCacheLoRAModelManager._add_adapter", ("self", "lora")),
-    Requires("vllm.lora.model_manager:LRUCacheLoRAModelManager._set_adapter_mapping",
-             ("self", "mapping")),
-    Requires("vllm.lora.model_manager:LRUCacheLoRAModelManager._match_target_modules",
-             ("self", "module_name")),
-    Requires("vllm.lora.model_manager:LRUCacheLoRAModelManager.register_module",
-             ("self", "module_name", "module")),
+    InstanceAttributes("vllm.v1.worker.lora_model_runner_mixin:LoRAModelRunnerMixin",
+                       ("lora_manager",)),
+    Requires(f"{_WM}._manager_cls"),
+    Requires(f"{_WM}.list_adapters"),
+    InstanceAttributes(_WM, ("_adapter_manager",)),
+    Requires(f"{_MM}.add_adapter", ("self", "lora")),
+    Requires(f"{_MM}.remove_adapter", ("self", "adapter_id")),
+    MODEL_MANAGER_ATTRIBUTES,
     Requires("vllm.lora.model_manager:DEFAULT_LANGUAGE_WRAPPER_KEY"),
     Requires("vllm.lora.punica_wrapper.punica_base:PunicaWrapperBase.token_lora_indices"),
     Requires("vllm.lora.punica_wrapper.punica_base:PunicaWrapperBase._update_base_metadata",
@@ -77,3 +91,32 @@ def update_token_slots(model_manager: Any, mapping: Any) -> torch.Tensor:
     wrapper._update_base_metadata(mapping, model_manager.lora_index_to_id,
                                   model_manager.lora_slots + 1, model_manager.vocab_size)
     return wrapper.token_lora_indices
+
+
+def check_model_manager(model_manager: Any) -> None:
+    """After vLLM's __init__: fail naming what the model manager lacks (see `guard`)."""
+    guard.check_instances("LoRA model manager", ((model_manager, MODEL_MANAGER_ATTRIBUTES),))
+
+
+def register_adapter(model_manager: Any, lora: Any) -> None:
+    """Register `lora` as vLLM's `_add_adapter` does, without its weight copy (the plugin's
+    weights are already in the adapter's KV pages)."""
+    model_manager._registered_adapters[lora.id] = lora
+
+
+def slot_of(model_manager: Any, lora_id: int) -> int | None:
+    """The slot (`max_loras` row) adapter `lora_id` is active in, None if not active."""
+    try:
+        return model_manager.lora_index_to_id.index(lora_id)
+    except ValueError:
+        return None
+
+
+def num_slots(model_manager: Any) -> int:
+    """How many adapters can be active in one step (vLLM's `lora_slots`)."""
+    return model_manager.lora_slots
+
+
+def adapter_manager(worker_manager: Any) -> Any:
+    """The model manager a worker LoRA manager created (from its `_manager_cls`)."""
+    return worker_manager._adapter_manager

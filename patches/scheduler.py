@@ -24,8 +24,6 @@ What the plugin changes (the subclasses themselves are in `slora_plugin.pool.sch
   (`max_loras`, blocked statuses, the connector) `continue` past a request, moving it to
   `skipped_waiting`. Held requests go where those skips go (front of `skipped_waiting`); the
   unchecked rest keeps its places.
-
-Written against vLLM 0.26.0.
 """
 
 from __future__ import annotations
@@ -37,62 +35,98 @@ import uuid
 import weakref
 from typing import Any, Callable, Iterator, Sequence
 
-from slora_plugin.patches.guard import Requires, UnsupportedVLLMError
+from slora_plugin.patches import guard
+from slora_plugin.patches.guard import InstanceAttributes, Overrides, Requires, UnsupportedVLLMError
 
-VLLM_VERSION = "0.26.0"
 _SCHED = "vllm.v1.core.sched.scheduler:Scheduler"
+_ASYNC = "vllm.v1.core.sched.async_scheduler:AsyncScheduler"
 _KVM = "vllm.v1.core.kv_cache_manager:KVCacheManager"
 _POOL = "vllm.v1.core.block_pool:BlockPool"
+_OURS = "slora_plugin.pool.scheduler:_SLoRAScheduling"
+_OUR_KVM = "slora_plugin.pool.scheduler:SLoRAKVCacheManager"
+#: Instance attributes (set in vLLM's __init__, so invisible on the class) the glue reads.
+SCHEDULER_ATTRIBUTES = InstanceAttributes(_SCHED, (
+    "kv_cache_manager", "kv_cache_config", "vllm_config", "requests", "waiting", "skipped_waiting",
+    "running", "policy", "max_num_running_reqs", "log_stats"))
+MANAGER_ATTRIBUTES = InstanceAttributes(_KVM, ("block_pool",))
+BLOCK_POOL_ATTRIBUTES = InstanceAttributes(_POOL, ("blocks", "num_gpu_blocks", "null_block"))
+#: The scheduler methods `_SLoRAScheduling` overrides: (name, vLLM's signature, ours). Both of
+#: vLLM's schedulers are checked (the async one may override them in turn).
+_SCHEDULER_OVERRIDES = (
+    ("__init__", "(self, vllm_config, kv_cache_config, structured_output_manager, block_size, "
+                 "hash_block_size=None, mm_registry=MULTIMODAL_REGISTRY, "
+                 "include_finished_set=False, log_stats=False)",
+     "(self, *args, pages_of=None, host_readiness=None, **kwargs)"),
+    ("add_request", "(self, request)", "(self, request)"),
+    ("schedule", "(self, throttle_prefills=False)", "(self, *args, **kwargs)"),
+    ("update_from_output", "(self, scheduler_output, model_runner_output)",
+     "(self, scheduler_output, model_runner_output)"),
+    ("_preempt_request", "(self, request, timestamp)", "(self, request, timestamp)"),
+)
+_ASYNC_SIGNATURES = {"__init__": "(self, *args, **kwargs)"}
 REQUIRES = (
-    Requires(f"{_SCHED}.__init__", ("vllm_config", "kv_cache_config", "structured_output_manager",
-                                    "block_size", "hash_block_size", "include_finished_set",
-                                    "log_stats")),
-    Requires(f"{_SCHED}.schedule"),
-    Requires(f"{_SCHED}.add_request", ("request",)),
-    Requires(f"{_SCHED}.update_from_output", ("scheduler_output", "model_runner_output")),
+    *(Overrides(f"{_SCHED}.{name}", vllm, f"{_OURS}.{name}", ours)
+      for name, vllm, ours in _SCHEDULER_OVERRIDES),
+    *(Overrides(f"{_ASYNC}.{name}", _ASYNC_SIGNATURES.get(name, vllm), f"{_OURS}.{name}", ours)
+      for name, vllm, ours in _SCHEDULER_OVERRIDES),
     Requires(f"{_SCHED}.finish_requests", ("request_ids", "finished_status")),
-    Requires(f"{_SCHED}._preempt_request", ("request", "timestamp")),
     Requires(f"{_SCHED}.reset_prefix_cache"),
-    Requires("vllm.v1.core.sched.async_scheduler:AsyncScheduler"),
-    Requires(f"{_KVM}.allocate_slots", ("request", "num_new_tokens", "new_computed_blocks",
-                                        "full_sequence_must_fit", "reserved_blocks")),
-    Requires(f"{_KVM}.free", ("request",)),
-    Requires(f"{_KVM}.pop_blocks_for_free", ("request",)),
-    Requires(f"{_KVM}.reset_prefix_cache"),
+    SCHEDULER_ATTRIBUTES,
+    Overrides(f"{_KVM}.allocate_slots",
+              "(self, request, num_new_tokens, num_new_computed_tokens=0, "
+              "new_computed_blocks=None, num_lookahead_tokens=0, num_external_computed_tokens=0, "
+              "delay_cache_blocks=False, num_encoder_tokens=0, full_sequence_must_fit=False, "
+              "reserved_blocks=0, has_scheduled_reqs=True)",
+              f"{_OUR_KVM}.allocate_slots", "(self, request, num_new_tokens, *args, **kwargs)"),
+    Overrides(f"{_KVM}.free", "(self, request)", f"{_OUR_KVM}.free", "(self, request)"),
+    Overrides(f"{_KVM}.pop_blocks_for_free", "(self, request)", f"{_OUR_KVM}.pop_blocks_for_free",
+              "(self, request)"),
+    Overrides(f"{_KVM}.reset_prefix_cache", "(self)", f"{_OUR_KVM}.reset_prefix_cache", "(self)"),
+    MANAGER_ATTRIBUTES,
     Requires(f"{_POOL}.get_new_blocks", ("num_blocks",)),
     Requires(f"{_POOL}.free_blocks", ("ordered_blocks",)),
     Requires(f"{_POOL}.touch", ("blocks",)),
-    Requires(f"{_POOL}.get_num_free_blocks"),
-    Requires("vllm.v1.core.kv_cache_utils:_gen_lora_extra_hash_keys", ("request",)),
+    Overrides(f"{_POOL}.get_num_free_blocks", "(self)",
+              "slora_plugin.patches.scheduler:holding_back.<locals>.<lambda>", "()"),
+    BLOCK_POOL_ATTRIBUTES,
+    Overrides("vllm.v1.core.kv_cache_utils:_gen_lora_extra_hash_keys", "(request)",
+              "slora_plugin.patches.scheduler:lora_extra_hash_keys", "(request)"),
     Requires("vllm.v1.core.kv_cache_utils:generate_block_hash_extra_keys"),
     Requires("vllm.v1.kv_cache_interface:FullAttentionSpec"),
     Requires("vllm.v1.request:RequestStatus.FINISHED_ERROR"),
+    Requires("vllm.v1.request:RequestStatus.RUNNING"),
+    Requires("vllm.v1.request:Request.take_events"),
+    Requires("vllm.v1.request:Request.get_finished_reason"),
+    Requires("vllm.v1.request:Request.is_finished"),
+    InstanceAttributes("vllm.v1.request:Request", ("request_id", "lora_request", "status",
+                                                   "client_index", "stop_reason", "trace_headers")),
     Requires("vllm.v1.engine:EngineCoreOutput", ("request_id", "new_token_ids", "finish_reason",
-                                                 "stop_reason")),
+                                                 "stop_reason", "events", "trace_headers")),
+    Requires("vllm.v1.engine:EngineCoreOutputs", ("outputs",)),
     Requires("vllm.v1.core.sched.request_queue:SchedulingPolicy.FCFS"),
     Requires("vllm.v1.core.sched.request_queue:RequestQueue.add_request", ("request",)),
     Requires("vllm.v1.core.sched.request_queue:RequestQueue.prepend_request", ("request",)),
     Requires("vllm.v1.core.sched.request_queue:RequestQueue.remove_requests", ("requests",)),
 )
 
-#: Instance attributes (set in vLLM's __init__, so invisible to REQUIRES) the subclasses read.
-SCHEDULER_ATTRIBUTES = ("kv_cache_manager", "kv_cache_config", "vllm_config", "requests",
-                        "waiting", "skipped_waiting", "running", "policy", "max_num_running_reqs")
-MANAGER_ATTRIBUTES = ("block_pool",)
-BLOCK_POOL_ATTRIBUTES = ("blocks", "num_gpu_blocks", "null_block")
-
 
 def check_instance(scheduler: Any) -> None:
     """Fail at start-up, naming the attribute, if vLLM's __init__ no longer sets what we use."""
-    missing = [f"Scheduler.{a}" for a in SCHEDULER_ATTRIBUTES if not hasattr(scheduler, a)]
     mgr = getattr(scheduler, "kv_cache_manager", None)
-    missing += [f"KVCacheManager.{a}" for a in MANAGER_ATTRIBUTES if not hasattr(mgr, a)]
-    pool = getattr(mgr, "block_pool", None)
-    missing += [f"BlockPool.{a}" for a in BLOCK_POOL_ATTRIBUTES if not hasattr(pool, a)]
-    if missing:
-        raise UnsupportedVLLMError(
-            f"slora-plugin: vLLM's scheduler lacks instance attribute(s) {missing} "
-            f"(written for vLLM {VLLM_VERSION})")
+    guard.check_instances("scheduler", (
+        (scheduler, SCHEDULER_ATTRIBUTES), (mgr, MANAGER_ATTRIBUTES),
+        (getattr(mgr, "block_pool", None), BLOCK_POOL_ATTRIBUTES)))
+
+
+def finished_output(request: Any, reason: str) -> Any:
+    """The `EngineCoreOutput` telling the client that `request` (just finished by the
+    scheduler, outside a model step) ended with `reason` as its stop_reason."""
+    from vllm.v1.engine import EngineCoreOutput
+
+    return EngineCoreOutput(
+        request_id=request.request_id, new_token_ids=[],
+        finish_reason=request.get_finished_reason(), stop_reason=reason,
+        events=request.take_events(), trace_headers=request.trace_headers)
 
 
 def swap_kv_cache_manager(scheduler: Any, cls: type) -> Any:

@@ -39,9 +39,9 @@ def doctor_report(additional_config: dict[str, Any] | None,
     rows.append(("plugin registered (vllm.general_plugins)", "yes" if registered else "NO"))
     ok &= registered
     try:
-        from slora_plugin.patches import guard, registry
+        from slora_plugin.patches import catalogue, guard
 
-        found = guard.problems(registry.patch_modules())
+        found = guard.problems(catalogue.patch_modules())
         version = guard.installed_vllm_version()
         if version != guard.SUPPORTED_VLLM:
             found.insert(0, f"vLLM {version} installed, {guard.SUPPORTED_VLLM} supported")

@@ -41,7 +41,7 @@ from vllm.logger import init_logger
 from vllm.v1.core.kv_cache_manager import KVCacheBlocks, KVCacheManager
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+from vllm.v1.engine import EngineCoreOutputs
 from vllm.v1.request import Request, RequestStatus
 
 from slora_plugin.config import engine_settings
@@ -270,10 +270,7 @@ class _SLoRAScheduling:
             eco = outputs.get(request.client_index)
             if eco is None:
                 eco = outputs[request.client_index] = EngineCoreOutputs()
-            eco.outputs.append(EngineCoreOutput(
-                request_id=request.request_id, new_token_ids=[],
-                finish_reason=request.get_finished_reason(), stop_reason=reason,
-                events=request.take_events(), trace_headers=request.trace_headers))
+            eco.outputs.append(vllm_patch.finished_output(request, reason))
         self._failed.clear()
         if self.pool_metrics is not None:
             self.pool_metrics.update(self.pool_stats())

@@ -19,7 +19,7 @@ from slora_plugin.config import engine_settings
 from slora_plugin.layout import PACKED_MODULES, PageLayout
 from slora_plugin.patches import lora_layers as layers_patch
 from slora_plugin.patches import lora_worker as worker_patch
-from slora_plugin.worker.lora_layers import PagedLoRAError, PagedLoRALayer
+from slora_plugin.worker.lora_layers import PAGED_CLASSES, PagedLoRAError, PagedLoRALayer
 from slora_plugin.worker.ops import PagedLoRARuntime, install
 from slora_plugin.worker.tables import SlotRows, slot_rows
 
@@ -38,12 +38,14 @@ class SLoRAModelManager(LRUCacheLoRAModelManager):
         self.slora_config = engine_settings(vllm_config)
         self._resident: dict[int, tuple[SlotRows, int]] = {}  # lora_id -> (rows, rank)
         self._dummies: set[int] = set()
-        with layers_patch.paged_lora_classes():
+        with layers_patch.paged_lora_classes(PAGED_CLASSES):
             super().__init__(model, max_num_seqs, max_num_batched_tokens, vocab_size,
                              lora_config, device, vllm_config)
+        worker_patch.check_model_manager(self)
         if self.supports_mm:
             raise PagedLoRAError("slora-plugin does not support multimodal models yet")
-        self.runtime = PagedLoRARuntime(self.lora_slots, self.slora_config.max_lora_rank,
+        self.runtime = PagedLoRARuntime(worker_patch.num_slots(self),
+                                        self.slora_config.max_lora_rank,
                                         self.max_num_batched_tokens, device)
         install(self.runtime)
 
@@ -95,13 +97,10 @@ class SLoRAModelManager(LRUCacheLoRAModelManager):
 
     # -- slots ------------------------------------------------------------------------------
     def _slot_of(self, lora_id: int) -> int | None:
-        try:
-            return self.lora_index_to_id.index(lora_id)
-        except ValueError:
-            return None
+        return worker_patch.slot_of(self, lora_id)
 
     def _add_adapter(self, lora: LoRAModel) -> None:
-        self._registered_adapters[lora.id] = lora  # no merged weights: nothing is copied
+        worker_patch.register_adapter(self, lora)  # no merged weights: nothing is copied
 
     def activate_adapter(self, lora_id: int) -> bool:
         activated = super().activate_adapter(lora_id)
@@ -139,17 +138,16 @@ class SLoRAWorkerLoRAManager(LRUCacheWorkerLoRAManager):
     """Adapters come from pages, never from disk here (the host store reads the disk)."""
 
     _manager_cls = SLoRAModelManager
-    _adapter_manager: SLoRAModelManager
 
     def _load_adapter(self, lora_request) -> LoRAModel:
-        return self._adapter_manager.resident_model(lora_request.lora_int_id)
+        return self.model_manager.resident_model(lora_request.lora_int_id)
 
     def add_dummy_lora(self, lora_request, rank: int) -> bool:
         if lora_request.lora_int_id in self.list_adapters():
             return False
-        return self._adapter_manager.add_dummy(lora_request.lora_int_id, rank)
+        return self.model_manager.add_dummy(lora_request.lora_int_id, rank)
 
     @property
     def model_manager(self) -> SLoRAModelManager:
-        return self._adapter_manager
+        return worker_patch.adapter_manager(self)
 

@@ -37,6 +37,7 @@ from slora_plugin.config import engine_settings
 from slora_plugin.patches import kv_pool
 from slora_plugin.patches import lora_cudagraph as graphs_patch
 from slora_plugin.patches import lora_worker as worker_patch
+from slora_plugin.patches.guard import SUPPORTED_VLLM
 from slora_plugin.pool.adapter_pages import engine_dims, engine_store
 from slora_plugin.pool.commands import StepCommands, commands_of
 from slora_plugin.pool.worker_link import HostLoadWaits, WorkerLink, engine_key, publish
@@ -87,7 +88,8 @@ class SLoRAWorker(Worker):
         model_manager = getattr(manager, "model_manager", None)
         if not isinstance(model_manager, SLoRAModelManager):
             raise RuntimeError("the model runner did not build the slora LoRA manager "
-                               f"(got {type(manager).__name__}); is vLLM 0.26.0 installed?")
+                               f"(got {type(manager).__name__}); is vLLM {SUPPORTED_VLLM} "
+                               f"installed?")
         return model_manager
 
     # -- KV cache = page pool ---------------------------------------------------------------

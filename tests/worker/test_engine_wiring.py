@@ -18,10 +18,16 @@ def test_worker_and_cudagraph_settings(tiny_model_dir):
 
 
 def test_scheduler_variant_follows_async_scheduling():
+    """The class is named by its dotted path (patches/ never imports pool/); vLLM's engine core
+    resolves that name to the subclass matching the mode."""
+    from vllm.config.scheduler import SchedulerConfig
+
     from slora_plugin.pool.scheduler import scheduler_class
 
     for async_ in (True, False):
         vc = SimpleNamespace(scheduler_config=SimpleNamespace(async_scheduling=async_,
                                                               scheduler_cls=None))
         configure_vllm_config(vc)
-        assert vc.scheduler_config.scheduler_cls is scheduler_class(async_)
+        assert isinstance(vc.scheduler_config.scheduler_cls, str)
+        resolved = SchedulerConfig.get_scheduler_cls(vc.scheduler_config)
+        assert resolved is scheduler_class(async_)
