@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: dotted names (`kernels/` and `patches/` are `slora_plugin.kernels` / `slora_plugin.patches`).
 ROOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "core": (
-        ("slora_plugin.layout", "slora_plugin.raw_format", "slora_plugin.config",
+        ("slora_plugin.layout", "slora_plugin.core_layout", "slora_plugin.model_config",
+         "slora_plugin.roofline", "slora_plugin.raw_format", "slora_plugin.config",
          "slora_plugin.kernels.*", "slora_plugin.adapters", "slora_plugin.adapters.*",
          "slora_plugin.pool", "slora_plugin.pool.*", "slora_plugin.compress",
          "slora_plugin.compress.*", "slora_plugin.train", "slora_plugin.train.*"),
