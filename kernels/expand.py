@@ -3,8 +3,8 @@ summing the K-split partials of h that `shrink.paged_lora_shrink` wrote, B^T rea
 row-address table `b_addr` out of a layer's page pool.
 
 Persistent programs loop over the tasks (work item; output tile over all slices) of the step's real
-work items (`metadata.SegmentMeta`). Its correctness is checked through the whole op
-(`lora_linear.lora_linear_exact`): h's layout is a contract between the two launches only.
+work items (`metadata.SegmentMeta`). `expand_ref` is its torch reference
+(tests/kernels/test_expand.py); the whole op's is `lora_linear.lora_linear_exact`.
 
 Row addresses that are multiples of 8 elements (16 bytes) allow 16-byte vector loads. Real
 models' rows all are (page and feature sizes are multiples of 8), but nothing in the contract
@@ -200,3 +200,26 @@ def paged_lora_expand(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, meta
     launch = _expand_launch(y, h, pool, meta, b_addr, ranks, scales, module_ids, slice_widths, max_rank, config)
     if y.shape[0]:
         launch()
+
+
+def expand_ref(y: torch.Tensor, h: torch.Tensor, pool: torch.Tensor, token_slot: torch.Tensor,
+               b_addr: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor, module_ids: Sequence[int],
+               slice_widths: Sequence[int]) -> torch.Tensor:
+    """y after the expand, in fp64 and unrounded (the torch reference of the expand alone), given h
+    summed over its K splits ([T, slices, >= max rank], as `shrink.shrink_ref` returns it).
+
+    y[t, off_i : off_i + w_i] += scales[s, m_i] * h[t, i, :r] @ B^T for each token t of slot s >= 0,
+    r = ranks[s, m_i], B^T's rows read as `pool[b_addr[s, m, k] : + w_i]`; other rows unchanged.
+    Slow (a loop over tokens) and obvious, for tests.
+    """
+    out = y.double().clone()
+    offsets = [sum(slice_widths[:i]) for i in range(len(slice_widths))]
+    for t, slot in enumerate(token_slot.tolist()):
+        if slot < 0:
+            continue
+        for i, (m, off, width) in enumerate(zip(module_ids, offsets, slice_widths)):
+            r = int(ranks[slot, m])
+            cols = torch.arange(width, device=pool.device)
+            bt = pool[b_addr[slot, m, :r, None] + cols].double()                    # (r, w)
+            out[t, off:off + width] += float(scales[slot, m]) * (h[t, i, :r].double() @ bt)
+    return out

@@ -11,8 +11,8 @@ Two launches per layer, `shrink` then `expand`:
 segment metadata and the work-item helpers both kernels run, `tiling.py` the tile configs, the
 decode/prefill choice and the persistent grids (tuning numbers in kernels/NOTES.md). This module
 runs the two (`paged_lora_linear`; `launch_plans` exposes the exact launch arguments) and holds the
-reference of the op they compute together: h, the fp32 partials passed between them, is their
-private contract, so the tests check the pair (also called one by one) against this reference.
+reference of the op they compute together (each launch has its own beside it: `shrink_ref`,
+`expand_ref`).
 
 The reference is slow, obvious, and the oracle the Triton kernels are tested against (on CPU under
 TRITON_INTERPRET=1 and on the GPU at real sizes); the worker also runs `lora_linear_ref` where the

@@ -3,8 +3,8 @@ K optionally split), A read through the row-address table `a_addr` out of a laye
 
 Persistent programs loop over the tasks (work item; slice, rank tile, K split) of the step's real
 work items (`metadata.SegmentMeta`); `expand.paged_lora_expand` sums the K-split partials of h.
-Its correctness is checked through the whole op (`lora_linear.lora_linear_exact`): h's layout
-(split partials, padded rank) is a contract between the two launches only.
+`shrink_ref` is the torch reference of what those partials sum to (tests/kernels/test_shrink.py);
+the whole op's is `lora_linear.lora_linear_exact`.
 
 Row addresses that are multiples of 8 elements (16 bytes) allow 16-byte vector loads. Real
 models' rows all are (page and feature sizes are multiples of 8), but nothing in the contract
@@ -170,3 +170,24 @@ def paged_lora_shrink(h: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta
     launch = _shrink_launch(h, x, pool, meta, a_addr, ranks, module_ids, max_rank, config)
     if x.shape[0]:
         launch()
+
+
+def shrink_ref(x: torch.Tensor, pool: torch.Tensor, token_slot: torch.Tensor, a_addr: torch.Tensor,
+               ranks: torch.Tensor, module_ids: Sequence[int]) -> torch.Tensor:
+    """What the shrink's K-split partials sum to, in fp64 (the torch reference of the shrink alone).
+
+    Returns [T, slices, R]: h[t, i, :r] = x[t] @ A_{s,m_i}^T for each token t of slot s >= 0, with
+    r = ranks[s, m_i] and A's rows read as `pool[a_addr[s, m, k] : + K]`; 0 elsewhere, where the
+    kernel writes nothing the expand reads. Slow (a loop over tokens) and obvious, for tests.
+    """
+    k_in = x.shape[1]
+    h = torch.zeros((x.shape[0], len(module_ids), a_addr.shape[2]), dtype=torch.float64, device=x.device)
+    cols = torch.arange(k_in, device=pool.device)
+    for t, slot in enumerate(token_slot.tolist()):
+        if slot < 0:
+            continue
+        for i, m in enumerate(module_ids):
+            r = int(ranks[slot, m])
+            a = pool[a_addr[slot, m, :r, None] + cols].double()                      # (r, K)
+            h[t, i, :r] = a @ x[t].double()
+    return h
