@@ -27,25 +27,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import sys
 import time
+from types import ModuleType
 from typing import Callable
 
 import torch
 import triton
 import triton.testing
 
-from slora_plugin.kernels.paged_lora import (
-    SegmentMeta,
-    choose_config,
-    paged_lora_expand,
-    paged_lora_linear,
-    paged_lora_shrink,
-    shrink_buffer,
-)
-from slora_plugin.kernels.synthetic import build_synthetic_pool
+from slora_plugin.kernels.expand import paged_lora_expand
+from slora_plugin.kernels.lora_linear import paged_lora_linear
+from slora_plugin.kernels.metadata import SegmentMeta
+from slora_plugin.kernels.shrink import paged_lora_shrink, shrink_buffer
+from slora_plugin.kernels.tiling import choose_config
 from slora_plugin.layout import ModelDims
 
 try:  # vLLM is optional: without it only our rows are measured
@@ -55,6 +53,22 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "no vLLM row
     VLLM_ERROR = f"{type(exc).__name__}: {exc}"
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _load_synthetic_pool() -> ModuleType:
+    """The tests' pool builder (tests/kernels/synthetic_pool.py, not shipped in the package), by file:
+    putting tests/ on sys.path would make its folder `kernels/` importable as a namespace package
+    `kernels`, which transformers' probe for the PyPI package of that name would find."""
+    path = os.path.join(os.path.dirname(HERE), "tests", "kernels", "synthetic_pool.py")
+    spec = importlib.util.spec_from_file_location("synthetic_pool", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # before running it: @dataclass looks its module up
+    spec.loader.exec_module(module)
+    return module
+
+
+build_synthetic_pool = _load_synthetic_pool().build_synthetic_pool
+
 DIMS = ModelDims(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
                  intermediate_size=11008, num_hidden_layers=32)        # Llama-2-7B
 MODULE_IDS = (0, 1, 2)                                                  # q, k, v
@@ -211,7 +225,7 @@ def run_case(rank_name: str, sp, vllm_weights: dict, phase: str, tokens: int, di
 
 
 #: Tuning data for a follow-up, from the same run: one field of the default config changed at a time
-#: (the defaults are kernels/paged_lora.py's decode_config / prefill_config; kernels/NOTES.md).
+#: (the defaults are kernels/tiling.py's decode_config / prefill_config; kernels/NOTES.md).
 SWEEP = {
     ("decode", 256, 256): [{}, {"split_k": 4}, {"block_r": 32}, {"block_n": 128}, {"block_k": 64},
                            {"num_stages": 2}, {"num_stages": 4}, {"num_warps": 8},

@@ -66,7 +66,7 @@ class PagedLoRARuntime:
         self.token_slot = torch.full((max_tokens,), -1, dtype=torch.int32, device=self.device)
         self.meta = None
         if self.device.type == "cuda":
-            from slora_plugin.kernels.paged_lora import SegmentMeta
+            from slora_plugin.kernels.metadata import SegmentMeta
 
             self.meta = SegmentMeta(max_tokens, num_slots, self.device)
         self._sources: dict[str, KVSource] = {}
@@ -115,12 +115,12 @@ class PagedLoRARuntime:
         t = self.tables
         mids, widths = tuple(module_ids), tuple(slice_widths)
         if self.meta is not None and x.is_cuda:
-            from slora_plugin.kernels.paged_lora import paged_lora_linear
+            from slora_plugin.kernels.lora_linear import paged_lora_linear
 
             paged_lora_linear(y, x, pool, self.meta, t.a_addr, t.b_addr, t.ranks, t.scales,
                               mids, widths, self.max_rank)
         else:
-            from slora_plugin.kernels.reference import lora_linear_ref
+            from slora_plugin.kernels.lora_linear import lora_linear_ref
 
             lora_linear_ref(y, x, pool, self.token_slot[: x.shape[0]], t.a_addr, t.b_addr,
                             t.ranks, t.scales, mids, widths)

@@ -102,7 +102,7 @@ def test_vllm_registry_inspects_the_model_from_the_root(tmp_path, tiny_model_dir
     assert (tmp_path / "vllm-cache" / "modelinfos").is_dir(), "the inspection did not run afresh"
 
 
-@pytest.mark.parametrize("subpackage", ["slora_plugin.kernels.paged_lora", "slora_plugin.patches.guard"])
+@pytest.mark.parametrize("subpackage", ["slora_plugin.kernels.lora_linear", "slora_plugin.patches.guard"])
 def test_installed_subpackages_import_from_elsewhere(tmp_path, subpackage):
     done = subprocess.run([sys.executable, "-c", f"import {subpackage} as m; print(m.__file__)"],
                           cwd=tmp_path, env=_child_env(tmp_path), capture_output=True, text=True,
@@ -121,11 +121,11 @@ def test_wheel_installs_the_subpackages_inside_the_package(tmp_path):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
                     str(wheel)], check=True, capture_output=True, timeout=600)
-    assert (site / "slora_plugin" / "kernels" / "paged_lora.py").is_file()
+    assert (site / "slora_plugin" / "kernels" / "lora_linear.py").is_file()
     assert (site / "slora_plugin" / "patches" / "guard.py").is_file()
     assert (site / "slora_plugin" / "bench" / "cli.py").is_file()  # `slora-plugin` imports it at start
     assert not (site / "kernels").exists() and not (site / "patches").exists()
-    code = ("import slora_plugin.kernels.paged_lora as k, slora_plugin.patches.guard as g; "
+    code = ("import slora_plugin.kernels.lora_linear as k, slora_plugin.patches.guard as g; "
             "print(k.__file__); print(g.__file__)")
     env = _child_env(tmp_path)
     env["PYTHONPATH"] = str(site)

@@ -46,7 +46,7 @@ PREFILL_SIZES = (2048, 8192)
 def plans(layers: dict, num_tokens: int, dtype: torch.dtype, meta):
     """The (shrink, expand) launches of every layer at one token count, on CPU tensors of the real
     shapes (never run: only their types, values and alignment matter)."""
-    from slora_plugin.kernels.paged_lora import launch_plans
+    from slora_plugin.kernels.lora_linear import launch_plans
 
     slots = meta.max_slots
     a_addr = torch.zeros((slots, 7, MAX_RANK), dtype=torch.int64)
@@ -78,7 +78,8 @@ def test_startup_compiles_few_kernels() -> None:
     """Over every capture size 1..512 and two prefill sizes, all four layers of Llama-2-7B (and of
     Llama-3-8B, GQA) share one config per phase and one compiled kernel per (kernel, phase):
     4 compiles per dtype in all, none of them at a capture size after the first."""
-    from slora_plugin.kernels.paged_lora import SegmentMeta, choose_config
+    from slora_plugin.kernels.metadata import SegmentMeta
+    from slora_plugin.kernels.tiling import choose_config
 
     meta = SegmentMeta(max_tokens=max(PREFILL_SIZES), max_slots=64, device="cpu")
     for name, layers in (("llama-2-7b", LLAMA2_LAYERS), ("llama-3-8b", LLAMA3_LAYERS)):
@@ -95,7 +96,7 @@ def test_startup_compiles_few_kernels() -> None:
 def test_token_count_moves_no_specialized_argument() -> None:
     """Guards the list of unspecialized arguments: across capture sizes, the only specialized
     arguments whose value changes are pointers (whose alignment does not)."""
-    from slora_plugin.kernels.paged_lora import SegmentMeta
+    from slora_plugin.kernels.metadata import SegmentMeta
 
     meta = SegmentMeta(max_tokens=512, max_slots=64, device="cpu")
     seen: dict[tuple, dict] = {}
@@ -136,7 +137,7 @@ def async_copy_sizes(ptx: str) -> set[int]:
 
 def check_all() -> None:
     """Compile both kernels for fp16/bf16 x decode/prefill (Llama-2-7B qkv_proj); raise on failure."""
-    from slora_plugin.kernels.paged_lora import SegmentMeta
+    from slora_plugin.kernels.metadata import SegmentMeta
 
     meta = SegmentMeta(max_tokens=4096, max_slots=64, device="cpu")
     layers = {"qkv_proj": LLAMA2_LAYERS["qkv_proj"]}

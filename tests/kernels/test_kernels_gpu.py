@@ -8,10 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from slora_plugin.kernels.paged_lora import SegmentMeta, decode_config, paged_lora_linear
-from slora_plugin.kernels.reference import bound_violations, lora_linear_exact
-from slora_plugin.kernels.synthetic import build_synthetic_pool
+from slora_plugin.kernels.lora_linear import bound_violations, lora_linear_exact, paged_lora_linear
+from slora_plugin.kernels.metadata import SegmentMeta
+from slora_plugin.kernels.tiling import decode_config
 from slora_plugin.layout import MODULE_INDEX, PACKED_MODULES, ModelDims
+from synthetic_pool import build_synthetic_pool
 
 pytestmark = pytest.mark.gpu
 

@@ -13,21 +13,19 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slora_plugin.kernels.paged_lora import (
-    CPU_SMS,
-    KernelConfig,
-    SegmentMeta,
-    decode_config,
+from slora_plugin.kernels.expand import paged_lora_expand
+from slora_plugin.kernels.lora_linear import (
+    bound_violations,
     launch_plans,
-    paged_lora_expand,
+    lora_linear_exact,
+    lora_linear_ref,
     paged_lora_linear,
-    paged_lora_shrink,
-    prefill_config,
-    shrink_buffer,
 )
-from slora_plugin.kernels.reference import bound_violations, lora_linear_exact, lora_linear_ref
-from slora_plugin.kernels.synthetic import SyntheticPool, build_synthetic_pool
+from slora_plugin.kernels.metadata import SegmentMeta
+from slora_plugin.kernels.shrink import paged_lora_shrink, shrink_buffer
+from slora_plugin.kernels.tiling import CPU_SMS, KernelConfig, decode_config, prefill_config
 from slora_plugin.layout import MODULES, ModelDims
+from synthetic_pool import SyntheticPool, build_synthetic_pool
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 #: tests/conftest.py's TINY_LLAMA (GQA: 4 query heads, 2 KV heads of 16).
@@ -229,30 +227,6 @@ def test_error_bound_admits_correct_rounding_and_catches_a_dropped_rank_row(dtyp
     assert bound_violations(scaled, exact, allowed)[0] > 0
 
 
-@settings(max_examples=60, deadline=None)
-@given(slots=st.lists(st.integers(-1, 6), max_size=70), max_slots=st.integers(1, 6), extra=st.integers(0, 5))
-def test_segment_meta_covers_every_adapter_token_once(slots: list[int], max_slots: int, extra: int) -> None:
-    """Every token of a slot in [0, max_slots) is in exactly one work item of its slot, for each
-    tile size; items are within the static bound, hold <= block_m tokens, and the rest are empty."""
-    meta = SegmentMeta(max_tokens=len(slots) + extra + 1, max_slots=max_slots, device=DEVICE)
-    meta.update(torch.full((len(slots) + extra,), 3, dtype=torch.int32, device=DEVICE))  # stale state
-    meta.update(torch.tensor(slots, dtype=torch.int32, device=DEVICE))
-    order = meta.sorted_tokens[:len(slots)].tolist()
-    for bm, work in meta.work.items():
-        slot_of, start, count = work.tolist()
-        bound = meta.work_bound(len(slots), bm)
-        real = int(meta.work_count[bm])
-        assert real <= bound
-        seen = []
-        for i, (s, p, n) in enumerate(zip(slot_of, start, count)):
-            assert 0 <= n <= bm
-            assert (n > 0) == (i < real), f"item {i}: {n} tokens, but work_count = {real}"
-            if n:
-                seen += [(order[j], s) for j in range(p, p + n)]
-        want = sorted((t, s) for t, s in enumerate(slots) if 0 <= s < max_slots)
-        assert sorted(seen) == want
-
-
 def _tiny_case(token_slot: list[int], seed: int = 0):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     ranks = [{m: r for m in MODULES} for r in (16, 1, 40, 128)]
@@ -310,13 +284,6 @@ def test_few_programs_loop_over_all_tasks(num_tokens: int, small_items: int, spl
     shrink(), expand()  # the same launches again: y += delta a second time
     assert torch.equal(replayed, twice)
     assert torch.equal(meta.sched, torch.zeros_like(meta.sched)), meta.sched
-
-
-def test_decode_split_rule() -> None:
-    """The decode K split is 16 only where tasks are truly missing: clamp(32 // items, 2, 16)."""
-    config = decode_config(4096, MAX_RANK)
-    assert [config.split_for(n) for n in (0, 1, 2, 3, 4, 8, 15, 16, 64, 272)] == [16, 16, 16, 10, 8, 4, 2, 2, 2, 2]
-    assert config.max_split == 16
 
 
 def test_no_adapter_tokens_means_no_work() -> None:

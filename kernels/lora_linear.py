@@ -1,10 +1,30 @@
-"""Plain-torch reference of the paged LoRA op: slow, obvious, and the oracle the Triton kernels
-are tested against (on CPU under TRITON_INTERPRET=1 and on the GPU at real sizes).
+"""The paged LoRA op: Triton kernels that apply a different LoRA adapter (and rank) per token, reading
+the weights through row-address tables out of a layer's KV page pool (S-LoRA / Punica design),
+and the op's plain-torch reference.
 
-It reads weights through the same row-address tables as the kernels, so it pins down the kernel
-contract (docs/DESIGN.md, "Kernel contract"). `lora_linear_ref` computes in fp32 and rounds once
-into `y`; `lora_linear_exact` gives the unrounded fp64 answer with the error a correct fp16/bf16
-kernel may have, element by element (what the kernel tests check against).
+Two launches per layer, `shrink` then `expand`:
+
+- shrink: h[t, i, :r] = x[t] @ A_{s,m_i}^T            (fp32 accumulation, K optionally split)
+- expand: y[t, off_i:off_i+w_i] += scale * h[t, i, :r] @ B_{s,m_i}^T
+
+`shrink.py` and `expand.py` hold the two kernels and their launchers, `metadata.py` the per-step
+segment metadata and the work-item helpers both kernels run, `tiling.py` the tile configs, the
+decode/prefill choice and the persistent grids (tuning numbers in kernels/NOTES.md). This module
+runs the two (`paged_lora_linear`; `launch_plans` exposes the exact launch arguments) and holds the
+reference of the op they compute together (each launch has its own beside it: `shrink_ref`,
+`expand_ref`).
+
+The reference is slow, obvious, and the oracle the Triton kernels are tested against (on CPU under
+TRITON_INTERPRET=1 and on the GPU at real sizes); the worker also runs `lora_linear_ref` where the
+kernels cannot run (CPU tensors). It reads weights through the same row-address tables as the
+kernels, so it pins down the kernel contract (docs/DESIGN.md, "Kernel contract").
+`lora_linear_ref` computes in fp32 and rounds once into `y`; `lora_linear_exact` gives the
+unrounded fp64 answer with the error a correct fp16/bf16 kernel may have, element by element
+(what the kernel tests check against, with `bound_violations`).
+
+`triton` is imported directly: vLLM swaps it for placeholders when no GPU driver is active, and
+the kernels must also run under TRITON_INTERPRET=1 on CPU tensors (where a bf16 `tl.dot` is
+not supported, so bf16 tiles are upcast there).
 """
 
 from __future__ import annotations
@@ -13,7 +33,43 @@ from typing import Iterator, Sequence
 
 import torch
 
+from slora_plugin.kernels.expand import _expand_launch
+from slora_plugin.kernels.metadata import SegmentMeta, _check_modules, _check_slices
+from slora_plugin.kernels.shrink import _shrink_launch, shrink_buffer
+from slora_plugin.kernels.tiling import KernelConfig, Launch, choose_config
 from slora_plugin.layout import MODULES
+
+
+def launch_plans(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
+                 a_addr: torch.Tensor, b_addr: torch.Tensor, ranks: torch.Tensor, scales: torch.Tensor,
+                 module_ids: Sequence[int], slice_widths: Sequence[int], max_rank: int,
+                 config: KernelConfig | None = None) -> tuple[Launch, Launch]:
+    """The (shrink, expand) launches `paged_lora_linear` makes for these arguments, not run."""
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x must be [T, K] and y [T, N] with the same T, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if y.dtype != x.dtype:
+        raise ValueError(f"y is {y.dtype} but x is {x.dtype}")
+    _check_modules(module_ids)
+    _check_slices(y, module_ids, slice_widths)
+    config = config or choose_config(x.shape[0], x.shape[1], max_rank)
+    h = shrink_buffer(x.shape[0], len(module_ids), max_rank, config, x.device)
+    return (_shrink_launch(h, x, pool, meta, a_addr, ranks, module_ids, max_rank, config),
+            _expand_launch(y, h, pool, meta, b_addr, ranks, scales, module_ids, slice_widths, max_rank, config))
+
+
+def paged_lora_linear(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, meta: SegmentMeta,
+                      a_addr: torch.Tensor, b_addr: torch.Tensor, ranks: torch.Tensor,
+                      scales: torch.Tensor, module_ids: tuple[int, ...], slice_widths: tuple[int, ...],
+                      max_rank: int, config: KernelConfig | None = None) -> None:
+    """y += LoRA(x) for rows whose slot (set by `meta.update`) is >= 0; other rows are untouched.
+
+    y [T, sum(widths)] may be a strided view of the layer output; x [T, K]; pool 1-D, x's dtype.
+    """
+    shrink, expand = launch_plans(y, x, pool, meta, a_addr, b_addr, ranks, scales, module_ids, slice_widths,
+                                  max_rank, config)
+    if x.shape[0]:
+        shrink()
+        expand()
 
 
 def lora_linear_ref(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor, token_slot: torch.Tensor,

@@ -1,5 +1,8 @@
 """Random adapters packed into a layer page pool through the real layout, for tests and benchmarks.
 
+Not part of the installed package (nothing at run time needs it): the kernel tests import it as
+`synthetic_pool` (pytest puts this folder on sys.path), `benchmarks/bench_kernels.py` loads it by file.
+
 Going through `plan_layout` + `pack_layer` + `physical_rows` with shuffled block ids (instead of
 writing rows at convenient addresses) means every kernel test also checks the layout contract.
 Everything in the pool that is not an adapter row is NaN, and every unused table entry points at a
