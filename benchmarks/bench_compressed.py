@@ -67,9 +67,12 @@ def run(layers: dict, tokens: tuple[int, ...], distinct: tuple[int, ...], ranks_
         clusters: tuple[int, ...], page_elems: int, dtype: torch.dtype, device: torch.device,
         rep_ms: int) -> list[dict]:
     from slora_plugin.kernels.compressed_lora import CompressedWorkspace, compressed_lora_linear
-    from slora_plugin.kernels.compressed_synthetic import build_synthetic_cores
-    from slora_plugin.kernels.paged_lora import SegmentMeta, paged_lora_linear
-    from slora_plugin.kernels.synthetic import build_synthetic_pool
+    from fixture_loader import load_test_module
+    from slora_plugin.kernels.lora_linear import paged_lora_linear
+    from slora_plugin.kernels.metadata import SegmentMeta
+
+    build_synthetic_cores = load_test_module("compress/synthetic_cores.py").build_synthetic_cores
+    build_synthetic_pool = load_test_module("kernels/synthetic_pool.py").build_synthetic_pool
     from slora_plugin.layout import MODULES
 
     timed = timer(device, rep_ms)

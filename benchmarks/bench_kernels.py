@@ -27,17 +27,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib.util
 import json
 import os
 import sys
 import time
-from types import ModuleType
 from typing import Callable
 
 import torch
 import triton
 import triton.testing
+from fixture_loader import load_test_module
 
 from slora_plugin.kernels.expand import paged_lora_expand
 from slora_plugin.kernels.lora_linear import paged_lora_linear
@@ -55,19 +54,7 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "no vLLM row
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _load_synthetic_pool() -> ModuleType:
-    """The tests' pool builder (tests/kernels/synthetic_pool.py, not shipped in the package), by file:
-    putting tests/ on sys.path would make its folder `kernels/` importable as a namespace package
-    `kernels`, which transformers' probe for the PyPI package of that name would find."""
-    path = os.path.join(os.path.dirname(HERE), "tests", "kernels", "synthetic_pool.py")
-    spec = importlib.util.spec_from_file_location("synthetic_pool", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # before running it: @dataclass looks its module up
-    spec.loader.exec_module(module)
-    return module
-
-
-build_synthetic_pool = _load_synthetic_pool().build_synthetic_pool
+build_synthetic_pool = load_test_module("kernels/synthetic_pool.py").build_synthetic_pool
 
 DIMS = ModelDims(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
                  intermediate_size=11008, num_hidden_layers=32)        # Llama-2-7B

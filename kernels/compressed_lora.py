@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slora_plugin.kernels.paged_lora import SegmentMeta
+from slora_plugin.kernels.metadata import SegmentMeta
 from slora_plugin.layout import MODULES
 
 #: Tokens per work item (one of `paged_lora.TILE_M`: its work list is built by SegmentMeta).

@@ -18,7 +18,7 @@ way). The returned form is what `torch.autograd.gradcheck` checks.
 Two backends compute the same thing:
 - `TorchBackend`: `train_reference.py`, any float dtype, pool = the masters themselves (CPU
   training in fp32, fp64 gradcheck, the oracle of the other one).
-- `PagedBackend`: the serving kernels of `paged_lora.py` for the forward and for grad x, the new
+- `PagedBackend`: the serving kernels (`shrink.py`, `expand.py`) for the forward and for grad x, the new
   `lora_grad.segmented_lora_grad` for the weight gradients, fp16/bf16 activations.
 
 How the training op relates to the serving kernels (the choice, also in kernels/NOTES.md):
@@ -51,14 +51,10 @@ from typing import Protocol
 import torch
 
 from slora_plugin.kernels.lora_grad import GradConfig, segmented_lora_grad
-from slora_plugin.kernels.paged_lora import (
-    KernelConfig,
-    SegmentMeta,
-    paged_lora_expand,
-    paged_lora_shrink,
-    prefill_config,
-    shrink_buffer,
-)
+from slora_plugin.kernels.expand import paged_lora_expand
+from slora_plugin.kernels.metadata import SegmentMeta
+from slora_plugin.kernels.shrink import paged_lora_shrink, shrink_buffer
+from slora_plugin.kernels.tiling import KernelConfig, prefill_config
 from slora_plugin.kernels.train_reference import lora_backward_ref, lora_forward_ref, slot_groups
 from slora_plugin.layout import MODULES
 

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slora_plugin.kernels.paged_lora import SegmentMeta
+from slora_plugin.kernels.metadata import SegmentMeta
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from slora_plugin.core_layout import pack_cores, plan_cores
 from slora_plugin.kernels.compressed_lora import CompressedWorkspace, compressed_lora_linear
 from slora_plugin.kernels.compressed_reference import compressed_lora_exact
-from slora_plugin.kernels.compressed_synthetic import SyntheticCores, build_synthetic_cores
-from slora_plugin.kernels.paged_lora import SegmentMeta
+from synthetic_cores import SyntheticCores, build_synthetic_cores
+from slora_plugin.kernels.metadata import SegmentMeta
 from slora_plugin.layout import LayoutError, MODULES
 
 #: Module (d_in, d_out) of the tiny GQA model (tests/tiny_model.py) and vLLM's fused layers.

@@ -105,7 +105,7 @@ def test_the_rooms_are_populated():
     rooms = {name: room_of(name) for name in MODULES}
     for name in ("slora_plugin.layout", "slora_plugin.raw_format", "slora_plugin.config",
                  "slora_plugin.pool.page_pool", "slora_plugin.adapters.store",
-                 "slora_plugin.kernels.paged_lora"):
+                 "slora_plugin.kernels.lora_linear"):
         assert rooms[name] == "core", name
     assert rooms["slora_plugin.patches.guard"] == "patches"
     for name in ("slora_plugin.pool.scheduler", "slora_plugin.adapters.resolver",

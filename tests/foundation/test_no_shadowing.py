@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 #: The one top-level folder that is meant to be importable under its own name.
 OWN_PACKAGE = "slora_plugin"
+#: What setup.py builds the wheel from.
+WHEEL_SOURCES = ("setup.py", "README.md", "LICENSE", "slora_plugin", "kernels", "patches")
 
 _PROBE = textwrap.dedent(
     """
@@ -114,9 +117,18 @@ def test_installed_subpackages_import_from_elsewhere(tmp_path, subpackage):
 def test_wheel_installs_the_subpackages_inside_the_package(tmp_path):
     """Installed from a wheel, the subpackages are real folders of the package and the checkout
     plays no part (run from elsewhere); run from the root, the checkout's own copy imports whole."""
+    # Built from a copy: a build in the checkout leaves a build/ folder whose stale files a later
+    # build would put in the wheel.
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in WHEEL_SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", str(wheels), str(ROOT)], check=True, capture_output=True, timeout=600)
+                    "-w", str(wheels), str(source)], check=True, capture_output=True, timeout=600)
     (wheel,) = wheels.glob("slora_plugin-*.whl")
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),

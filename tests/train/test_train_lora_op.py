@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from slora_plugin.kernels.lora_function import LoRATables, PagedBackend, TorchBackend, multi_lora
 from slora_plugin.kernels.lora_grad import GradConfig, segmented_lora_grad
-from slora_plugin.kernels.paged_lora import SegmentMeta
+from slora_plugin.kernels.metadata import SegmentMeta
 from slora_plugin.kernels.train_reference import segmented_lora_grad_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
