@@ -41,8 +41,9 @@ setup(
     ],
     extras_require={
         # matplotlib: the report tests draw the benchmark plots; wheel: the no-shadowing test
-        # builds the wheel without build isolation (offline)
-        "test": ["pytest>=7", "hypothesis>=6.100", "peft>=0.13", "matplotlib>=3.7", "wheel>=0.40"],
+        # builds the wheel without build isolation (offline); ruff: the lint CI runs (pyproject.toml)
+        "test": ["pytest>=7", "hypothesis>=6.100", "peft>=0.13", "matplotlib>=3.7", "wheel>=0.40",
+                 "ruff>=0.6,<1"],
         "bench": ["tqdm>=4.60", "matplotlib>=3.7", "numpy>=1.24"],
     },
     entry_points={

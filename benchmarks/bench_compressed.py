@@ -135,11 +135,13 @@ def _dims_for(io: dict[str, tuple[int, int]]):
 def _row(layer: str, op: str, tokens: int, distinct: int, rank: int, clusters: int | None, us: float,
          nbytes: int) -> dict:
     return {"layer": layer, "op": op, "tokens": tokens, "distinct_adapters": distinct, "rank": rank,
-            "clusters": clusters, "time_us": round(us, 2), "bytes": nbytes, "gbps": round(nbytes / (us * 1e-6) / 1e9, 1)}
+            "clusters": clusters, "time_us": round(us, 2), "bytes": nbytes,
+            "gbps": round(nbytes / (us * 1e-6) / 1e9, 1)}
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| layer | tokens | distinct | op | K / r | clusters | us | GB/s |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    lines = ["| layer | tokens | distinct | op | K / r | clusters | us | GB/s |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['layer']} | {r['tokens']} | {r['distinct_adapters']} | {r['op']} | {r['rank']} | "
                      f"{r['clusters'] or ''} | {r['time_us']} | {r['gbps']} |")

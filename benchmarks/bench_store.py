@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         load = [bench_load(work, rank, repeats, args.threads)
                 for rank, repeats in ((16, args.repeats), (128, max(3, args.repeats // 4)))]
     device = torch.cuda.get_device_name(0).replace(" ", "_") if torch.cuda.is_available() else "cpu"
-    result = {"device": device, "date": datetime.date.today().isoformat(), "cpu": platform.processor() or platform.machine(),
+    result = {"device": device, "date": datetime.date.today().isoformat(),
+              "cpu": platform.processor() or platform.machine(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
               "index": idx, "load": load,
               "goals": {"index_s_10k": 2.0, "load_GBps": 4.0, "pages_GBps": 20.0},

@@ -220,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         row = {"cores": kind, "clusters": clusters, "rank_k": k, "rel_error_mean": report["rel_error_mean"],
                "rel_error_max": report["rel_error_max"], "loss_mean": sum(losses) / len(losses),
                "loss_max": max(losses), "acc_mean": sum(accs) / len(accs), "acc_min": min(accs),
-               "bytes_ratio": report["bytes"]["ratio"], "cores_bytes_per_adapter": report["bytes"]["per_adapter_cores_mean"]}
+               "bytes_ratio": report["bytes"]["ratio"],
+               "cores_bytes_per_adapter": report["bytes"]["per_adapter_cores_mean"]}
         if kind == "full" and clusters == 1:
-            rnd = compress_collection(rand, os.path.join(work, f"r-{k}"), k, dims=dims, dtype=torch.float16, device="cpu")
+            rnd = compress_collection(rand, os.path.join(work, f"r-{k}"), k, dims=dims, dtype=torch.float16,
+                                      device="cpu")
             row["random_rel_error_mean"] = rnd["rel_error_mean"]
         rows.append(row)
         print(f"{kind} C={clusters} K={k}: loss {row['loss_mean']:.4f}, acc {row['acc_mean']:.3f}, rel error "
@@ -255,14 +257,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def markdown(result: dict) -> str:
     """The table for benchmarks/results/README.md."""
-    lines = [f"Base model (no adapter): loss {result['base']['loss_mean']:.3f}, accuracy {result['base']['acc_mean']:.3f}; "
+    base = result["base"]
+    lines = [f"Base model (no adapter): loss {base['loss_mean']:.3f}, accuracy {base['acc_mean']:.3f}; "
              f"uncompressed adapters: loss {result['uncompressed']['loss_mean']:.4f}, accuracy "
              f"{result['uncompressed']['acc_mean']:.3f} ({result['adapters']} adapters, means).", "",
-             "| cores | clusters | K | rel. error mean | max | random adapters' rel. error | task loss mean | max | accuracy mean | min | bytes / uncompressed |",
+             "| cores | clusters | K | rel. error mean | max | random adapters' rel. error "
+             "| task loss mean | max | accuracy mean | min | bytes / uncompressed |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         rnd = f"{r['random_rel_error_mean']:.3f}" if "random_rel_error_mean" in r else ""
-        lines.append(f"| {r['cores']} | {r['clusters']} | {r['rank_k']} | {r['rel_error_mean']:.3f} | {r['rel_error_max']:.3f} | "
+        lines.append(f"| {r['cores']} | {r['clusters']} | {r['rank_k']} | {r['rel_error_mean']:.3f} "
+                     f"| {r['rel_error_max']:.3f} | "
                      f"{rnd} | {r['loss_mean']:.4f} | {r['loss_max']:.4f} | {r['acc_mean']:.3f} | {r['acc_min']:.3f} | "
                      f"{r['bytes_ratio']:.2f} |")
     return "\n".join(lines)

@@ -164,7 +164,8 @@ def run(args: argparse.Namespace) -> dict:
             peft_tps, peft_losses, base = peft_sequential(base, job, measured, args.warmup, args.device)
             tps, step_s, ours = mixed(base, job, args.warmup, args.device)
             diff = max(abs(o - p) / abs(p) for name, ps in peft_losses.items() for o, p in zip(ours[name], ps))
-            rows.append({"n_adapters": n, "tokens_per_s": round(tps, 1), "peft_sequential_tokens_per_s": round(peft_tps, 1),
+            rows.append({"n_adapters": n, "tokens_per_s": round(tps, 1),
+                         "peft_sequential_tokens_per_s": round(peft_tps, 1),
                          "max_rel_loss_diff": diff, "speedup": round(tps / peft_tps, 3), "step_s": round(step_s, 4),
                          "peft_adapters_measured": len(measured)})
             print(f"N={n}: mixed {tps:,.0f} tok/s, PEFT sequential {peft_tps:,.0f} tok/s "

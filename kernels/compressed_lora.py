@@ -184,7 +184,8 @@ def _check(w: torch.Tensor, z: torch.Tensor, pool: torch.Tensor, meta: SegmentMe
     if slots < meta.max_slots:
         raise ValueError(f"the tables have {slots} slots, fewer than SegmentMeta.max_slots={meta.max_slots}")
     if has_core.dtype != torch.int32 or has_core.shape != (slots, len(MODULES)) or has_core.stride(1) != 1:
-        raise ValueError(f"has_core must be int32 [{slots}, {len(MODULES)}], got {has_core.dtype} {tuple(has_core.shape)}")
+        raise ValueError(f"has_core must be int32 [{slots}, {len(MODULES)}], "
+                         f"got {has_core.dtype} {tuple(has_core.shape)}")
     if slot_group.dtype != torch.int32 or slot_group.shape != (slots,):
         raise ValueError(f"slot_group must be int32 [{slots}], got {slot_group.dtype} {tuple(slot_group.shape)}")
     if not 0 <= module_id < len(MODULES):

@@ -231,7 +231,11 @@ def unhide(scheduler: Any, hidden: Hidden) -> None:
 
 # ------------------------------------------------------------- prefix-cache hash keys
 
-_resolver: Callable[[], Callable[[Any], str] | None] = lambda: None
+def _no_resolver() -> Callable[[Any], str] | None:
+    return None
+
+
+_resolver: Callable[[], Callable[[Any], str] | None] = _no_resolver
 _original_lora_keys: Callable[[Any], list[str]] | None = None
 #: Attribute on vLLM's Request caching its LoRA hash key (computed once per request, so every
 #: block of the request, including blocks completed later by decoding, uses the same key).

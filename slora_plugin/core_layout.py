@@ -58,5 +58,6 @@ def pack_cores(layout: CoreLayout, cores: Mapping[str, torch.Tensor], out: torch
             raise ValueError(f"{m}: expected a core of shape {shape}, got {tuple(core.shape)}")
         rows = torch.zeros(len(offsets), k, dtype=out.dtype, device=out.device) if core is None \
             else core.reshape(len(offsets), k).to(out.dtype)
-        index = torch.tensor(offsets, dtype=torch.int64, device=out.device)[:, None] + torch.arange(k, device=out.device)
+        index = (torch.tensor(offsets, dtype=torch.int64, device=out.device)[:, None]
+                 + torch.arange(k, device=out.device))
         flat[index] = rows

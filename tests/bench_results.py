@@ -36,7 +36,8 @@ def fake_results(tmp_path):
                  fake_row("base", 0, 900.0, WorkloadSpec(n_adapters=0, arrival="gamma", rate=4,
                                                          input_len=(8, 512), output_len=(8, 512)))],
         "stock": [fake_row("stock", n, t, WorkloadSpec(n_adapters=n, arrival="all"), 0.5)
-                  for n, t in ((1, 5639.4), (100, 3656.6), (1000, 818.9))] + [fake_row("stock", 1000, 500.0, gamma, 1.0)],
+                  for n, t in ((1, 5639.4), (100, 3656.6), (1000, 818.9))]
+                 + [fake_row("stock", 1000, 500.0, gamma, 1.0)],
         "plugin": [fake_row("plugin", n, t, WorkloadSpec(n_adapters=n, arrival="all"))
                    for n, t in ((1, 6500.0), (100, 6000.0), (1000, 5000.0), (2000, 4800.0))],
     }.items():

@@ -157,5 +157,6 @@ def _check(args: argparse.Namespace) -> int:
     if problems:
         print(format_table(problems))
     scope = "" if dims else " (config and weight files only; pass --model for the full check)"
-    print(f"{count} adapters checked{scope}, {len(problems)} with problems", file=sys.stderr if problems else sys.stdout)
+    print(f"{count} adapters checked{scope}, {len(problems)} with problems",
+          file=sys.stderr if problems else sys.stdout)
     return 1 if problems else 0

@@ -82,7 +82,8 @@ def compress_collection(src_dir: str, out_dir: str, rank: int, *, clusters: int 
         rank=rank, diagonal=diagonal, dtype=storage_names[dtype], num_layers=dims.num_hidden_layers,
         modules=modules,
         clusters=tuple({"bases": bases_path(c), "layers": _layers(bases[c], "U")} for c in range(clusters)),
-        adapters={ad.name: {"cluster": labels[i], "cores": cores_path(ad.name), "layers": _layers(cores[ad.name], "core")}
+        adapters={ad.name: {"cluster": labels[i], "cores": cores_path(ad.name),
+                            "layers": _layers(cores[ad.name], "core")}
                   for i, ad in enumerate(adapters)})
     os.makedirs(out_dir, exist_ok=True)
     write_collection(out_dir, manifest, bases, cores)

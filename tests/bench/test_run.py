@@ -58,7 +58,8 @@ def test_engine_kwargs_per_system():
     stock = engine_kwargs(RunOptions("stock", traces), "/m", "/a")
     assert (stock["enable_lora"], stock["max_loras"], stock["max_cpu_loras"], stock["max_lora_rank"],
             stock["lora_target_modules"]) == (True, 128, 1000, 128, ["qkv_proj", "o_proj"])
-    assert engine_kwargs(RunOptions("stock", traces, lora_target_modules=None), "/m", "/a")["lora_target_modules"] is None
+    kwargs = engine_kwargs(RunOptions("stock", traces, lora_target_modules=None), "/m", "/a")
+    assert kwargs["lora_target_modules"] is None
     plugin = engine_kwargs(RunOptions("plugin", traces, slora_config={"loader_threads": 8},
                                       engine_args={"enable_lora": True}), "/m", "/a")
     assert plugin["additional_config"] == {"slora": {"adapter_dir": "/a", "max_lora_rank": 128,
@@ -135,7 +136,8 @@ def test_all_at_once_stock_requests_carry_cold_adapters():
     a = trace.requests[0].adapter
     assert (lr.lora_name, lr.lora_int_id, lr.lora_path) == (
         adapter_name(100 + a), 101 + a, os.path.join("/ad", adapter_name(100 + a)))
-    assert row["output_tok_per_s"] * row["duration_s"] == pytest.approx(sum(r.output_len for r in trace.requests), rel=1e-2)
+    produced = sum(r.output_len for r in trace.requests)
+    assert row["output_tok_per_s"] * row["duration_s"] == pytest.approx(produced, rel=1e-2)
     assert 0 < row["ttft_p50_s"] < row["e2e_p50_s"] and row["tpot_p50_s"] > 0
     assert row["distinct_adapters"] == trace.distinct_adapters
     assert all(r["arrival_s"] is not None and r["arrival_s"] < 0.1 for r in recs)
@@ -289,7 +291,8 @@ def test_run_writes_rows_per_trace(tmp_path, tiny_model_dir, monkeypatch):
     assert data["command"] == opts.command and data["vllm_version"] == vllm.__version__
     assert data["environment"] == {"VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
     assert [w["n_adapters"] for w in data["workload"]] == [1, 5]
-    assert [(r["n_adapters"], r["completed"], r["kv_cache_tokens"]) for r in data["rows"]] == [(1, 12, 1600), (5, 12, 1600)]
+    got = [(r["n_adapters"], r["completed"], r["kv_cache_tokens"]) for r in data["rows"]]
+    assert got == [(1, 12, 1600), (5, 12, 1600)]
     assert data["rows"][0]["settings"]["max_loras"] == 128 and data["rows"][0]["init_s"] >= 0
     assert [r["preemptions"] for r in data["rows"]] == [5, 5]       # vLLM's counter, per trace
     assert all(r[k] is None for r in data["rows"] for k in POOL_KEYS)  # no pool in stock

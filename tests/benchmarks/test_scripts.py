@@ -62,8 +62,9 @@ def _gpu_run_steps() -> dict[str, list[str]]:
     text = re.sub(r'"\$\(slora_trace (\S+) (\S+)\)"',
                   lambda m: "'" + shape.replace("$1", m.group(1)).replace("$2", m.group(2)) + "'", text)
     helper = re.search(r'benchmarks/throughput.py" (.*?) "\$@"', text).group(1)
+    step = re.compile(r'\n\s+(throughput-[a-z0-9-]+)\)\s+(?:#[^\n]*\n\s+)?throughput "\$s" ([^;]*);;')
     steps = {m.group(1): shlex.split(helper.replace('"$RES"', "RES")) + shlex.split(m.group(2))
-             for m in re.finditer(r'\n\s+(throughput-[a-z0-9-]+)\)\s+(?:#[^\n]*\n\s+)?throughput "\$s" ([^;]*);;', text)}
+             for m in step.finditer(text)}
     assert set(steps) == {"throughput-plugin", "throughput-stock", "throughput-base",
                           "throughput-stock-gamma", "throughput-s1-base", "throughput-s1-plugin",
                           "throughput-s1-stock", "throughput-s2-plugin"}

@@ -54,7 +54,8 @@ def make_case(dtype, layer, rank, diagonal, slot_mods, groups, num_groups, page_
     x = torch.randn(t + pad, d_in, generator=gen, dtype=torch.float64).to(dtype).to(device)
     col0 = seed % 5
     y_full = torch.randn(t + pad, width + 5, generator=gen, dtype=torch.float64).to(dtype).to(device)
-    return Case(dtype, layer, rank, diagonal, sc, torch.tensor(slots, dtype=torch.int32, device=device), x, y_full, col0)
+    token_slot = torch.tensor(slots, dtype=torch.int32, device=device)
+    return Case(dtype, layer, rank, diagonal, sc, token_slot, x, y_full, col0)
 
 
 def run(case: Case) -> torch.Tensor:
