@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from conftest import write_model_config
+from tiny_model import write_model_config
 from slora_plugin.pool.metrics import COUNTERS, GAUGES, PoolMetrics, multiprocess_enabled
 from slora_plugin.pool.scheduler import scheduler_class
 from vllm_cpu import add_requests, create_scheduler, engine_loop, lora, make_request
@@ -27,7 +27,7 @@ TESTS = Path(__file__).resolve().parents[1]
 #: prometheus_client reads PROMETHEUS_MULTIPROC_DIR once, at import.
 SCENARIO = textwrap.dedent("""
     import json, sys
-    from conftest import write_model_config
+    from tiny_model import write_model_config
     from slora_plugin.pool.metrics import multiprocess_enabled
     from slora_plugin.pool.scheduler import scheduler_class
     from vllm_cpu import add_requests, create_scheduler, engine_loop, lora, make_request

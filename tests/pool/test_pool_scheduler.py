@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import TINY_LLAMA, write_model_config
+from tiny_model import TINY_LLAMA, write_model_config
 from slora_plugin.adapters.errors import AdapterError
 from slora_plugin.adapters.peft_format import write_random_adapter
 from slora_plugin.layout import MODULES, ModelDims, plan_layout
