@@ -13,11 +13,14 @@ import torch
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks")
 
 
-def script(name: str) -> dict:
-    return runpy.run_path(os.path.join(BENCH, name), run_name="benchmark_under_test")
+@pytest.fixture
+def script(monkeypatch):
+    """Load a benchmark script as `python benchmarks/NAME` runs it: its folder first on sys.path."""
+    monkeypatch.syspath_prepend(BENCH)
+    return lambda name: runpy.run_path(os.path.join(BENCH, name), run_name="benchmark_under_test")
 
 
-def test_kernel_benchmark_smoke_run(tmp_path, capsys):
+def test_kernel_benchmark_smoke_run(tmp_path, capsys, script):
     assert script("bench_compressed.py")["main"](["--tiny", "--out-dir", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("compress-kernels-*.json")
     rows = json.loads(path.read_text())["rows"]
@@ -26,7 +29,7 @@ def test_kernel_benchmark_smoke_run(tmp_path, capsys):
     assert "| qkv_proj |" in capsys.readouterr().out
 
 
-def test_quality_task_labels_are_the_mapped_symbols():
+def test_quality_task_labels_are_the_mapped_symbols(script):
     ns = script("compress_quality.py")
     perm = torch.randperm(ns["SYMBOLS"], generator=torch.Generator().manual_seed(0))
     task = ns["Task"](0, "t", 100, perm, 4)
@@ -38,7 +41,7 @@ def test_quality_task_labels_are_the_mapped_symbols():
 
 
 @pytest.mark.slow
-def test_quality_experiment_end_to_end_tiny(tmp_path, capsys):
+def test_quality_experiment_end_to_end_tiny(tmp_path, capsys, script):
     ns = script("compress_quality.py")
     assert ns["main"](["--adapters", "2", "--steps", "2", "--ks", "2,4", "--out-dir", str(tmp_path / "r"),
                        "--work-dir", str(tmp_path / "w")]) == 0
