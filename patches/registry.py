@@ -8,7 +8,7 @@ from types import ModuleType
 #: One entry per file in patches/ that touches vLLM (guard.py and this file excluded).
 PATCH_MODULES: tuple[str, ...] = ("envs", "engine_args", "lora_resolver", "lora_layers",
                                   "lora_worker", "kv_pool", "scheduler", "lora_cudagraph",
-                                  "layer_name")
+                                  "layer_name", "openai_errors")
 
 
 def patch_modules() -> list[ModuleType]:

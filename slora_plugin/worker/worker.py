@@ -302,8 +302,9 @@ class SLoRAWorker(Worker):
     def add_lora(self, lora_request) -> bool:
         """Check the adapter's config and warm the host store; pages are the scheduler's to
         give, at admission. The check makes `vllm serve` answer a broken adapter at resolution
-        (its resolver calls this; a failure becomes a 400 and the AdapterError, naming the
-        adapter, the file and why, is logged) instead of failing its requests later."""
+        (its resolver calls this; a failure becomes a 400 whose message carries the
+        AdapterError, naming the adapter, the file and why: patches/openai_errors.py) instead
+        of failing its requests later."""
         if self.adapter_store is not None:
             self.adapter_store.spec(lora_request.lora_path)
             self.adapter_store.prefetch([lora_request.lora_path])

@@ -92,6 +92,7 @@ def test_vllm_resolver_and_lora_request(tmp_path, tiny_dims):
 
     from slora_plugin.adapters.resolver import RESOLVER_NAME, lora_request, register_resolver
     from slora_plugin.config import SLoRAConfig
+    from slora_plugin.patches.openai_errors import AdapterRequestError
 
     path = write_random_adapter(str(tmp_path / "org" / "a"), tiny_dims, 4, TARGETS)
     resolver = register_resolver(SLoRAConfig(adapter_dir=str(tmp_path)))
@@ -101,8 +102,11 @@ def test_vllm_resolver_and_lora_request(tmp_path, tiny_dims):
         req = asyncio.run(resolver.resolve_lora("base", "org/a"))
         assert req.lora_name == "org/a" and req.lora_path == os.path.realpath(path)
         assert asyncio.run(resolver.resolve_lora("base", "org/missing")) is None
-        assert asyncio.run(resolver.resolve_lora("base", "../etc")) is None
-        assert asyncio.run(resolver.resolve_lora("base", path)) is None  # absolute: not a name
+        # a refused name is a bad request (vLLM answers 400 with this text), not an unknown one
+        with pytest.raises(AdapterRequestError, match=r"'\.\./etc'.*'\.\.' path component"):
+            asyncio.run(resolver.resolve_lora("base", "../etc"))
+        with pytest.raises(AdapterRequestError, match="not an absolute path"):  # not a name
+            asyncio.run(resolver.resolve_lora("base", path))
         again = lora_request("org/a", str(tmp_path))
         assert again.lora_int_id == req.lora_int_id and again.lora_path == req.lora_path
     finally:
