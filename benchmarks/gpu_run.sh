@@ -28,6 +28,16 @@
 #                trace); own adapter directory /dev/shm/slora-s1 (~4-8 min each)
 #   throughput-s2-plugin  S2 (ranks 8/16/32/64) at 20 req/s, 100 / 1000 / 2000 adapters (~5 min)
 #   throughput-report  markdown table + 2 PNG plots from every throughput-*.json in results/
+#   soak-rate    the highest request rate stock vLLM sustains on Llama-2-7B (dummy weights, base
+#                model, the soak's lengths; benchmarks/gpu_soak.py --measure-only) -> results/
+#                soak-rate-DATE.json (~5 min, at most 9)
+#   soak         the serving soak of issue 17 at that rate (measured first if soak-rate has not
+#                run today): the plugin over 2,000 synth adapters, Poisson load, chaos on the
+#                adapter directory, for SOAK_DURATION_S (default 600) -> results/soak-DATE.json
+#                and .png, server log in $OUT/soak-server.log. Takes ~4 min more than the load
+#                itself: longer than one 10-minute device command, so start it detached
+#                (`setsid nohup bash benchmarks/gpu_run.sh soak > /tmp/soak.out 2>&1 &`) and
+#                collect results/soak-*.json in a later call
 # Each throughput step is one engine in one process, stops starting traces after --deadline-s
 # 450 and is killed at 530 s, so it ends under 9 minutes; rows are written after every trace.
 # Results go to benchmarks/results/ and, packed, to $OUT (what the device tool brings back).
@@ -128,6 +138,18 @@ for s in "$@"; do
     throughput-report)
       step "$s"
       $PY "$REPO/benchmarks/report.py" --out-dir "$RES" 2>&1 | tee "$OUT/throughput-report.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    soak-rate)
+      step "$s"
+      timeout -k 10 540 $PY "$REPO/benchmarks/gpu_soak.py" --measure-only --work-dir /dev/shm/slora-soak \
+          --probe-rates 4,8,12,16,24,32 --probe-s 30 --out "$RES/soak-rate-$DAY.json" 2>&1 | tee "$OUT/soak-rate.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    soak)
+      step "$s"
+      rate_from=(); [ -f "$RES/soak-rate-$DAY.json" ] && rate_from=(--rate-from "$RES/soak-rate-$DAY.json")
+      dur=${SOAK_DURATION_S:-600}
+      timeout -k 10 $((dur + 900)) $PY "$REPO/benchmarks/gpu_soak.py" --work-dir /dev/shm/slora-soak \
+          --duration-s "$dur" "${rate_from[@]}" --log "$OUT/soak-server.log" 2>&1 | tee "$OUT/soak.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     *) echo "unknown step $s"; status=2 ;;
   esac
