@@ -4,7 +4,10 @@
 # Steps:
 #   install      install this plugin (no deps) into /tmp/site, beside the vLLM staged there by
 #                ../shared/gpu/stage_vllm.sh (its remote_install.sh must have run first)
-#   tests        the pytest tests marked `gpu`
+#   tests        the pytest tests marked `gpu`, but the engine restarts of `teardown`
+#   teardown     an engine with the plugin and CUDA graphs started and stopped 20 times, each in its
+#                own process, none exiting abnormally (tests/worker/test_teardown_gpu.py; ~20 x 25 s;
+#                SLORA_TEARDOWN_RUNS / SLORA_TEARDOWN_PARALLEL change the count / engines at once)
 #   smoke        dummy Llama-2-7B generation, plugin off then on (benchmarks/gpu_smoke.py)
 #   kernels      paged-kernel benchmark vs vLLM's LoRA kernels (benchmarks/bench_kernels.py)
 #   store        host store: pinned host -> GPU bandwidth (benchmarks/bench_store.py)
@@ -74,9 +77,16 @@ for s in "$@"; do
       $PY -c "import slora_plugin, slora_plugin.kernels, vllm; print('plugin', slora_plugin.__version__, 'vllm', vllm.__version__)" || status=1 ;;
     tests)
       step tests
-      $PY -m pytest -m gpu -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests" 2>&1 | tee "$OUT/gpu-tests.log"
+      $PY -m pytest -m gpu -k "not engine_restarts" -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests" 2>&1 | tee "$OUT/gpu-tests.log"
       cp "$OUT/gpu-tests.log" "$RES/gpu-tests-$DAY.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    teardown)
+      step "$s"
+      timeout -k 10 570 $PY -m pytest -m gpu -k engine_restarts -q -p no:cacheprovider --rootdir "$REPO" \
+          "$REPO/tests/worker/test_teardown_gpu.py" 2>&1 | tee "$OUT/teardown.log"
+      rc=${PIPESTATUS[0]}
+      cp "$OUT/teardown.log" "$RES/teardown-$DAY.log"
+      [ "$rc" -eq 0 ] || status=1 ;;
     smoke)
       step smoke
       res="$RES/gpu-smoke-$DAY.json"; rm -f "$res"
