@@ -137,13 +137,14 @@ class Mix:
     disconnect_fraction: float = 0.1  # of streamed requests
     prompt_len: tuple[int, int] = PROMPT_LEN
     output_len: tuple[int, int] = OUTPUT_LEN
+    vocab_size: int = 32000  # prompt token ids are drawn from [3, vocab_size)
 
 
 def plan_request(t: float, popularity: Popularity | None, mix: Mix, rng: random.Random) -> Planned:
     """The request arriving at `t` (base model only when `popularity` is None)."""
     base = popularity is None or rng.random() < mix.base_fraction
     model = SERVED_NAME if base else popularity.draw(rng)  # type: ignore[union-attr]
-    prompt = tuple(rng.randrange(3, 30000) for _ in range(rng.randint(*mix.prompt_len)))
+    prompt = tuple(rng.randrange(3, mix.vocab_size) for _ in range(rng.randint(*mix.prompt_len)))
     max_tokens = rng.randint(*mix.output_len)
     stream = rng.random() < mix.stream_fraction
     hang_up = stream and rng.random() < mix.disconnect_fraction
@@ -807,7 +808,10 @@ def mix_of(args: argparse.Namespace) -> Mix:
         lo, _, hi = text.partition("-")
         return int(lo), int(hi or lo)
 
-    return Mix(alpha=args.alpha, prompt_len=span(args.prompt_len), output_len=span(args.output_len))
+    from slora_plugin.plan import load_model_config
+
+    return Mix(alpha=args.alpha, prompt_len=span(args.prompt_len), output_len=span(args.output_len),
+               vocab_size=int(load_model_config(args.model_config).get("vocab_size", 32000)))
 
 
 def _terminate(signum, frame):

@@ -398,6 +398,8 @@ class _FakeVLLMServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 n = body["max_tokens"]
+                if max(body["prompt"]) >= 256:  # the tiny model's vocabulary
+                    return self._send(400, json.dumps({"error": {"message": "token id out of vocabulary"}}))
                 if not body.get("stream"):
                     c = {"finish_reason": "length", "token_ids": list(range(n))}
                     if body.get("logprobs"):
