@@ -597,7 +597,7 @@ class Monitor(threading.Thread):
         self.health_failures = 0
 
     def run(self) -> None:
-        while not self.stop_event.wait(self.every_s):
+        while True:  # a sample at once, then one every `every_s`
             if self.server.proc.poll() is not None:
                 self.crashes = 1
                 return
@@ -608,6 +608,8 @@ class Monitor(threading.Thread):
                                  "rss_bytes": mem["VmRSS"] * 1024,
                                  "pinned_bytes": (mem["VmPin"] + mem["VmLck"]) * 1024,
                                  "health": status})
+            if self.stop_event.wait(self.every_s):
+                return
 
 
 def start_server(cmd: list[str], env: dict[str, str], log_path: str, cwd: str, start_timeout_s: float):
@@ -702,7 +704,7 @@ def soak(args: argparse.Namespace, result: dict[str, Any]) -> None:
         server.stop()
         return
     t0 = time.monotonic()
-    monitor = Monitor(server, base_url, t0)
+    monitor = Monitor(server, base_url, t0, args.monitor_every_s)
     chaos = Chaos(adapter_dir, dims, random.Random(args.seed + 1), popularity)
     stop_chaos = threading.Event()
     chaos_errors: list[str] = []
@@ -795,6 +797,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tie-tol", type=float, default=0.02)
     ap.add_argument("--window-s", type=float, default=30.0)
     ap.add_argument("--warmup-s", type=float, default=60.0)
+    ap.add_argument("--monitor-every-s", type=float, default=5.0, help="health and memory samples")
     ap.add_argument("--rss-budget-gib", type=float, default=48.0)
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)

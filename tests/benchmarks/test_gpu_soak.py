@@ -446,7 +446,8 @@ def test_soak_end_to_end_on_a_fake_server(tmp_path, tiny_model_dir, monkeypatch)
     rc = soak.main(["--work-dir", str(tmp_path / "w"), "--out", str(out), "--rate", "40",
                     "--duration-s", "3", "--model-config", tiny_model_dir, "--adapters", "12",
                     "--distinct", "2", "--chaos-every-s", "0.2", "--replay", "5", "--warmup-s", "0",
-                    "--window-s", "1", "--prompt-len", "2-4", "--output-len", "2-6"])
+                    "--window-s", "1", "--prompt-len", "2-4", "--output-len", "2-6",
+                    "--monitor-every-s", "0.5"])
     data = json.loads(out.read_text())
     assert rc == 0, data["failed_checks"]
     for key in ("date", "device", "duration_s", "rate", "requests", "completed", "failed_with_reason",
@@ -458,6 +459,7 @@ def test_soak_end_to_end_on_a_fake_server(tmp_path, tiny_model_dir, monkeypatch)
     assert data["replay"]["checked"] == 5 and data["replay"]["equal"] == 5
     assert sum(data["chaos"]["ops"].values()) >= 5 and data["adapters"] == 12
     assert data["pool"]["ok"] and data["memory"]["ok"] and len(data["latency_windows"]) >= 3
+    assert len(data["memory_samples"]) >= 4 and data["health_failures"] == 0
     assert "--additional-config" in started[0]
 
 
