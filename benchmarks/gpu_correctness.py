@@ -182,14 +182,16 @@ def run(directory: str, results_dir: str, runner: str | None = None) -> int:
         part = os.path.join(results_dir, f".correctness-{'eager' if eager else 'graphs'}.json")
         cmd = [sys.executable, __file__, "--run-one", directory, "--out", part] + (["--eager"] if eager else [])
         print("$", " ".join(cmd), flush=True)
+        if os.path.exists(part):  # left by an interrupted run: not this run's rows
+            os.remove(part)
         rc = subprocess.call(cmd)
-        if rc != 0:
+        if rc != 0:  # still a failure, but rows written before an abnormal exit are kept
             print(f"run with enforce_eager={eager} FAILED (exit {rc})", flush=True)
             rows.append(dict(adapter="*", cudagraphs=not eager, error=f"exit status {rc}"))
-            continue
-        with open(part) as f:
-            rows.extend(json.load(f))
-        os.remove(part)
+        if os.path.exists(part):
+            with open(part) as f:
+                rows.extend(json.load(f))
+            os.remove(part)
     day = _dt.date.today().isoformat()
     result = dict(date=day, device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                   model=f"random Llama {MODEL_CONFIG}", model_runner_forced=runner, rows=rows)

@@ -4,7 +4,10 @@
 # Steps:
 #   install      install this plugin (no deps) into /tmp/site, beside the vLLM staged there by
 #                ../shared/gpu/stage_vllm.sh (its remote_install.sh must have run first)
-#   tests        the pytest tests marked `gpu`
+#   tests        the pytest tests marked `gpu`, but the engine restarts of `teardown`
+#   teardown     an engine with the plugin and CUDA graphs started and stopped 20 times, each in its
+#                own process, none exiting abnormally (tests/worker/test_teardown_gpu.py; ~20 x 25 s;
+#                SLORA_TEARDOWN_RUNS / SLORA_TEARDOWN_PARALLEL change the count / engines at once)
 #   smoke        dummy Llama-2-7B generation, plugin off then on (benchmarks/gpu_smoke.py)
 #   kernels      paged-kernel benchmark vs vLLM's LoRA kernels (benchmarks/bench_kernels.py)
 #   compress-kernels  compressed-collection op vs paged op, Llama-3-8B layers (benchmarks/bench_compressed.py)
@@ -31,6 +34,16 @@
 #   throughput-report  markdown table + 2 PNG plots from every throughput-*.json in results/
 #   finetune     mLoRA training: mixed batches vs PEFT one adapter after another, N = 1, 4, 16, 64
 #                (benchmarks/finetune_bench.py, needs peft; results in finetune-DATE.json; ~4-6 min)
+#   soak-rate    the highest request rate stock vLLM sustains on Llama-2-7B (dummy weights, base
+#                model, the soak's lengths; benchmarks/gpu_soak.py --measure-only) -> results/
+#                soak-rate-DATE.json (~5 min, at most 9)
+#   soak         the serving soak of issue 17 at that rate (measured first if soak-rate has not
+#                run today): the plugin over 2,000 synth adapters, Poisson load, chaos on the
+#                adapter directory, for SOAK_DURATION_S (default 600) -> results/soak-DATE.json
+#                and .png, server log in $OUT/soak-server.log. Takes ~4 min more than the load
+#                itself: longer than one 10-minute device command, so start it detached
+#                (`setsid nohup bash benchmarks/gpu_run.sh soak > /tmp/soak.out 2>&1 &`) and
+#                collect results/soak-*.json in a later call
 # Each throughput step is one engine in one process, stops starting traces after --deadline-s
 # 450 and is killed at 530 s, so it ends under 9 minutes; rows are written after every trace.
 # Results go to benchmarks/results/ and, packed, to $OUT (what the device tool brings back).
@@ -67,9 +80,16 @@ for s in "$@"; do
       $PY -c "import slora_plugin, slora_plugin.kernels, vllm; print('plugin', slora_plugin.__version__, 'vllm', vllm.__version__)" || status=1 ;;
     tests)
       step tests
-      $PY -m pytest -m gpu -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests" 2>&1 | tee "$OUT/gpu-tests.log"
+      $PY -m pytest -m gpu -k "not engine_restarts" -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests" 2>&1 | tee "$OUT/gpu-tests.log"
       cp "$OUT/gpu-tests.log" "$RES/gpu-tests-$DAY.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    teardown)
+      step "$s"
+      timeout -k 10 570 $PY -m pytest -m gpu -k engine_restarts -q -p no:cacheprovider --rootdir "$REPO" \
+          "$REPO/tests/worker/test_teardown_gpu.py" 2>&1 | tee "$OUT/teardown.log"
+      rc=${PIPESTATUS[0]}
+      cp "$OUT/teardown.log" "$RES/teardown-$DAY.log"
+      [ "$rc" -eq 0 ] || status=1 ;;
     smoke)
       step smoke
       res="$RES/gpu-smoke-$DAY.json"; rm -f "$res"
@@ -138,6 +158,18 @@ for s in "$@"; do
     finetune)
       step finetune
       timeout -k 10 590 $PY "$REPO/benchmarks/finetune_bench.py" --out "$RES" 2>&1 | tee "$OUT/finetune.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    soak-rate)
+      step "$s"
+      timeout -k 10 540 $PY "$REPO/benchmarks/gpu_soak.py" --measure-only --work-dir /dev/shm/slora-soak \
+          --probe-rates 4,8,12,16,24,32 --probe-s 30 --out "$RES/soak-rate-$DAY.json" 2>&1 | tee "$OUT/soak-rate.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    soak)
+      step "$s"
+      rate_from=(); [ -f "$RES/soak-rate-$DAY.json" ] && rate_from=(--rate-from "$RES/soak-rate-$DAY.json")
+      dur=${SOAK_DURATION_S:-600}
+      timeout -k 10 $((dur + 900)) $PY "$REPO/benchmarks/gpu_soak.py" --work-dir /dev/shm/slora-soak \
+          --duration-s "$dur" "${rate_from[@]}" --log "$OUT/soak-server.log" 2>&1 | tee "$OUT/soak.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     *) echo "unknown step $s"; status=2 ;;
   esac

@@ -4,7 +4,8 @@ What a user of the README does: `VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 vllm serve M
 --additional-config '{"slora": {"adapter_dir": ...}}'`, then asks /v1/completions for adapters by
 name. The model is the correctness fixture's tiny GQA Llama config (head 64, the shape that ran on
 the H100) with dummy weights and no tokenizer, so prompts are token ids. The adapter directory
-holds a few valid adapters and three broken ones:
+holds a few valid adapters and three broken ones, each of whose requests must answer 400 with
+the adapter, the file and the reason in the body:
 
 - `bad-config`: adapter_config.json is not valid JSON;
 - `bad-rank`: rank 32 above the server's `max_lora_rank` 16;
@@ -13,7 +14,8 @@ holds a few valid adapters and three broken ones:
 
 Checks (each one a row {check, expected, got, ok} in benchmarks/results/serve-DATE.json):
 good adapters answer (one alone, two at once), an unknown name gets vLLM's 404, each broken
-adapter fails only its own request and the server log names the adapter, the file and why,
+adapter fails only its own request (400 naming it, its file and why) and the server log names
+the adapter, the file and why,
 then a good adapter, the base model and /health still answer, and /metrics carries `slora:*`
 (PROMETHEUS_MULTIPROC_DIR is exported to a fresh directory, as the README says). Exit 1 if any
 check fails. The server runs in its own process group, killed on exit whatever happens.
@@ -76,23 +78,21 @@ GOOD: dict[str, tuple[int, tuple[str, ...]]] = {
 
 @dataclass(frozen=True)
 class Broken:
-    """A broken adapter, the file its error must name, and a phrase of the reason.
-    `outcomes`: the HTTP answers that count as "failed only its own request": "400" (refused at
-    resolution: the worker's add_lora checks the config), "500" (vLLM's answer to a request
-    finished with reason "error": `Internal server error`), "error" (a 200 whose choice has
-    finish_reason "error")."""
+    """A broken adapter, the file its error must name, and a phrase of the reason. Its request
+    must answer 400 BadRequestError whose message names the adapter, the file and the reason
+    (issue 17; `patches/openai_errors.py`). `at_resolution`: refused when vLLM resolves the
+    name (the worker's add_lora checks the config), else when its weights are read."""
 
     file: str
     reason: str
-    outcomes: tuple[str, ...]
+    at_resolution: bool
 
 
 BROKEN: dict[str, Broken] = {
-    "bad-config": Broken("adapter_config.json", "not valid JSON", ("400",)),
-    "bad-rank": Broken("adapter_config.json", "above the configured maximum", ("400",)),
-    # Its config is valid, so resolution accepts it unless its weights are read there too.
-    "bad-truncated": Broken("adapter_model.safetensors", "lies past the end of the file",
-                            ("400", "500", "error")),
+    "bad-config": Broken("adapter_config.json", "not valid JSON", True),
+    "bad-rank": Broken("adapter_config.json", "above the configured maximum", True),
+    # Its config is valid, so resolution accepts it: its request fails when the weights are read.
+    "bad-truncated": Broken("adapter_model.safetensors", "lies past the end of the file", False),
 }
 
 
@@ -286,25 +286,12 @@ def not_found(check: str, name: str, status: int | None, body: Any) -> Check:
                  describe(status, body), ok)
 
 
-def outcome(status: int | None, body: Any) -> str | None:
-    """Which of Broken.outcomes an answer is (None: none of them)."""
-    kind, message = _error(body)
-    if status == 400 and kind == "BadRequestError":
-        return "400"
-    if status == 500 and message == "Internal server error":
-        return "500"
-    if status == 200 and _choice(body).get("finish_reason") == "error":
-        return "error"
-    return None
-
-
 def broken_request(name: str, broken: Broken, status: int | None, body: Any) -> Check:
-    got = outcome(status, body)
-    ok = got in broken.outcomes and (got != "400" or name in _error(body)[1])
-    expected = " or ".join({"400": f"400 BadRequestError naming {name!r}",
-                            "500": "500 'Internal server error' (finish_reason 'error')",
-                            "error": "200 with finish_reason 'error'"}[o] for o in broken.outcomes)
-    return Check(f"broken {name}: its request fails", expected, describe(status, body), ok)
+    kind, message = _error(body)
+    ok = (status == 400 and kind == "BadRequestError" and f"'{name}'" in message
+          and broken.file in message and broken.reason in message)
+    return Check(f"broken {name}: its request fails", f"400 BadRequestError naming {name!r}, "
+                 f"{broken.file} and {broken.reason!r}", describe(status, body), ok)
 
 
 def log_lines_naming(log: str, name: str, file: str, reason: str) -> list[str]:

@@ -39,6 +39,13 @@ PATCHES: tuple[Patch, ...] = (
           "with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 `vllm serve` answers any adapter of "
           "slora.adapter_dir without --lora-modules", "0.26.0",
           "none needed: this is vLLM's resolver plugin API, checked because it is undocumented"),
+    Patch("openai_errors", "wraps `AsyncLLM.add_lora` / `AsyncLLM.generate` and "
+          "`OpenAIServingModels.resolve_lora`",
+          "over HTTP vLLM drops the reason an adapter failed: a bare 400 at resolution, a 500 "
+          "'Internal server error' for a request the plugin fails later; clients must see the "
+          "adapter, the file and the reason", "0.26.0",
+          "resolve_lora carrying the engine's add_lora error text, and the serving layer "
+          "answering a finish_reason 'error' output with its stop_reason as a 400"),
     Patch("lora_layers", "swaps `vllm.lora.utils._all_lora_classes` during the model manager's "
           "__init__, and subclasses the six linear `*WithLoRA` layers",
           "the linear layers must compute through the paged kernels and allocate no stacked "

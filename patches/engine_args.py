@@ -63,7 +63,7 @@ def vllm_max_rank(rank: int) -> int:
 
 def configure_engine_args(args: Any, cfg: SLoRAConfig) -> None:
     """Set the EngineArgs fields the plugin needs (called with the plugin on, before the config)."""
-    from slora_plugin.patches import catalogue, guard, lora_resolver
+    from slora_plugin.patches import catalogue, guard, lora_resolver, openai_errors
 
     guard.enforce(catalogue.patch_modules(), allow_untested_version=cfg.allow_untested_vllm)
     missing = [f for f in FIELDS if f not in type(args).__dataclass_fields__]
@@ -82,6 +82,7 @@ def configure_engine_args(args: Any, cfg: SLoRAConfig) -> None:
     args.additional_config[ADDITIONAL_CONFIG_KEY] = cfg.to_dict()
     args.worker_cls = WORKER_CLS
     lora_resolver.apply(cfg)
+    openai_errors.apply()
     # The paged kernels' grid does not depend on the number of active adapters and they exit
     # early for tokens without one: one set of LoRA graphs serves every step.
     cc = args.compilation_config

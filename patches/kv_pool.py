@@ -31,6 +31,7 @@ _WORKER_OVERRIDES = (
     ("initialize_from_config", "(self, kv_cache_config)", "(self, kv_cache_config)"),
     ("execute_model", "(self, scheduler_output)", "(self, scheduler_output)"),
     ("add_lora", "(self, lora_request)", "(self, lora_request)"),
+    ("shutdown", "(self)", "(self)"),
 )
 REQUIRES = (
     *(Overrides(f"{_WORKER}.{name}", vllm, f"{_OURS}.{name}", ours)

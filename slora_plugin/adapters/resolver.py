@@ -6,7 +6,10 @@ about a `model` name it does not know (`entrypoints/openai/models/serving.py:res
 then loads the adapter with `engine_client.add_lora`. So `vllm serve` answers a request for any
 adapter of the directory without `--lora-modules` or a load call. The resolver only locates the
 adapter (directory, then the HF cache): validation happens in the engine, where a bad adapter
-fails its own requests with the AdapterError's message and nothing else.
+fails its own requests with the AdapterError's message and nothing else (`patches/openai_errors.py`
+carries that message into the HTTP answer). A name the directory refuses (`..`, a hidden or
+absolute component, a symlink leading outside) raises `AdapterRequestError`, which vLLM answers
+400 with the reason; an unknown name resolves to None, which vLLM answers 404.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from vllm.lora.resolver import LoRAResolver
 from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
 from slora_plugin.adapters.sources import AdapterSources
 from slora_plugin.config import SLoRAConfig
+from slora_plugin.patches.openai_errors import AdapterRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +39,15 @@ class SLoRAResolver(LoRAResolver):
         self.sources = sources
 
     def resolve(self, lora_name: str) -> LoRARequest | None:
-        """Synchronous core of `resolve_lora` (disk look-ups only)."""
+        """Synchronous core of `resolve_lora` (disk look-ups only): None for an unknown name,
+        AdapterRequestError (the AdapterError's text) for a name the directory refuses."""
         try:
             name, path = self.sources.locate(lora_name, allow_absolute=False)
         except AdapterNotFoundError:
             return None
         except AdapterError as e:
             logger.warning("slora: refusing adapter name: %s", e)
-            return None
+            raise AdapterRequestError(str(e)) from None
         return LoRARequest(lora_name=name, lora_int_id=self.sources.lora_int_id(name), lora_path=path)
 
     async def resolve_lora(self, base_model_name: str, lora_name: str) -> LoRARequest | None:

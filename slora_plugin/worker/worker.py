@@ -21,7 +21,9 @@ What it adds to `vllm.v1.worker.gpu_worker.Worker`:
     loads before this step's forward. A load whose host copy is not in pinned memory yet blocks the step until
     the disk read is done: `host_waits` counts the loads that did and the seconds they waited;
   - publishes its host store (readiness oracle) and `host_waits` for a scheduler in the same
-    process (`pool/worker_link.py`), which then admits only requests whose adapter is ready.
+    process (`pool/worker_link.py`), which then admits only requests whose adapter is ready;
+  - `shutdown`: waits for its copies and closes the host store (joins its threads) before
+    vLLM's own teardown.
 """
 
 from __future__ import annotations
@@ -146,12 +148,34 @@ class SLoRAWorker(Worker):
         """`adapter_copies.apply_commands` with this worker's LoRA manager and KV pages."""
         apply_commands(commands, self.slora_manager, self._copies, self._pools)
 
+    # -- teardown ----------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop the plugin's own work before vLLM tears the engine down (issue 17): wait for
+        the adapter copies still in flight on the copy stream (they read pinned host memory and
+        write KV pages the model runner is about to release) and give back their host leases,
+        close the host store (queued loads cancelled, loader and reader threads joined: none
+        is left reading into pinned memory or running torch CPU ops through vLLM's teardown and
+        the interpreter's exit), withdraw the scheduler's link, then vLLM's shutdown.
+        Idempotent; the store is closed even if the copy stream reports an error."""
+        try:
+            if getattr(self, "_in_flight", None):  # absent if start-up failed early
+                self._drain_copies()
+        finally:
+            store, self.adapter_store = getattr(self, "adapter_store", None), None
+            self._link = None
+            try:
+                if store is not None:
+                    store.close()
+            finally:
+                super().shutdown()
+
     # -- adapters named outside a step (LLM.add_lora, the server's resolver) -----------------
     def add_lora(self, lora_request) -> bool:
         """Check the adapter's config and warm the host store; pages are the scheduler's to
         give, at admission. The check makes `vllm serve` answer a broken adapter at resolution
-        (its resolver calls this; a failure becomes a 400 and the AdapterError, naming the
-        adapter, the file and why, is logged) instead of failing its requests later."""
+        (its resolver calls this; a failure becomes a 400 whose message carries the
+        AdapterError, naming the adapter, the file and why: patches/openai_errors.py) instead
+        of failing its requests later."""
         if self.adapter_store is not None:
             self.adapter_store.spec(lora_request.lora_path)
             self.adapter_store.prefetch([lora_request.lora_path])

@@ -92,6 +92,7 @@ def test_vllm_resolver_and_lora_request(tmp_path, tiny_dims):
 
     from slora_plugin.adapters.resolver import RESOLVER_NAME, lora_request, register_resolver
     from slora_plugin.config import SLoRAConfig
+    from slora_plugin.patches.openai_errors import AdapterRequestError
 
     path = write_random_adapter(str(tmp_path / "org" / "a"), tiny_dims, 4, TARGETS)
     resolver = register_resolver(SLoRAConfig(adapter_dir=str(tmp_path)))
@@ -101,8 +102,11 @@ def test_vllm_resolver_and_lora_request(tmp_path, tiny_dims):
         req = asyncio.run(resolver.resolve_lora("base", "org/a"))
         assert req.lora_name == "org/a" and req.lora_path == os.path.realpath(path)
         assert asyncio.run(resolver.resolve_lora("base", "org/missing")) is None
-        assert asyncio.run(resolver.resolve_lora("base", "../etc")) is None
-        assert asyncio.run(resolver.resolve_lora("base", path)) is None  # absolute: not a name
+        # a refused name is a bad request (vLLM answers 400 with this text), not an unknown one
+        with pytest.raises(AdapterRequestError, match=r"'\.\./etc'.*'\.\.' path component"):
+            asyncio.run(resolver.resolve_lora("base", "../etc"))
+        with pytest.raises(AdapterRequestError, match="not an absolute path"):  # not a name
+            asyncio.run(resolver.resolve_lora("base", path))
         again = lora_request("org/a", str(tmp_path))
         assert again.lora_int_id == req.lora_int_id and again.lora_path == req.lora_path
     finally:
@@ -137,3 +141,39 @@ def test_cli_synth_and_check(tmp_path, tiny_model_dir, capsys):
     table = capsys.readouterr().out
     assert "ADAPTER" in table and names[3] in table and "peft_type" in table and names[5] in table
     assert run("adapters", "check", out) == 1
+
+
+def test_relative_lora_path_is_taken_from_the_working_directory(tmp_path, tiny_dims, monkeypatch):
+    """Issue 17: a relative `lora_path` that leads to an adapter from the working directory is
+    read from there, as stock vLLM reads it (here a path through a hidden directory, which as a
+    name would be refused); an HTTP name never is (the resolver confines names)."""
+    from slora_plugin.adapters.resolver import SLoRAResolver
+    from slora_plugin.patches.openai_errors import AdapterRequestError
+
+    work = tmp_path / "work"
+    path = write_random_adapter(str(work / ".x" / "adapters" / "a"), tiny_dims, 4, TARGETS)
+    write_random_adapter(str(tmp_path / "dir" / "a"), tiny_dims, 2, TARGETS)
+    monkeypatch.chdir(work)
+    with AdapterStore(tiny_dims, 4096, torch.float16, adapter_dir=str(tmp_path / "dir"), max_rank=16,
+                      host_cache_bytes=1 << 22, loader_threads=1) as store:
+        assert store.locate(".x/adapters/a") == (".x/adapters/a", os.path.realpath(path))
+        assert store.spec(".x/adapters/a").ranks == {"q_proj": 4, "v_proj": 4}
+        with store.get(".x/adapters/a") as lease:
+            assert lease.spec.path == os.path.realpath(path)
+        assert store.spec("a").ranks == {"q_proj": 2, "v_proj": 2}  # a name: the directory's
+    with pytest.raises(AdapterRequestError, match="hidden component"):
+        SLoRAResolver(AdapterSources(str(tmp_path / "dir"))).resolve(".x/adapters/a")
+
+
+def test_relative_lora_path_that_leads_nowhere_says_how_to_name_the_adapter(tmp_path, tiny_dims,
+                                                                            monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sources = AdapterSources(str(tmp_path))
+    with pytest.raises(AdapterError) as e:
+        sources.locate(".x/adapters/missing")
+    message = str(e.value)
+    assert "'.x/adapters/missing'" in message and "hidden component" in message
+    assert f"relative to the working directory {tmp_path}" in message
+    assert "absolute, or relative to the working directory" in message and "slora.adapter_dir" in message
+    with pytest.raises(AdapterNotFoundError):  # a plain name that is nowhere: not found, as before
+        sources.locate("org/missing")

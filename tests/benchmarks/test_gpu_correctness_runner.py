@@ -57,3 +57,24 @@ def test_run_records_the_runner_and_names_the_file(tmp_path, monkeypatch, runner
     data = json.loads((tmp_path / path).read_text())
     assert data["model_runner_forced"] == runner and {r["model_runner"] for r in data["rows"]} == {used}
     assert sys.path[0] != os.path.join(REPO, "benchmarks")
+
+
+def test_rows_written_before_an_abnormal_exit_are_kept(tmp_path, monkeypatch):
+    """Issue 17: a run that wrote its rows and then aborted at exit (SIGABRT: -6) fails, but
+    its rows are in the result; a stale part file of an interrupted run is not taken."""
+    stale = tmp_path / ".correctness-graphs.json"
+    stale.write_text(json.dumps([{"adapter": "stale", "tokens_equal": True}]))
+
+    def child(cmd):
+        eager = "--eager" in cmd
+        if eager:
+            with open(cmd[cmd.index("--out") + 1], "w") as f:
+                json.dump([{"adapter": "a", "cudagraphs": False, "model_runner": "v2", "tokens_equal": True}], f)
+        return 0 if not eager else -6
+
+    monkeypatch.setattr(gc.subprocess, "call", child)
+    assert gc.run("fixture", str(tmp_path)) == 1
+    [path] = [p for p in os.listdir(tmp_path) if p.startswith("correctness-")]
+    rows = json.loads((tmp_path / path).read_text())["rows"]
+    assert [r["adapter"] for r in rows] == ["*", "a"] and rows[0]["error"] == "exit status -6"
+    assert not any(p.startswith(".correctness-") for p in os.listdir(tmp_path))

@@ -70,8 +70,8 @@ def test_good_adapters_load(store):
 
 @pytest.mark.parametrize("name", list(gs.BROKEN))
 def test_each_broken_adapter_is_refused_naming_adapter_file_and_reason(store, served, name):
-    """The worker's add_lora is what vLLM's resolver calls: an adapter whose only accepted
-    outcome is a 400 must be refused there; every broken adapter is refused at the latest when
+    """The worker's add_lora is what vLLM's resolver calls: an adapter meant to be refused at
+    resolution must be refused there; every broken adapter is refused at the latest when
     its weights are read, and the error text is what the script's log check looks for."""
     from vllm.lora.request import LoRARequest
 
@@ -82,7 +82,7 @@ def test_each_broken_adapter_is_refused_naming_adapter_file_and_reason(store, se
     worker = object.__new__(SLoRAWorker)
     worker.adapter_store = store
     at_resolution = _error_of(lambda: worker.add_lora(LoRARequest(name, 1, path)))
-    if broken.outcomes == ("400",):
+    if broken.at_resolution:
         assert at_resolution is not None
     error = at_resolution or _error_of(lambda: store.get(name).release())
     assert error is not None and (error.adapter, error.file) == (name, broken.file)
@@ -185,21 +185,31 @@ def test_not_found_is_vllms_unknown_model_answer():
     assert not gs.not_found("u", gs.UNKNOWN, 400, _vllm_error("x", "BadRequestError", HTTPStatus.BAD_REQUEST)).ok
 
 
-def test_broken_request_outcomes_from_vllms_own_error_responses():
+def test_broken_request_needs_a_400_naming_adapter_file_and_reason():
+    """The answers of issue 17 (vLLM's sentence then the reason at resolution; the reason alone
+    for weights found bad later) pass; vLLM 0.26's own answers, which drop the reason, fail."""
     from vllm.entrypoints.openai.engine.protocol import GenerationError
     from vllm.entrypoints.serve.utils.error_response import create_error_response
 
+    from slora_plugin.patches.openai_errors import AdapterRequestError
+
     config, weights = gs.BROKEN["bad-config"], gs.BROKEN["bad-truncated"]
-    refused = _vllm_error("LoRA adapter 'bad-config' was found but could not be loaded.",
+    config_error = "adapter 'bad-config', file adapter_config.json: not valid JSON (line 1)"
+    refused = _vllm_error(f"LoRA adapter 'bad-config' was found but could not be loaded: {config_error}",
                           "BadRequestError", HTTPStatus.BAD_REQUEST)
-    internal = json.loads(create_error_response(GenerationError("Internal server error")).model_dump_json())
-    assert gs.outcome(400, refused) == "400" and gs.outcome(500, internal) == "500"
-    assert gs.outcome(200, _completion("error", 0, "adapter 'x': bad")) == "error"
-    assert gs.outcome(200, _completion()) is None and gs.outcome(None, "timed out") is None
+    weights_error = ("adapter 'bad-truncated', file adapter_model.safetensors: cannot be read: "
+                     "tensor 'x' lies past the end of the file (truncated?)")
+    failed = json.loads(create_error_response(AdapterRequestError(weights_error)).model_dump_json())
     assert gs.broken_request("bad-config", config, 400, refused).ok
+    assert gs.broken_request("bad-truncated", weights, 400, failed).ok
     assert not gs.broken_request("bad-rank", gs.BROKEN["bad-rank"], 400, refused).ok  # names another
-    assert not gs.broken_request("bad-config", config, 500, internal).ok
-    assert gs.broken_request("bad-truncated", weights, 500, internal).ok
+    assert not gs.broken_request("bad-truncated", weights, 400, refused).ok  # another file, reason
+    unexplained = _vllm_error("LoRA adapter 'bad-config' was found but could not be loaded.",
+                              "BadRequestError", HTTPStatus.BAD_REQUEST)
+    internal = json.loads(create_error_response(GenerationError("Internal server error")).model_dump_json())
+    assert not gs.broken_request("bad-config", config, 400, unexplained).ok
+    assert not gs.broken_request("bad-truncated", weights, 500, internal).ok
+    assert not gs.broken_request("bad-truncated", weights, 200, _completion("error", 0, weights_error)).ok
     dead = _vllm_error("EngineCore encountered an issue.", "InternalServerError", HTTPStatus.INTERNAL_SERVER_ERROR)
     assert not gs.broken_request("bad-truncated", weights, 500, dead).ok
 
@@ -243,8 +253,8 @@ def test_importing_the_script_starts_nothing():
 
 class _FakeVLLM:
     """An HTTP server answering like `vllm serve` with the plugin does (per the vLLM 0.26
-    sources): completions for adapters and the base model, 404 for unknown names, 400 for
-    adapters refused at resolution, 500 for one whose weights fail; `dead_after` makes every
+    sources and patches/openai_errors.py): completions for adapters and the base model, 404 for
+    unknown names, 400 naming the adapter, file and reason for broken ones; `dead_after` makes every
     later request fail the way a dead engine does."""
 
     def __init__(self, dead_after: str | None = None):
@@ -287,12 +297,10 @@ class _FakeVLLM:
                     b = gs.BROKEN[model]
                     fake.log.append(f"ERROR adapter '{model}', file {b.file}: {b.reason}")
                     fake.dead = model == dead_after
-                    if b.outcomes == ("400",):
-                        return self._send(400, _vllm_error(f"LoRA adapter '{model}' was found but could "
-                                                           f"not be loaded.", "BadRequestError",
-                                                           HTTPStatus.BAD_REQUEST))
-                    return self._send(500, _vllm_error("Internal server error", "InternalServerError",
-                                                       HTTPStatus.INTERNAL_SERVER_ERROR))
+                    reason = f"adapter '{model}', file {b.file}: {b.reason}"
+                    if b.at_resolution:
+                        reason = f"LoRA adapter '{model}' was found but could not be loaded: {reason}"
+                    return self._send(400, _vllm_error(reason, "BadRequestError", HTTPStatus.BAD_REQUEST))
                 return self._send(404, _vllm_error(f"The model `{model}` does not exist.", "NotFoundError",
                                                    HTTPStatus.NOT_FOUND))
 

@@ -93,6 +93,24 @@ def _closure_holding_back():
         return pool.get_num_free_blocks
 
 
+def _closure_openai_errors(owner: str, name: str):
+    """`openai_errors.apply()`'s wrapper of `owner.name`, leaving vLLM's classes as they were."""
+    from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from slora_plugin.patches import openai_errors
+
+    classes = {"AsyncLLM": AsyncLLM, "OpenAIServingModels": OpenAIServingModels}
+    saved = {(c, n): classes[c].__dict__[n] for c, n in
+             (("AsyncLLM", "add_lora"), ("AsyncLLM", "generate"), ("OpenAIServingModels", "resolve_lora"))}
+    try:
+        openai_errors.apply()
+        return classes[owner].__dict__[name]
+    finally:
+        for (c, n), fn in saved.items():
+            setattr(classes[c], n, fn)
+
+
 #: Our replacements made inside patch functions, built the way the patches build them.
 CLOSURES = {
     "slora_plugin.patches.engine_args:apply.<locals>.create_engine_config": _closure_engine_args,
@@ -102,6 +120,12 @@ CLOSURES = {
         lambda: _closures_v1()._get_lora_cases,
     "slora_plugin.patches.lora_cudagraph:dispatch_to_lora_case.<locals>.dispatch": _closure_v2,
     "slora_plugin.patches.scheduler:holding_back.<locals>.<lambda>": _closure_holding_back,
+    "slora_plugin.patches.openai_errors:apply.<locals>.add_lora":
+        lambda: _closure_openai_errors("AsyncLLM", "add_lora"),
+    "slora_plugin.patches.openai_errors:apply.<locals>.generate":
+        lambda: _closure_openai_errors("AsyncLLM", "generate"),
+    "slora_plugin.patches.openai_errors:apply.<locals>.resolve_lora":
+        lambda: _closure_openai_errors("OpenAIServingModels", "resolve_lora"),
 }
 
 

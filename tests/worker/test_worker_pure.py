@@ -92,3 +92,52 @@ def test_add_lora_refuses_a_broken_adapter_naming_it(tmp_path, tiny_dims):
             w.add_lora(LoRARequest("bad", 2, bad))
     finally:
         store.close()
+
+
+def test_shutdown_drains_copies_closes_the_store_then_runs_vllms(tmp_path, tiny_dims, monkeypatch):
+    """Issue 17 (the teardown abort): before vLLM's own shutdown, the worker gives back the
+    leases of its in-flight copies and closes the host store, whose loader threads are then
+    joined; a second shutdown does nothing more; vLLM's runs even if draining fails."""
+    import threading
+    from contextlib import ExitStack
+
+    from vllm.v1.worker.gpu_worker import Worker
+
+    from slora_plugin.adapters.peft_format import write_random_adapter
+    from slora_plugin.adapters.store import AdapterStore
+    from slora_plugin.worker.worker import SLoRAWorker, _InFlight
+
+    names = [f"a{i}" for i in range(6)]
+    for i, n in enumerate(names):
+        write_random_adapter(str(tmp_path / n), tiny_dims, 4, ["q_proj", "v_proj"], seed=i)
+    store = AdapterStore(tiny_dims, 256, torch.float16, adapter_dir=str(tmp_path), max_rank=16,
+                         host_cache_bytes=1 << 22, loader_threads=2)
+    calls = []
+    monkeypatch.setattr(Worker, "shutdown", lambda self: calls.append(("vllm", self.adapter_store)))
+    w = object.__new__(SLoRAWorker)
+    w.adapter_store, w._copy_stream, w._link = store, None, object()
+    lease = ExitStack()
+    held = store.get("a0")
+    lease.callback(held.release)
+    w._in_flight = [_InFlight(None, lease, 1)]
+    store.prefetch(names[1:])  # loads still queued or running at shutdown
+    w.shutdown()
+    assert calls == [("vllm", None)] and w._in_flight == [] and w._link is None
+    assert held._entry.refs == 0 and held._released  # the in-flight copy's lease was given back
+    with pytest.raises(RuntimeError, match="closed"):
+        store.get("a1")
+    assert not [t for t in threading.enumerate() if t.name.startswith(("slora-load", "slora-read"))]
+    w.shutdown()  # idempotent
+    assert calls == [("vllm", None), ("vllm", None)]
+
+    w2 = object.__new__(SLoRAWorker)
+    store2 = AdapterStore(tiny_dims, 256, torch.float16, adapter_dir=str(tmp_path), max_rank=16,
+                          host_cache_bytes=1 << 22, loader_threads=1)
+    w2.adapter_store, w2._link = store2, None
+    w2._in_flight = [_InFlight(None, ExitStack(), 1)]
+    w2._copy_stream = SimpleNamespace(synchronize=lambda: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+    with pytest.raises(RuntimeError, match="CUDA error"):
+        w2.shutdown()
+    assert calls[-1] == ("vllm", None)
+    with pytest.raises(RuntimeError, match="closed"):
+        store2.get("a1")
