@@ -3,7 +3,7 @@
 
 - Model: Llama-2-7B's config with dummy weights, prompts as token ids (no tokenizer), so only
   /v1/completions is exercised here (the chat answers are CPU-tested: tests/adapters/
-  test_http_errors.py).
+  tests/patches/test_openai_errors.py).
 - Adapters: `slora-plugin adapters synth DIR --count 2000 --distinct 4` (ranks 8..64; hard links
   share weight files, so the chaos thread copies a file before it truncates it).
 - Load: Poisson arrivals at `--rate` requests/s (`auto`: first measure the highest rate stock
