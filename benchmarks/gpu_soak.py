@@ -2,7 +2,7 @@
 10 minutes while adapter directories are deleted, truncated, replaced and added (run on the GPU).
 
 - Model: Llama-2-7B's config with dummy weights, prompts as token ids (no tokenizer), so only
-  /v1/completions is exercised here (the chat answers are CPU-tested: tests/adapters/
+  /v1/completions is exercised here (the chat answers are CPU-tested:
   tests/patches/test_openai_errors.py).
 - Adapters: `slora-plugin adapters synth DIR --count 2000 --distinct 4` (ranks 8..64; hard links
   share weight files, so the chaos thread copies a file before it truncates it).
