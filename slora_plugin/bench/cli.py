@@ -18,6 +18,7 @@ from typing import Any, Sequence
 from slora_plugin.bench.workload import (
     WorkloadError, WorkloadSpec, adapter_counts, gap_stats, generate, load_trace, parse_spec,
     save_trace)
+from slora_plugin.config import parse_json_object
 
 DEFAULT_GAMMA = "n=1000,arrival=gamma,rate=4,cv=1,requests=240,in=8-512,out=8-512"
 #: Results folder of the console script: relative to the current directory. The scripts in
@@ -185,7 +186,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             max_lora_rank=args.max_lora_rank,
             lora_target_modules=None if args.lora_target_modules == "all"
             else tuple(m for m in args.lora_target_modules.split(",") if m),
-            slora_config=_json_object(args.slora_config, "--slora-config"),
+            slora_config=parse_json_object(args.slora_config, "--slora-config"),
             engine_args=dict(_engine_arg(a) for a in args.engine_arg),
             slo_ttft_s=args.slo_ttft_s, deadline_s=args.deadline_s, command=command_line(),
             profile=profile, **{k: v for k, v in (("copy_gbps", args.copy_gbps),
@@ -235,16 +236,6 @@ def _ints(text: str, flag: str, minimum: int = 1) -> list[int]:
     if not values or any(v < minimum for v in values):
         raise ValueError(f"{flag}: expected integers >= {minimum}, got {text!r}")
     return values
-
-
-def _json_object(text: str, flag: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag}: not valid JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{flag}: expected a JSON object, got {text!r}")
-    return value
 
 
 def _engine_arg(text: str) -> tuple[str, Any]:
