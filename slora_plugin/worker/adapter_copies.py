@@ -135,7 +135,7 @@ class AdapterCopies:
         read nothing to evict but this step's own leases, and it waits for a release that
         only this thread could make (seen on the H100 with 2,000 adapters: ~60 s stalls)."""
         if sum(f.nbytes for f in self._in_flight) > self.store.step_share_bytes:
-            self._drain()
+            self.drain()
 
     def _lease(self, load: LoadAdapter) -> Lease:
         """The adapter's host lease. When one step admits more adapters than the host cache
@@ -144,11 +144,12 @@ class AdapterCopies:
         try:
             return self.store.get(load.path)
         except HostCacheFullError:
-            self._drain()
+            self.drain()
             return self.store.get(load.path)
 
-    def _drain(self) -> None:
-        """Wait for every copy issued so far and give back all their host leases."""
+    def drain(self) -> None:
+        """Wait for every copy issued so far and give back all their host leases (also at the
+        worker's shutdown)."""
         if self._copy_stream is not None:
             self._copy_stream.synchronize()
         self.release_finished()

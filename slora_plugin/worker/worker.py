@@ -158,8 +158,9 @@ class SLoRAWorker(Worker):
         the interpreter's exit), withdraw the scheduler's link, then vLLM's shutdown.
         Idempotent; the store is closed even if the copy stream reports an error."""
         try:
-            if getattr(self, "_in_flight", None):  # absent if start-up failed early
-                self._drain_copies()
+            copies, self._copies = getattr(self, "_copies", None), None  # None if start-up failed early
+            if copies is not None:
+                copies.drain()
         finally:
             store, self.adapter_store = getattr(self, "adapter_store", None), None
             self._link = None

@@ -105,7 +105,8 @@ def test_shutdown_drains_copies_closes_the_store_then_runs_vllms(tmp_path, tiny_
 
     from slora_plugin.adapters.peft_format import write_random_adapter
     from slora_plugin.adapters.store import AdapterStore
-    from slora_plugin.worker.worker import SLoRAWorker, _InFlight
+    from slora_plugin.worker.adapter_copies import AdapterCopies, _InFlight
+    from slora_plugin.worker.worker import SLoRAWorker
 
     names = [f"a{i}" for i in range(6)]
     for i, n in enumerate(names):
@@ -115,14 +116,17 @@ def test_shutdown_drains_copies_closes_the_store_then_runs_vllms(tmp_path, tiny_
     calls = []
     monkeypatch.setattr(Worker, "shutdown", lambda self: calls.append(("vllm", self.adapter_store)))
     w = object.__new__(SLoRAWorker)
-    w.adapter_store, w._copy_stream, w._link = store, None, object()
+    copies = AdapterCopies(store, 256, page_loader=None, copy_stream=None, device="cpu",
+                           host_waits=None, failures=None)
+    w.adapter_store, w._copies, w._link = store, copies, object()
     lease = ExitStack()
     held = store.get("a0")
     lease.callback(held.release)
-    w._in_flight = [_InFlight(None, lease, 1)]
+    copies._in_flight = [_InFlight(None, lease, 1)]
     store.prefetch(names[1:])  # loads still queued or running at shutdown
     w.shutdown()
-    assert calls == [("vllm", None)] and w._in_flight == [] and w._link is None
+    assert calls == [("vllm", None)] and copies._in_flight == [] and w._copies is None
+    assert w._link is None
     assert held._entry.refs == 0 and held._released  # the in-flight copy's lease was given back
     with pytest.raises(RuntimeError, match="closed"):
         store.get("a1")
@@ -133,9 +137,11 @@ def test_shutdown_drains_copies_closes_the_store_then_runs_vllms(tmp_path, tiny_
     w2 = object.__new__(SLoRAWorker)
     store2 = AdapterStore(tiny_dims, 256, torch.float16, adapter_dir=str(tmp_path), max_rank=16,
                           host_cache_bytes=1 << 22, loader_threads=1)
-    w2.adapter_store, w2._link = store2, None
-    w2._in_flight = [_InFlight(None, ExitStack(), 1)]
-    w2._copy_stream = SimpleNamespace(synchronize=lambda: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+    failing_stream = SimpleNamespace(synchronize=lambda: (_ for _ in ()).throw(RuntimeError("CUDA error")))
+    copies2 = AdapterCopies(store2, 256, page_loader=None, copy_stream=failing_stream, device="cpu",
+                            host_waits=None, failures=None)
+    copies2._in_flight = [_InFlight(None, ExitStack(), 1)]
+    w2.adapter_store, w2._copies, w2._link = store2, copies2, None
     with pytest.raises(RuntimeError, match="CUDA error"):
         w2.shutdown()
     assert calls[-1] == ("vllm", None)
