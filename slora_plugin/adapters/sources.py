@@ -31,22 +31,20 @@ class AdapterSources:
         self._ids = self.index.ids if self.index else IdRegistry(None)
 
     def locate(self, name_or_path: str, allow_absolute: bool = True) -> tuple[str, str]:
-        """(name, real directory path). When `allow_absolute` (vLLM's `lora_path`, never an
-        HTTP client's name), paths are taken as they are: absolute ones, and relative ones that
-        lead to an adapter directory from the working directory (as stock vLLM reads a relative
-        `lora_path`); anything else is a name, confined to the directory."""
-        if allow_absolute and isinstance(name_or_path, str) and (
-                os.path.isabs(name_or_path) or os.path.isfile(os.path.join(name_or_path, CONFIG_NAME))):
-            path = os.path.realpath(name_or_path)
-            if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-                raise AdapterNotFoundError(name_or_path, CONFIG_NAME, f"not found in {path}")
-            name = (self.index.name_of(path) if self.index else None) or name_or_path
-            return name, path
+        """(name, real directory path). A name is looked up in the directory (confined to it),
+        then in the Hugging Face cache. When `allow_absolute` (vLLM's `lora_path`, never an HTTP
+        client's name), an absolute path is taken as it is, and a relative one that is no
+        adapter of the directory but leads to an adapter directory from the working directory is
+        read from there, as stock vLLM reads a relative `lora_path`."""
+        if allow_absolute and isinstance(name_or_path, str) and os.path.isabs(name_or_path):
+            return self._at_path(name_or_path)
         try:
             check_name(name_or_path)
         except AdapterError as e:
             if not allow_absolute:
                 raise
+            if _leads_to_adapter(name_or_path):
+                return self._at_path(name_or_path)
             raise AdapterError(e.adapter, e.file, f"{e.reason}; it is not an adapter directory "
                                                   f"relative to the working directory {os.getcwd()} "
                                                   f"either. {LORA_PATH_HINT}") from None
@@ -56,6 +54,8 @@ class AdapterSources:
                 return name_or_path, self.index.locate(name_or_path)
             except AdapterNotFoundError as e:
                 not_found = e
+        if allow_absolute and _leads_to_adapter(name_or_path):
+            return self._at_path(name_or_path)
         path = locate_hub(name_or_path, self.hf_cache_dir, self.hub_download)
         if path is not None:
             return name_or_path, path
@@ -63,8 +63,21 @@ class AdapterSources:
             name_or_path, None, "not found: no adapter directory is configured (slora.adapter_dir) "
                                 "and it is not in the Hugging Face cache")
 
+    def _at_path(self, given: str) -> tuple[str, str]:
+        """(name, real path) of the adapter directory at `given` (absolute, or relative to the
+        working directory); named as the directory's adapter when it is one."""
+        path = os.path.realpath(given)
+        if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+            raise AdapterNotFoundError(given, CONFIG_NAME, f"not found in {path}")
+        return (self.index.name_of(path) if self.index else None) or given, path
+
     def lora_int_id(self, name: str) -> int:
         """A positive id, stable per name (see IdRegistry)."""
         if not isinstance(name, str) or not name:
             raise AdapterError(str(name), None, "an adapter name must be a non-empty string")
         return self._ids.get(name)
+
+
+def _leads_to_adapter(relative: str) -> bool:
+    """Whether `relative` names an adapter directory from the working directory."""
+    return isinstance(relative, str) and os.path.isfile(os.path.join(relative, CONFIG_NAME))

@@ -165,6 +165,21 @@ def test_relative_lora_path_is_taken_from_the_working_directory(tmp_path, tiny_d
         SLoRAResolver(AdapterSources(str(tmp_path / "dir"))).resolve(".x/adapters/a")
 
 
+def test_a_name_of_the_directory_wins_over_a_same_named_path_in_the_working_directory(
+        tmp_path, tiny_dims, monkeypatch):
+    """The adapter directory is looked up first: a `lora_path` "org/a" that is an adapter of the
+    directory is that adapter even when ./org/a is an adapter too; only a path that is no
+    adapter of the directory is read from the working directory."""
+    work = tmp_path / "work"
+    write_random_adapter(str(work / "org" / "a"), tiny_dims, 4, TARGETS)
+    write_random_adapter(str(work / "org" / "b"), tiny_dims, 4, TARGETS)
+    in_dir = write_random_adapter(str(tmp_path / "dir" / "org" / "a"), tiny_dims, 2, TARGETS)
+    monkeypatch.chdir(work)
+    sources = AdapterSources(str(tmp_path / "dir"))
+    assert sources.locate("org/a") == ("org/a", os.path.realpath(in_dir))
+    assert sources.locate("org/b") == ("org/b", os.path.realpath(work / "org" / "b"))
+
+
 def test_relative_lora_path_that_leads_nowhere_says_how_to_name_the_adapter(tmp_path, tiny_dims,
                                                                             monkeypatch):
     monkeypatch.chdir(tmp_path)
