@@ -29,6 +29,7 @@ request with its reason; vLLM logs the refused `add_lora`).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import re
@@ -128,12 +129,14 @@ def apply() -> None:
     @functools.wraps(original_generate)
     async def generate(self, *args, **kwargs) -> AsyncGenerator[Any, None]:
         # The failed output is the request's last: the inner generator ends on its own (no
-        # abort of a finished request), then the error is raised to the caller.
+        # abort of a finished request), then the error is raised to the caller. Closing this
+        # generator (a client gone) closes vLLM's at once, which aborts the request.
         failure = None
-        async for output in original_generate(self, *args, **kwargs):
-            failure = adapter_failure(output) if output.finished else None
-            if failure is None:
-                yield output
+        async with contextlib.aclosing(original_generate(self, *args, **kwargs)) as outputs:
+            async for output in outputs:
+                failure = adapter_failure(output) if output.finished else None
+                if failure is None:
+                    yield output
         if failure is not None:
             raise AdapterRequestError(failure)
 

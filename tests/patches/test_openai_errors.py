@@ -276,3 +276,26 @@ def test_reason_of_a_failed_output_and_of_an_engine_refusal():
     assert openai_errors.refusal_reason(Exception("Call to add_lora method failed: adapter 'a': x")) \
         == "adapter 'a': x"
     assert str(openai_errors.AdapterRequestError("adapter 'a': x")) == "adapter 'a': x"
+
+
+def test_a_client_that_goes_away_aborts_its_request_at_once(tiny_model_dir):
+    """The wrapper closes vLLM's generator when its caller closes it (vLLM's serving code calls
+    `aclose()` when a client disconnects), so the request is aborted then, not whenever the
+    garbage collector finalizes the abandoned inner generator."""
+    from vllm.inputs.engine import tokens_input
+    from vllm.sampling_params import SamplingParams
+
+    from vllm_cpu import build_vllm_config
+
+    openai_errors.apply()
+    engine = FakeEngine(store=None)
+    llm = _async_llm(build_vllm_config(tiny_model_dir).model_config, engine)
+
+    async def client_goes_away() -> None:
+        gen = llm.generate(tokens_input([3, 4]), SamplingParams(max_tokens=2), "r1")
+        first = await gen.__anext__()
+        assert not first.finished
+        await gen.aclose()
+        assert engine.aborted == ["r1"]
+
+    asyncio.run(client_goes_away())
