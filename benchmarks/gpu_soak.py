@@ -679,11 +679,11 @@ def plot_windows(windows: list[dict[str, Any]], path: str) -> str | None:
 # --------------------------------------------------------------------------- main
 def soak(args: argparse.Namespace, result: dict[str, Any]) -> None:
     """Everything after the rate is known; fills `result` as it goes."""
-    from slora_plugin.plan import ModelMemory, load_model_config, write_model_config
+    from slora_plugin.model_config import load_model_config, load_model_dims, write_model_config
 
     work = args.work_dir
     model_dir = write_model_config(os.path.join(work, "model"), load_model_config(args.model_config))
-    dims = ModelMemory.from_config(load_model_config(model_dir)).dims
+    dims = load_model_dims(model_dir)
     adapter_dir = os.path.join(work, "adapters")
     names = synth_adapters(adapter_dir, model_dir, args.adapters, args.distinct)
     result["adapters"] = len(names)
@@ -811,7 +811,7 @@ def mix_of(args: argparse.Namespace) -> Mix:
         lo, _, hi = text.partition("-")
         return int(lo), int(hi or lo)
 
-    from slora_plugin.plan import load_model_config
+    from slora_plugin.model_config import load_model_config
 
     return Mix(alpha=args.alpha, prompt_len=span(args.prompt_len), output_len=span(args.output_len),
                vocab_size=int(load_model_config(args.model_config).get("vocab_size", 32000)))
@@ -838,7 +838,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.rate_from) as f:
                 result["stock_rate"] = json.load(f)["stock_rate"]
         elif args.rate == "auto" or args.measure_only:
-            from slora_plugin.plan import load_model_config, write_model_config
+            from slora_plugin.model_config import load_model_config, write_model_config
 
             model_dir = write_model_config(os.path.join(args.work_dir, "model"), load_model_config(args.model_config))
             result["stock_rate"] = measure_stock_rate(

@@ -109,3 +109,44 @@ def test_gpu_run_throughput_steps_parse_to_the_planned_traces():
         for plan in same_dir[1:]:
             common = set(plan) & set(same_dir[0])
             assert {g: plan[g][0] for g in common} == {g: same_dir[0][g][0] for g in common}
+
+
+def _package_imports(path: str) -> list[tuple[int, str, str]]:
+    """(line, module, name) of every `from slora_plugin... import name` in a file, including the
+    imports inside functions (the GPU scripts import lazily, so importing the file alone does
+    not check them)."""
+    import ast
+
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    return [(node.lineno, node.module, alias.name) for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("slora_plugin")
+            for alias in node.names]
+
+
+@pytest.mark.parametrize("script", sorted(
+    os.path.join(REPO, "benchmarks", n) for n in os.listdir(os.path.join(REPO, "benchmarks"))
+    if n.endswith(".py")), ids=os.path.basename)
+def test_every_package_name_a_script_imports_exists(script):
+    """A module move must not leave a GPU script importing a name that is gone (it would fail
+    only on the GPU machine, after its set-up)."""
+    import importlib
+
+    missing = []
+    for line, module, name in _package_imports(script):
+        try:
+            found = hasattr(importlib.import_module(module), name)
+        except ImportError:
+            found = False
+        if not found and not _is_submodule(module, name):
+            missing.append(f"{os.path.basename(script)}:{line}: from {module} import {name}")
+    assert not missing
+
+
+def _is_submodule(module: str, name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(f"{module}.{name}") is not None
+    except ImportError:
+        return False
