@@ -11,16 +11,14 @@ same name takes two renames (old out, new in): for that instant the name is abse
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 from typing import Mapping, Sequence
 
 import torch
-from safetensors.torch import save_file
 
-from slora_plugin.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, adapter_config
+from slora_plugin.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME, adapter_config, write_adapter
 from slora_plugin.train.bank import AdapterBank, AdapterShape
 
 
@@ -51,12 +49,10 @@ def write_adapter_atomic(output_dir: str, name: str, config: Mapping[str, object
     parent, leaf = os.path.split(final)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{leaf}.tmp-", dir=parent)
+    old = None
     try:
-        with open(os.path.join(tmp, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(dict(config), f, indent=2)
-        save_file(dict(tensors), os.path.join(tmp, WEIGHTS_NAME))
+        write_adapter(tmp, config, tensors)
         _publishable(tmp, (CONFIG_NAME, WEIGHTS_NAME))
-        old = None
         if os.path.lexists(final):
             old = tempfile.mkdtemp(prefix=f".{leaf}.old-", dir=parent)
             os.rename(final, os.path.join(old, leaf))
@@ -64,6 +60,9 @@ def write_adapter_atomic(output_dir: str, name: str, config: Mapping[str, object
         _fsync(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.lexists(final):  # put the previous adapter back
+            os.rename(os.path.join(old, leaf), final)
+            shutil.rmtree(old, ignore_errors=True)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

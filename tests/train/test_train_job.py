@@ -148,6 +148,25 @@ def test_atomic_write_publishes_whole_adapters_only(tmp_path) -> None:
     assert os.listdir(os.path.join(out, "org")) == ["x"], "a temporary directory was left behind"
 
 
+def test_atomic_write_puts_the_previous_adapter_back_when_publishing_fails(tmp_path, monkeypatch):
+    """The previous adapter is moved aside before the new one is renamed in; if that rename
+    fails, the previous one is back under its name and nothing hidden is left."""
+    out = str(tmp_path)
+    path = write_adapter_atomic(out, "x", {"r": 1}, {"w": torch.ones(2)})
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if os.path.basename(src).startswith(".x.tmp-"):
+            raise OSError("disk gone")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="disk gone"):
+        write_adapter_atomic(out, "x", {"r": 2}, {"w": torch.zeros(2)})
+    assert json.load(open(os.path.join(path, "adapter_config.json"))) == {"r": 1}
+    assert os.listdir(out) == ["x"]
+
+
 def test_training_imports_nothing_of_vllm() -> None:
     """slora_plugin.train (and the training op) must run where vLLM is absent."""
     import subprocess
