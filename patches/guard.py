@@ -8,11 +8,12 @@ Every patch file changes one vLLM component and declares, as `REQUIRES`, what it
   what *its* signature allows, so a new parameter (0.27's `_preempt_request(...,
   drop_stale_output)`) must be caught before the engine runs, not by a TypeError mid-step;
 - `InstanceAttributes`: attributes vLLM sets on its instances (`self.x = ...`, invisible on the
-  class). Parsing vLLM's source at every start would cost seconds, so they are checked on the
-  live instances where the glue is built (`check_instances`) and, from source, by the port
-  check.
+  class). Parsing vLLM's source at every start would cost seconds, so at start `enforce()` only
+  checks that the class exists; the attributes themselves are checked on live instances where
+  the glue is built for the scheduler, its KV cache manager and block pool and the LoRA model
+  manager (`check_instances`), and for every declaration, from source, by the port check.
 
-`enforce()` checks all of them before anything is patched and stops start-up with one message
+`enforce()` checks the names and signatures before anything is patched and stops start-up with one message
 that names the installed vLLM, each missing or changed name (for a changed signature: the
 expected and the found one) and the version the plugin supports. With
 `slora.allow_untested_vllm` a vLLM other than `SUPPORTED_VLLM` may run, and so may an

@@ -23,8 +23,9 @@ import os
 import sys
 from types import ModuleType
 
-#: Repository folders installed as subpackages of `slora_plugin`.
-SIBLING_SUBPACKAGES = ("kernels", "patches")
+#: Repository folders installed as subpackages of `slora_plugin`, each with a file that marks it
+#: as ours (so a `slora_plugin/` copied without them never mounts another project's folder).
+SIBLING_SUBPACKAGES = {"kernels": "lora_linear.py", "patches": "guard.py"}
 
 
 def mount_sibling_folders(package: ModuleType) -> list[str]:
@@ -34,10 +35,11 @@ def mount_sibling_folders(package: ModuleType) -> list[str]:
     here = package.__path__[0]
     root = os.path.dirname(os.path.abspath(here))
     mounted = []
-    for name in SIBLING_SUBPACKAGES:
+    for name, marker in SIBLING_SUBPACKAGES.items():
         full = f"{package.__name__}.{name}"
         folder = os.path.join(root, name)
-        if full in sys.modules or os.path.isdir(os.path.join(here, name)) or not os.path.isdir(folder):
+        if (full in sys.modules or os.path.isdir(os.path.join(here, name))
+                or not os.path.isfile(os.path.join(folder, marker))):
             continue
         spec = importlib.machinery.ModuleSpec(full, None, is_package=True)
         spec.submodule_search_locations = [folder]

@@ -1,8 +1,11 @@
 """vLLM glue of the unified page pool: the scheduler subclasses and their KV cache manager.
 
-`scheduler_class(async_scheduling)` is what `SchedulerConfig.scheduler_cls` must be set to when
-the plugin is on; vLLM 0.26 uses a custom class as given, so there is one subclass of each of
-its two schedulers (`Scheduler`, and `AsyncScheduler`, the default).
+vLLM 0.26 uses a custom scheduler class as given, so there is one subclass of each of its two
+schedulers (`Scheduler`, and `AsyncScheduler`, the default). With the plugin on,
+`SchedulerConfig.scheduler_cls` is set to the dotted name of one of them
+(`patches/engine_args.SCHEDULER_CLS`, which must not import this module);
+`scheduler_class(async_scheduling)` gives the class itself to code that builds a scheduler
+directly (the CPU tests' real vLLM scheduler).
 
 The residency logic itself is `page_pool.PagePool`, and the rest of what the scheduler decides
 needs no vLLM either: which requests have an unusable adapter (`unusable.py`), the host-load

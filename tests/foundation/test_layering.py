@@ -34,7 +34,11 @@ ROOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
          "slora_plugin.roofline", "slora_plugin.raw_format", "slora_plugin.config",
          "slora_plugin.kernels.*", "slora_plugin.adapters", "slora_plugin.adapters.*",
          "slora_plugin.pool", "slora_plugin.pool.*", "slora_plugin.compress",
-         "slora_plugin.compress.*", "slora_plugin.train", "slora_plugin.train.*"),
+         "slora_plugin.compress.*", "slora_plugin.train", "slora_plugin.train.*",
+         # the worker's vLLM-free parts (its subclasses of vLLM classes are glue)
+         "slora_plugin.worker.adapter_copies", "slora_plugin.worker.scope",
+         "slora_plugin.worker.page_loader", "slora_plugin.worker.tables",
+         "slora_plugin.worker.threads"),
         # vLLM glue living beside core modules: the resolver is a vLLM `LoRAResolver`, the
         # scheduler module holds vLLM's Scheduler/KVCacheManager subclasses.
         ("slora_plugin.adapters.resolver", "slora_plugin.pool.scheduler"),
