@@ -29,8 +29,9 @@ r_pad columns, zero in the padding). Each rank shrinks h_i = x A_iᵀ (T, r_loc)
 layer (all slices of the fused layer in one buffer) gives every rank h = [h_0 | ... | h_{t-1}] =
 x A_padᵀ (T, r_pad), and the rank expands y[:, O_i] += s h B[O_i, :]ᵀ, exactly its output columns.
 Exact: the gathered h is the unsharded shrink (zero in the padding, where B is zero too).
-Communication: every rank receives (t-1) T Σ_slices r_loc elements (the gather of an fp32
-(slices, T, r_loc) buffer), against the base's 2 (t-1)/t T hidden of each all-reduce.
+Communication: every rank receives (t-1) T slices ceil(R / t) elements (the gather of a fixed
+(slices, T, ceil(R / t)) buffer, R = the engine's max LoRA rank), against 2 (t-1)/t T hidden for
+each of the base's all-reduces.
 
 Row layers. A is split by input like W: rank i holds A_i = A[:, I_i] and shrinks the partial sum
 p_i = x_i A_iᵀ (T, r); Σ_i p_i = x Aᵀ. Two ways to finish, both exact in exact arithmetic:
@@ -40,8 +41,8 @@ p_i = x_i A_iᵀ (T, r); Σ_i p_i = x Aᵀ. Two ways to finish, both exact in ex
   gives every rank h = x Aᵀ, then the rank adds s h B[H_i, :]ᵀ into *its columns* H_i of the base
   partial sum, before vLLM's all-reduce. That all-reduce then sums the base partials and, in each
   column block H_j, exactly one LoRA term (rank j's), so it doubles as the all-gather of the
-  expand output: y = x Wᵀ + s (x Aᵀ) Bᵀ with one extra collective, the all-reduce of T r
-  elements (2 (t-1)/t T r per rank in a ring). Adding rank i's *partial* p_i B[H_i]ᵀ without that
+  expand output: y = x Wᵀ + s (x Aᵀ) Bᵀ with one extra collective, the all-reduce of a (T, R)
+  buffer (2 (t-1)/t T R elements per rank in a ring). Adding rank i's *partial* p_i B[H_i]ᵀ without that
   all-reduce would be wrong: column block H_i would get s p_i B[H_i]ᵀ, not s Σ_j p_j B[H_i]ᵀ.
 - `row_b="replicated"` (vLLM's default `RowParallelLinearWithLoRA`): every rank holds all of B
   and adds s p_i Bᵀ into its whole partial sum; vLLM's all-reduce sums them to s (Σ_i p_i) Bᵀ by
