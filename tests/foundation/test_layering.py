@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ROOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "core": (
         ("slora_plugin.layout", "slora_plugin.core_layout", "slora_plugin.model_config",
+         "slora_plugin.tp_shard",
          "slora_plugin.roofline", "slora_plugin.raw_format", "slora_plugin.config",
          "slora_plugin.kernels.*", "slora_plugin.adapters", "slora_plugin.adapters.*",
          "slora_plugin.pool", "slora_plugin.pool.*", "slora_plugin.compress",
