@@ -149,6 +149,13 @@ def build_compressed_spec(name: str, path: str, collection: str, member: str, di
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise AdapterError(name, where, f"malformed entry for {member!r} "
                                         f"({type(e).__name__}: {e})") from None
+    root = os.path.realpath(collection)
+    for what, rel in (("cores", str(entry["cores"])),
+                      ("bases", str(manifest.clusters[cluster]["bases"]))):
+        real = os.path.realpath(os.path.join(collection, rel))
+        if not real.startswith(root + os.sep):
+            raise AdapterError(name, where, f"the {what} file of {member!r} ({rel}) leads outside "
+                                            f"the collection {root}")
     for m, ls in layers.items():
         if m not in manifest.modules:
             raise AdapterError(name, where, f"{member!r} adapts {m}, which is not among the "

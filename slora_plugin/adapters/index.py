@@ -136,9 +136,16 @@ class AdapterIndex:
                 # a compressed collection is a leaf too: its manifest names its adapters
                 if collections:
                     try:
-                        found.extend(member_names(directory, prefix.rstrip("/")))
+                        members = member_names(directory, prefix.rstrip("/"))
                     except AdapterError as e:
                         skipped.append(AdapterError(prefix.rstrip("/"), MANIFEST, f"skipped: {e.reason}"))
+                        members = []
+                    for member in members:
+                        try:
+                            check_name(member)
+                            found.append(member)
+                        except AdapterError as e:
+                            skipped.append(AdapterError(e.adapter, MANIFEST, f"skipped: {e.reason}"))
                 continue
             for e in entries:
                 if e.name.startswith(".") or not e.is_dir():

@@ -18,7 +18,6 @@ accepted too. Errors are `AdapterError`s, remembered until the files change.
 
 from __future__ import annotations
 
-import os
 import threading
 from typing import Iterable, Sequence
 
@@ -31,7 +30,6 @@ from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
 from slora_plugin.adapters.host_cache import HostCache, Lease, raw_bytes
 from slora_plugin.adapters.sources import AdapterSources
 from slora_plugin.adapters.spec import AdapterSpec, build_spec, files_key
-from slora_plugin.adapters.peft_format import CONFIG_NAME
 from slora_plugin.adapters.targets import check_wrapped, check_wrapped_modules, wrapped_modules
 from slora_plugin.compress.collection import MANIFEST
 from slora_plugin.layout import ModelDims
@@ -85,8 +83,10 @@ class AdapterStore:
         targets has LoRA layers in this engine; cached until either file changes. For an
         adapter of a compressed collection: its `CompressedSpec` (manifest level)."""
         name, path = self.locate(name_or_path)
-        member = split_path(path) if not os.path.isfile(os.path.join(path, CONFIG_NAME)) else None
-        key = files_key(path) if member is None else compressed_key(*member)
+        key: tuple = files_key(path)
+        member = split_path(path) if key[0] is None else None  # no config: a collection's?
+        if member is not None:
+            key = compressed_key(*member)
         with self._lock:
             cached = self._specs.get(path)
         if cached is None or cached[0] != key:

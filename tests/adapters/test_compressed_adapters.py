@@ -158,3 +158,22 @@ def test_adapters_check_covers_collections(mixed, tiny_dims):
     assert total == 4 and [(p.adapter, os.path.basename(p.file)) for p in problems] == \
         [("coll/org/b", "b.safetensors")]
     assert check_directory(str(root), None) == (4, [])
+
+
+def test_a_manifest_cannot_lead_outside_the_collection(mixed, tiny_dims):
+    import json
+
+    _, root = mixed
+    path = root / "coll" / MANIFEST
+    data = json.loads(path.read_text())
+    data["adapters"]["../../evil"] = dict(data["adapters"]["a"])
+    data["adapters"]["org/b"]["cores"] = "../../plain/adapter_model.safetensors"
+    path.write_text(json.dumps(data))
+    index = AdapterIndex(str(root))
+    assert "coll/../../evil" not in index.scan()
+    assert [s.adapter for s in index.skipped] == ["coll/../../evil"]
+    with store_of(root, tiny_dims) as store:
+        with pytest.raises(AdapterError, match="leads outside the collection") as e:
+            store.spec("coll/org/b")
+        assert e.value.file.endswith(MANIFEST)
+        assert isinstance(store.spec("coll/a"), CompressedSpec)
