@@ -17,8 +17,8 @@ import fcntl
 import os
 import threading
 
-from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
 from slora_plugin.adapters.compressed import find_in, member_names
+from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
 from slora_plugin.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from slora_plugin.compress.collection import MANIFEST
 
