@@ -17,11 +17,14 @@ from types import SimpleNamespace
 
 import torch
 
+from slora_plugin.adapters.compressed import (
+    CollectionBases, build_compressed_spec, read_cores, read_manifest, split_path)
 from slora_plugin.adapters.errors import AdapterError
 from slora_plugin.adapters.fleet import FleetAdapter, write_fleet
 from slora_plugin.adapters.index import AdapterIndex
 from slora_plugin.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
 from slora_plugin.compress.cli import add_compress_parser
+from slora_plugin.compress.collection import MANIFEST
 from slora_plugin.layout import MODULES, ModelDims
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -98,6 +101,8 @@ def check_directory(directory: str, dims: ModelDims | None, max_rank: int = 128,
     """(number of adapters, problems). With `dims`: exactly the server's validation (config and
     a full load); without: everything that does not need the model. Directory symlinks leading
     outside `directory`, which the server never serves, count as adapters with a problem.
+    Adapters of compressed collections: with `dims`, validated and read as the store reads them
+    (cores and bases, `adapters/compressed.py`); without, their manifest entry is checked.
     `progress`: a tqdm bar on stderr when there are at least CHECK_PROGRESS_MIN adapters."""
     from tqdm import tqdm
 
@@ -111,11 +116,15 @@ def check_directory(directory: str, dims: ModelDims | None, max_rank: int = 128,
     problems = list(index.skipped)
     if dims is not None:  # one row of the widest module per page: any layout fits
         page = max(max(dims.module_io(m)) for m in MODULES)
+    bases = CollectionBases(dims, torch.float32) if dims is not None else None
     quiet = not progress or len(names) < CHECK_PROGRESS_MIN
     for name in tqdm(names, desc="checking adapters", unit="adapter", disable=quiet):
         try:
             path = index.locate(name)
-            if dims is not None:
+            member = split_path(path) if not os.path.isfile(os.path.join(path, CONFIG_NAME)) else None
+            if member is not None:
+                _check_compressed(name, path, member, dims, bases)
+            elif dims is not None:
                 spec = build_spec(name, path, files_key(path), dims, page, max_rank)
                 layout = raw_layout(spec.layout, dims.num_hidden_layers, torch.float32)
                 read_raw(spec, dims, RawAdapter(torch.empty(layout.nbytes, dtype=torch.uint8), layout))
@@ -128,6 +137,24 @@ def check_directory(directory: str, dims: ModelDims | None, max_rank: int = 128,
         except AdapterError as e:
             problems.append(e)
     return len(names) + len(index.skipped), problems
+
+
+def _check_compressed(name: str, path: str, member: tuple[str, str], dims: ModelDims | None,
+                      bases: CollectionBases | None) -> None:
+    """One compressed adapter of `check_directory` (AdapterError when it has a problem); each
+    collection's bases are read once (`bases`, given with `dims`)."""
+    collection, adapter = member
+    if dims is None:
+        if adapter not in read_manifest(collection, name).adapters:
+            raise AdapterError(name, os.path.join(collection, MANIFEST), f"the collection has no "
+                                                                        f"adapter {adapter!r}")
+        return
+    manifest = read_manifest(collection, name)
+    page = max(manifest.rank, 1)  # one core row per page: any core layout fits
+    spec = build_compressed_spec(name, path, collection, adapter, dims, page)
+    read_cores(spec, torch.float32)
+    assert bases is not None
+    bases.get(spec)
 
 
 def format_table(problems: list[AdapterError]) -> str:

@@ -1,9 +1,11 @@
 """The adapter directory: names -> paths, safely, and a stable integer id per name.
 
 One sub-directory per adapter (`adapter_config.json` + `adapter_model.safetensors`); names may be
-nested (`org/name`). Nothing here reads a config or a weight file: `scan()` only lists
-directories, so a directory of 10,000 adapters is indexed in well under a second, and `locate()`
-looks at the disk directly, so an adapter copied in after start-up is found on its first request.
+nested (`org/name`). A sub-directory holding `collection.json` is a compressed collection whose
+adapters are `<collection>/<adapter>` (`adapters/compressed.py`). Nothing here reads a config or
+a weight file: `scan()` only lists directories (and reads each collection's manifest), so a
+directory of 10,000 adapters is indexed in well under a second, and `locate()` looks at the
+disk directly, so an adapter copied in after start-up is found on its first request.
 
 Names come from HTTP clients (vLLM's resolver hands us the `model` field of a request), so a name
 is confined to the directory: no `..`, no absolute name, no symlink that leads outside.
@@ -15,8 +17,10 @@ import fcntl
 import os
 import threading
 
+from slora_plugin.adapters.compressed import find_in, member_names
 from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
 from slora_plugin.adapters.peft_format import CONFIG_NAME, WEIGHTS_NAME
+from slora_plugin.compress.collection import MANIFEST
 
 #: The id file kept in the adapter directory (when writable): one "id<TAB>name" line per name.
 IDS_FILE = ".slora-ids"
@@ -72,6 +76,9 @@ class AdapterIndex:
                                            f"{self.root} (to {path}, through a symlink)")
         config = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(config):
+            member = self._locate_compressed(name, parts)
+            if member is not None:
+                return member
             raise AdapterNotFoundError(name, None, f"no adapter of that name in {self.root} "
                                                    f"({CONFIG_NAME} not found)")
         for fname in (CONFIG_NAME, WEIGHTS_NAME):
@@ -81,6 +88,25 @@ class AdapterIndex:
                                                 f"directory {self.root} (to {real})")
         return path
 
+    def _locate_compressed(self, name: str, parts: list[str]) -> str | None:
+        """The path of `name` as an adapter of a compressed collection (`adapters/compressed.py`:
+        the collection's real directory joined with the adapter's name in it), or None when no
+        leading part of the name is a collection. Only asked once the plain lookup failed, so a
+        plain adapter's lookup costs what it did."""
+        found = find_in(self.root, parts)
+        if found is None:
+            return None
+        directory, member = found
+        real = os.path.realpath(directory)
+        if not _inside(real, self.root):
+            raise AdapterError(name, None, f"the name leads outside the adapter directory "
+                                           f"{self.root} (to {real}, through a symlink)")
+        manifest = os.path.realpath(os.path.join(real, MANIFEST))
+        if not _inside(manifest, self.root):
+            raise AdapterError(name, MANIFEST, f"is a symlink that leads outside the adapter "
+                                               f"directory {self.root} (to {manifest})")
+        return os.path.join(real, *member.split("/"))
+
     def name_of(self, real_path: str) -> str | None:
         """The directory-relative name of a real path inside the directory, else None."""
         if real_path != self.root and _inside(real_path, self.root):
@@ -88,8 +114,11 @@ class AdapterIndex:
         return None
 
     # ---- listing ------------------------------------------------------------------------------
-    def scan(self) -> list[str]:
-        """List every adapter name (sorted); reads directory entries only, never a file."""
+    def scan(self, collections: bool = True) -> list[str]:
+        """List every adapter name (sorted); reads directory entries only, and the manifest of
+        each compressed collection, whose adapters are listed as `<collection>/<adapter>`
+        (`collections=False`: plain adapters only, e.g. what `adapters compress` may read; a
+        collection is still a leaf, never searched for plain adapters)."""
         found: list[str] = []
         skipped: list[AdapterError] = []
         stack = [(self.root, "")]
@@ -103,6 +132,21 @@ class AdapterIndex:
                 if prefix:
                     found.append(prefix.rstrip("/"))
                 continue  # an adapter directory is a leaf
+            if prefix and any(e.name == MANIFEST for e in entries):
+                # a compressed collection is a leaf too: its manifest names its adapters
+                if collections:
+                    try:
+                        members = member_names(directory, prefix.rstrip("/"))
+                    except AdapterError as e:
+                        skipped.append(AdapterError(prefix.rstrip("/"), MANIFEST, f"skipped: {e.reason}"))
+                        members = []
+                    for member in members:
+                        try:
+                            check_name(member)
+                            found.append(member)
+                        except AdapterError as e:
+                            skipped.append(AdapterError(e.adapter, MANIFEST, f"skipped: {e.reason}"))
+                continue
             for e in entries:
                 if e.name.startswith(".") or not e.is_dir():
                     continue

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 
+from slora_plugin.adapters.compressed import split_path
 from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
 from slora_plugin.adapters.hub import locate_hub
 from slora_plugin.adapters.index import AdapterIndex, IdRegistry, check_name
@@ -65,9 +66,10 @@ class AdapterSources:
 
     def _at_path(self, given: str) -> tuple[str, str]:
         """(name, real path) of the adapter directory at `given` (absolute, or relative to the
-        working directory); named as the directory's adapter when it is one."""
+        working directory), or of the compressed adapter whose path it is (what the index's
+        `locate` gave, carried as `lora_path`); named as the directory's adapter when it is one."""
         path = os.path.realpath(given)
-        if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        if not os.path.isfile(os.path.join(path, CONFIG_NAME)) and split_path(path) is None:
             raise AdapterNotFoundError(given, CONFIG_NAME, f"not found in {path}")
         return (self.index.name_of(path) if self.index else None) or given, path
 

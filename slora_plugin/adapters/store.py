@@ -8,6 +8,9 @@ Who uses what:
   - the scheduler, when it shares the worker's process (`pool/worker_link.py`): `ready(name)`
     and `start(name)`, the readiness oracle of admission (`pool/admission.py`), cheap enough for
     every waiting request of every step.
+An adapter of a compressed collection (`<collection>/<adapter>`, `adapters/compressed.py`) has a
+`CompressedSpec` (its `num_pages` places its cores) and is read with `read_compressed` (cores in
+raw host form, its cluster's bases cached once per collection); the host cache never holds it.
 A name is directory-relative (`org/name`), else a Hugging Face Hub id found in the local HF
 cache; an absolute path to an adapter directory (what `LoRARequest.lora_path` carries) is
 accepted too. Errors are `AdapterError`s, remembered until the files change.
@@ -20,14 +23,22 @@ from typing import Iterable, Sequence
 
 import torch
 
+from slora_plugin.adapters.compressed import (
+    CollectionBases, CompressedAdapter, CompressedSpec, build_compressed_spec, compressed_key,
+    read_cores, split_path)
 from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
 from slora_plugin.adapters.host_cache import HostCache, Lease, raw_bytes
 from slora_plugin.adapters.sources import AdapterSources
 from slora_plugin.adapters.spec import AdapterSpec, build_spec, files_key
-from slora_plugin.adapters.targets import check_wrapped, wrapped_modules
+from slora_plugin.adapters.targets import check_wrapped, check_wrapped_modules, wrapped_modules
+from slora_plugin.compress.collection import MANIFEST
 from slora_plugin.layout import ModelDims
 
-__all__ = ["AdapterStore", "AdapterSpec", "AdapterError", "AdapterNotFoundError", "Lease"]
+#: What `AdapterStore.spec` gives: a plain adapter's spec or a compressed collection's adapter's.
+AnySpec = AdapterSpec | CompressedSpec
+
+__all__ = ["AdapterStore", "AdapterSpec", "CompressedSpec", "CompressedAdapter", "AdapterError",
+           "AdapterNotFoundError", "Lease"]
 
 
 class AdapterStore:
@@ -37,9 +48,12 @@ class AdapterStore:
                  adapter_dir: str | None, max_rank: int, host_cache_bytes: int, loader_threads: int,
                  hf_cache_dir: str | None = None, hub_download: bool = False,
                  wait_timeout_s: float = 60.0,
-                 lora_target_modules: Sequence[str] | None = None) -> None:
+                 lora_target_modules: Sequence[str] | None = None,
+                 compressed: bool = True) -> None:
         """`lora_target_modules`: the engine's `LoRAConfig.target_modules` (None: every module
-        has LoRA layers); an adapter targeting a module without them is refused by `spec`."""
+        has LoRA layers); an adapter targeting a module without them is refused by `spec`.
+        `compressed=False`: `spec` refuses adapters of compressed collections with an error
+        saying so (the engine's store, until its worker serves them)."""
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"serving dtype {dtype} is not supported (float16, bfloat16, float32)")
         self.dims, self.page_elems, self.dtype, self.max_rank = dims, page_elems, dtype, max_rank
@@ -47,7 +61,9 @@ class AdapterStore:
         self.sources = AdapterSources(adapter_dir, hf_cache_dir, hub_download)
         self.index = self.sources.index
         self.cache = HostCache(dims, dtype, host_cache_bytes, loader_threads, wait_timeout_s)
-        self._specs: dict[str, tuple[tuple, AdapterSpec | AdapterError]] = {}
+        self.compressed = compressed
+        self.bases = CollectionBases(dims, dtype)
+        self._specs: dict[str, tuple[tuple, AnySpec | AdapterError]] = {}
         self._located: dict[str, str] = {}  # name or path asked for -> real directory path
         self._unloadable: set[str] = set()  # names whose spec failed in start()
         self._lock = threading.Lock()
@@ -62,18 +78,26 @@ class AdapterStore:
         return self.sources.lora_int_id(name)
 
     # ---- specs --------------------------------------------------------------------------------
-    def spec(self, name_or_path: str) -> AdapterSpec:
+    def spec(self, name_or_path: str) -> AnySpec:
         """Config-level validation (no weights read), including that every module the adapter
-        targets has LoRA layers in this engine; cached until either file changes."""
+        targets has LoRA layers in this engine; cached until either file changes. For an
+        adapter of a compressed collection: its `CompressedSpec` (manifest level)."""
         name, path = self.locate(name_or_path)
-        key = files_key(path)
+        key: tuple = files_key(path)
+        member = split_path(path) if key[0] is None else None  # no config: a collection's?
+        if member is not None:
+            key = compressed_key(*member)
         with self._lock:
             cached = self._specs.get(path)
         if cached is None or cached[0] != key:
             try:
-                result: AdapterSpec | AdapterError = build_spec(
-                    name, path, key, self.dims, self.page_elems, self.max_rank)
-                check_wrapped(result, self.wrapped)
+                if member is None:
+                    result: AnySpec | AdapterError = build_spec(
+                        name, path, key, self.dims, self.page_elems, self.max_rank)
+                    check_wrapped(result, self.wrapped)
+                else:
+                    result = build_compressed_spec(name, path, *member, self.dims, self.page_elems)
+                    check_wrapped_modules(name, result.modules, self.wrapped, MANIFEST)
             except AdapterError as e:
                 result = e
             cached = (key, result)
@@ -82,6 +106,10 @@ class AdapterStore:
         result = cached[1]
         if isinstance(result, AdapterError):
             raise type(result)(result.adapter, result.file, result.reason)
+        if isinstance(result, CompressedSpec) and not self.compressed:
+            raise AdapterError(name, None, "is an adapter of a compressed collection, which this "
+                                           "engine does not serve yet (the worker side of issue 15 "
+                                           "is not built: docs/DESIGN.md, Compressed collections)")
         with self._lock:
             self._located[name_or_path] = path
             self._unloadable.discard(name_or_path)
@@ -90,8 +118,21 @@ class AdapterStore:
     # ---- raw adapters -------------------------------------------------------------------------
     def get(self, name_or_path: str) -> Lease:
         """The raw pinned adapter (loaded once, however many callers); release the lease
-        (or use `with`) once it is copied to the GPU."""
-        return self.cache.get(self.spec(name_or_path))
+        (or use `with`) once it is copied to the GPU. Plain adapters only."""
+        spec = self.spec(name_or_path)
+        if isinstance(spec, CompressedSpec):
+            raise AdapterError(spec.name, None, "is an adapter of a compressed collection: read it "
+                                                "with read_compressed, not get")
+        return self.cache.get(spec)
+
+    def read_compressed(self, name_or_path: str) -> CompressedAdapter:
+        """An adapter of a compressed collection, read: its cores in raw host form (read now)
+        and its cluster's bases (read once per collection and cluster, then shared)."""
+        spec = self.spec(name_or_path)
+        if not isinstance(spec, CompressedSpec):
+            raise AdapterError(spec.name, None, "is a plain adapter, not one of a compressed "
+                                                "collection: read it with get")
+        return CompressedAdapter(spec, read_cores(spec, self.dtype), self.bases.get(spec))
 
     @property
     def step_share_bytes(self) -> int:
@@ -112,6 +153,8 @@ class AdapterStore:
                 spec = self.spec(name)
             except AdapterError:
                 continue
+            if isinstance(spec, CompressedSpec):
+                continue  # never in the host cache
             if not self.cache.path_busy(spec.path):
                 need = raw_bytes(spec, self.dims, self.dtype)
                 if need > half:
@@ -161,7 +204,8 @@ class AdapterStore:
             with self._lock:
                 self._unloadable.add(name_or_path)
             return
-        self.cache.prefetch(spec)
+        if not isinstance(spec, CompressedSpec):
+            self.cache.prefetch(spec)
 
     def stats(self) -> dict[str, float | int]:
         s = self.cache.stats()

@@ -58,13 +58,20 @@ def wrapped_modules(lora_target_modules: Sequence[str] | None) -> tuple[str, ...
 def check_wrapped(spec: AdapterSpec, wrapped: Collection[str]) -> None:
     """Refuse an adapter that targets a module without LoRA layers in this engine: serving it
     without those weights would silently give another model's answers."""
-    missing_peft = [m for m in MODULES if spec.ranks.get(m, 0) and PACKED_OF[m] not in wrapped]
+    check_wrapped_modules(spec.name, [m for m in MODULES if spec.ranks.get(m, 0)], wrapped,
+                          CONFIG_NAME)
+
+
+def check_wrapped_modules(name: str, modules: Collection[str], wrapped: Collection[str],
+                          file: str) -> None:
+    """`check_wrapped` for adapter `name` adapting the PEFT `modules` (`file` says where)."""
+    missing_peft = [m for m in MODULES if m in modules and PACKED_OF[m] not in wrapped]
     if not missing_peft:
         return
     missing = packed_modules(missing_peft)
     suggestion = [p for p in ALL_PACKED if p in wrapped or p in missing]
     raise AdapterError(
-        spec.name, CONFIG_NAME,
+        name, file,
         f"targets {', '.join(missing_peft)} (vLLM module {', '.join(missing)}), which has no LoRA "
         f"layer in this engine: LoRA layers are only on {', '.join(p for p in ALL_PACKED if p in wrapped)} "
         f"(slora.target_modules, or when unset the modules the adapters in slora.adapter_dir "
@@ -95,10 +102,12 @@ def survey_directory(adapter_dir: str, dims: ModelDims, max_rank: int) -> Target
     adapters made from a few recipes costs little more than reading their configs. The names
     come from `AdapterIndex.scan` (no directory symlinked outside the root); the store's
     per-file symlink check is not repeated (3 realpath calls per adapter, most of the cost): an
-    adapter it would refuse can only widen the set, never narrow it.
+    adapter it would refuse can only widen the set, never narrow it. Adapters of compressed
+    collections are not surveyed: the engine does not serve them yet (`AdapterStore`'s
+    `compressed`).
     """
     index = AdapterIndex(adapter_dir)
-    names = index.scan()
+    names = index.scan(collections=False)
     by_text: dict[bytes, frozenset[str] | None] = {}
     union: set[str] = set()
     skipped: list[str] = []

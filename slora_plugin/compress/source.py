@@ -66,7 +66,7 @@ def open_collection(src_dir: str, dims: ModelDims, max_rank: int = 128,
     from tqdm import tqdm
 
     index = AdapterIndex(src_dir)
-    names = index.scan()
+    names = index.scan(collections=False)
     problems: list[AdapterError] = list(index.skipped)
     page = max(max(dims.module_io(m)) for m in MODULES)  # one widest row per page: any layout fits
     adapters = []
@@ -104,7 +104,7 @@ def infer_dims(src_dir: str) -> ModelDims:
     index = AdapterIndex(src_dir)
     io: dict[str, tuple[int, int]] = {}
     layers = 0
-    for name in index.scan():
+    for name in index.scan(collections=False):
         path = os.path.join(index.locate(name), WEIGHTS_NAME)
         try:
             with open_weights(path) as f:

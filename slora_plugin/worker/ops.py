@@ -17,6 +17,11 @@ How it is registered, for start-up time and per-call cost (see patches/layer_nam
     call when the op runs outside a CUDA graph (eager, or prefill batches past the largest graph).
 
 One `PagedLoRARuntime` per process holds that state; the worker's LoRA model manager installs it.
+
+Compressed collections (`serve_compressed`): after the paged op, each slice whose (layer, module)
+has resident bases runs `compressed_lora_linear` on the same `SegmentMeta`, so one batch mixes
+plain and compressed adapters (a slot holds either kind: `tables.py`). Without it (the default,
+and all the engine does until the worker loads collections) the op is exactly the paged one.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from torch.library import Library
 
 from slora_plugin.patches.layer_name import LayerNameType, resolve_layer_name
+from slora_plugin.worker.compressed_bases import ResidentBases
 from slora_plugin.worker.tables import SlotTables
 
 #: Returns a layer's KV-cache tensor (whose storage is the pool), or None before it exists.
@@ -71,6 +77,21 @@ class PagedLoRARuntime:
             self.meta = SegmentMeta(max_tokens, num_slots, self.device)
         self._sources: dict[str, KVSource] = {}
         self._pools: dict[str, tuple[tuple[int, int, torch.dtype], torch.Tensor]] = {}
+        #: The compressed collections' resident bases (None: plain adapters only).
+        self.compressed: ResidentBases | None = None
+        self._workspace = None
+        self._layer_of: dict[str, int] = {}
+
+    def serve_compressed(self, bases: ResidentBases, diagonal: bool, dtype: torch.dtype) -> None:
+        """Serve compressed adapters whose clusters are `bases` (before CUDA graphs are
+        captured: the core tables, the bases and the GEMM workspace keep their addresses)."""
+        self.tables.enable_cores(bases.rank, diagonal)
+        self.compressed = bases
+        if self.meta is not None:
+            from slora_plugin.kernels.compressed_lora import CompressedWorkspace
+
+            self._workspace = CompressedWorkspace(self.max_tokens, max(bases.max_width, 1), dtype,
+                                                  self.device)
 
     # -- wiring -------------------------------------------------------------------------
     def bind_layer(self, layer_key: str, source: KVSource) -> None:
@@ -124,6 +145,38 @@ class PagedLoRARuntime:
 
             lora_linear_ref(y, x, pool, self.token_slot[: x.shape[0]], t.a_addr, t.b_addr,
                             t.ranks, t.scales, mids, widths)
+        if self.compressed is not None:
+            self._apply_compressed(y, x, pool, layer_key, mids, widths)
+
+    def _apply_compressed(self, y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor,
+                          layer_key: str, mids: tuple[int, ...], widths: tuple[int, ...]) -> None:
+        """y's slices += their compressed adapters' deltas (one slice at a time: a module no
+        resident cluster adapts in this layer costs nothing)."""
+        assert self.compressed is not None and self.tables.cores is not None
+        layer = self._layer_of.get(layer_key)
+        if layer is None:
+            from slora_plugin.worker.lora_layers import layer_index
+
+            layer = self._layer_of[layer_key] = layer_index(layer_key)
+        c = self.tables.cores
+        off = 0
+        for m, width in zip(mids, widths):
+            bases = self.compressed.by_layer.get((layer, m))
+            if bases is not None:
+                ys = y[:, off:off + width]
+                if self.meta is not None and x.is_cuda:
+                    from slora_plugin.kernels.compressed_lora import compressed_lora_linear
+
+                    compressed_lora_linear(ys, x, pool, self.meta, c.core_addr, c.has_core,
+                                           c.slot_group, [bases], [m], [width], c.diagonal,
+                                           self._workspace)
+                else:
+                    from slora_plugin.kernels.compressed_reference import compressed_lora_exact
+
+                    ys.copy_(compressed_lora_exact(ys, x, pool, self.token_slot[: x.shape[0]],
+                                                   c.core_addr, c.has_core, c.slot_group, [bases],
+                                                   [m], [width], c.diagonal))
+            off += width
 
 
 _RUNTIME: PagedLoRARuntime | None = None

@@ -37,7 +37,8 @@ ROOMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
          "slora_plugin.pool", "slora_plugin.pool.*", "slora_plugin.compress",
          "slora_plugin.compress.*", "slora_plugin.train", "slora_plugin.train.*",
          # the worker's vLLM-free parts (its subclasses of vLLM classes are glue)
-         "slora_plugin.worker.adapter_copies", "slora_plugin.worker.scope",
+         "slora_plugin.worker.adapter_copies", "slora_plugin.worker.compressed_bases",
+         "slora_plugin.worker.scope",
          "slora_plugin.worker.page_loader", "slora_plugin.worker.tables",
          "slora_plugin.worker.threads"),
         # vLLM glue living beside core modules: the resolver is a vLLM `LoRAResolver`, the

@@ -415,3 +415,93 @@ def test_mapping_updates_only_the_token_slots(vllm_cpu, tiny_dims, monkeypatch):
     expect = [slot[i] if i else -1 for i in token_map]
     assert mgr.runtime.token_slot[:4].tolist() == expect
     assert mgr.runtime.token_slot[4:].eq(-1).all()
+
+
+def test_mixed_batch_of_plain_and_compressed_adapters(vllm_cpu, tiny_dims, monkeypatch, tmp_path):
+    """One batch: a plain adapter, two adapters of a compressed collection (written by the real
+    compressor from PEFT adapters, read by the host store, cores in KV pages, bases resident)
+    and no adapter. Each token's output is the base layer plus its adapter's delta: the
+    collection's U Σ Vᵀ (the compressed op's contract) and, K being the sum of the ranks, the
+    uncompressed PEFT adapter's s B A within fp32 tolerance."""
+    from safetensors import safe_open
+
+    from slora_plugin.adapters.peft_format import tensor_name, write_random_adapter
+    from slora_plugin.adapters.store import AdapterStore
+    from slora_plugin.compress.api import compress_collection
+    from slora_plugin.compress.collection import CompressedCollection
+    from slora_plugin.worker.compressed_bases import resident_bases
+    from slora_plugin.worker.tables import core_rows
+
+    g = torch.Generator().manual_seed(2)
+    members = {"c1": (2, ["q_proj", "v_proj", "down_proj"]), "c2": (3, ["q_proj", "gate_proj", "o_proj"])}
+    src, root = tmp_path / "src", tmp_path / "root"
+    for i, (name, (rank, mods)) in enumerate(members.items()):
+        write_random_adapter(str(src / name), tiny_dims, rank, mods, alpha=3.0, seed=20 + i,
+                             dtype=torch.float32)
+    compress_collection(str(src), str(root / "coll"), 5, dims=tiny_dims, dtype=torch.float32)
+    coll = CompressedCollection(str(root / "coll"))
+
+    model, mgr, base = _manager(vllm_cpu, tiny_dims, monkeypatch, slots=3)
+    pools = _layer_key_pools(mgr, tiny_dims)
+    free = torch.randperm(NUM_BLOCKS, generator=g).tolist()
+    w7 = _install_adapter(mgr, pools, tiny_dims, 7, {"q_proj": 4, "o_proj": 8, "up_proj": 3}, free[:20], g)
+    with AdapterStore(tiny_dims, PAGE, torch.float32, adapter_dir=str(root), max_rank=16,
+                      host_cache_bytes=1 << 20, loader_threads=1) as store:
+        read = {lid: store.read_compressed(f"coll/{n}") for lid, n in ((11, "c1"), (12, "c2"))}
+    spec = read[11].spec
+    rb = resident_bases([((spec.collection, spec.cluster), read[11].bases)], spec.manifest.modules,
+                        tiny_dims.num_hidden_layers, spec.manifest.rank, torch.float32, "cpu")
+    assert rb.nbytes > 0
+    mgr.runtime.serve_compressed(rb, diagonal=False, dtype=torch.float32)
+    first = 20
+    for lid, ad in read.items():
+        blocks = free[first:first + ad.spec.num_pages]
+        first += ad.spec.num_pages
+        for layer, pool in enumerate(pools):
+            pool[blocks] = ad.cores[layer]
+        mgr.add_dummy(lid, 8)  # the model manager's bookkeeping; the slot is written below
+        mgr.activate_adapter(lid)
+        mgr.runtime.tables.write_cores(mgr.lora_index_to_id.index(lid),
+                                       core_rows(ad.spec.layout, blocks, rb.group_of((spec.collection, 0))))
+    names = {11: "c1", 12: "c2"}
+    req = [(7, 3), (0, 2), (11, 4), (12, 2), (7, 1)]
+    token_map = tuple(i for i, n in req for _ in range(n))
+    mgr.set_adapter_mapping(LoRAMapping(token_map, tuple(i for i, _ in req), is_prefill=True))
+    x_in = {"qkv_proj": tiny_dims.hidden_size, "o_proj": 64, "gate_up_proj": tiny_dims.hidden_size,
+            "down_proj": tiny_dims.intermediate_size}
+
+    def peft(name, layer):  # the uncompressed adapter as (A, s B) per module
+        rank, mods = members[name]
+        with safe_open(str(src / name / "adapter_model.safetensors"), "pt") as f:
+            return {m: (f.get_tensor(tensor_name(layer, m, "A")),
+                        f.get_tensor(tensor_name(layer, m, "B")) * (3.0 / rank)) for m in mods}
+
+    def dense(name, layer):  # the collection's U Σ Vᵀ, as (Vᵀ-side, U Σ) factors
+        return {m: (torch.eye(coll.manifest.modules[m][0]), coll.delta(name, layer, m))
+                for m in members[name][1]}
+
+    with set_current_vllm_config(vllm_cpu):
+        for name, module in mgr.modules.items():
+            layer = int(name.split("layers.")[1].split(".")[0])
+            suffix = name.rsplit(".", 1)[1]
+            x = torch.randn(len(token_map), x_in[suffix], generator=g)
+            y = module(x)
+            y = y[0] if isinstance(y, tuple) else y
+            expect, uncompressed = x @ base[name].t(), x @ base[name].t()
+            for t, lid in enumerate(token_map):
+                if lid == 7:
+                    d = _delta(x[t:t + 1], w7[layer], suffix, tiny_dims)[0]
+                    expect[t] += d
+                    uncompressed[t] += d
+                elif lid:
+                    expect[t] += _delta(x[t:t + 1], dense(names[lid], layer), suffix, tiny_dims)[0]
+                    uncompressed[t] += _delta(x[t:t + 1], peft(names[lid], layer), suffix, tiny_dims)[0]
+            torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5, msg=name)
+            torch.testing.assert_close(y, uncompressed, rtol=1e-4, atol=1e-4, msg=name)
+    # a slot holds either kind: re-using a compressed adapter's slot for a plain one drops its cores
+    slot = mgr.lora_index_to_id.index(11)
+    assert int(mgr.runtime.tables.cores.has_core[slot].sum()) > 0
+    mgr.mark_resident(11, plan_layout({"o_proj": 2}, tiny_dims, PAGE), tuple(free[-1:]))
+    assert int(mgr.runtime.tables.cores.has_core[slot].sum()) == 0
+    assert int(mgr.runtime.tables.ranks[slot].sum()) == 2
+    ops.install(None)

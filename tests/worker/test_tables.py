@@ -64,3 +64,46 @@ def test_tables_write_and_clear(tiny_dims):
     assert int(t.ranks.sum()) == 0 and int(t.a_addr.abs().sum()) == 0
     with pytest.raises(IndexError):
         t.write(3, rows)
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_core_rows_read_back_the_packed_cores_and_a_slot_holds_one_kind(tiny_dims, diagonal):
+    from slora_plugin.core_layout import pack_cores, plan_cores
+    from slora_plugin.worker.tables import core_rows
+
+    k, page = 6, 32
+    layout = plan_cores(["q_proj", "down_proj", "up_proj"], k, diagonal, page)
+    g = torch.Generator().manual_seed(0)
+    cores = {m: torch.randn(k, generator=g) if diagonal else torch.randn(k, k, generator=g)
+             for m in ("q_proj", "up_proj")}  # down_proj: no core in this layer (zero rows)
+    packed = torch.zeros(layout.num_pages, page)
+    pack_cores(layout, cores, packed)
+    blocks = list(range(layout.num_pages + 3))[::-1][: layout.num_pages]
+    pool = torch.full((layout.num_pages + 3, page), float("nan"))
+    pool[blocks] = packed
+    rows = core_rows(layout, blocks, group=2)
+    flat = pool.view(-1)
+    for m in ("q_proj", "up_proj", "down_proj"):
+        i = MODULE_INDEX[m]
+        got = torch.stack([flat[a:a + k] for a in rows.core_addr[i].tolist()])
+        want = cores.get(m, torch.zeros(k) if diagonal else torch.zeros(k, k)).reshape(got.shape)
+        assert rows.has_core[i] == 1 and torch.equal(got, want)
+    assert int(rows.has_core.sum()) == 3
+
+    tables = SlotTables(num_slots=2, max_rank=4, device="cpu")
+    with pytest.raises(ValueError, match="never enabled"):
+        tables.write_cores(0, rows)
+    cores_t = tables.enable_cores(k, diagonal)
+    plain_layout = plan_layout({"o_proj": 3}, tiny_dims, 256)
+    plain = slot_rows(plain_layout, list(range(5, 5 + plain_layout.num_pages)), 4)
+    tables.write(0, plain)
+    tables.write_cores(0, rows)  # the slot now holds the compressed adapter only
+    assert int(tables.ranks[0].sum()) == 0 and int(cores_t.has_core[0].sum()) == 3
+    assert int(cores_t.slot_group[0]) == 2 and torch.equal(cores_t.core_addr[0], rows.core_addr)
+    tables.write(0, plain)  # and back to the plain one
+    assert int(tables.ranks[0].sum()) == 3 and int(cores_t.has_core[0].sum()) == 0
+    tables.write_cores(1, rows)
+    tables.clear(1)
+    assert int(cores_t.has_core.sum()) == 0
+    with pytest.raises(ValueError, match="core tables exist"):
+        tables.enable_cores(k + 1, diagonal)

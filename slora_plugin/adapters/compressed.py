@@ -1,0 +1,274 @@
+"""Adapters of compressed collections in the adapter directory (host side, no vLLM).
+
+A sub-directory holding `collection.json` (`slora_plugin/compress/collection.py` is the format)
+is a collection: its adapters are named `<collection>/<adapter>` (the adapter's own name in the
+manifest may be nested, `<collection>/org/a`), and a directory mixes collections and plain
+adapters freely. Such an adapter has no directory of its own: its "path" is the collection's real
+directory joined with its name, a key that is unique and that `split_path` maps back.
+
+What the host gives for one:
+  - `CompressedSpec` (config level: the manifest and two stats, no tensor read): its page need
+    from `core_layout.plan_cores` over the modules it adapts, so the scheduler's page accounting
+    (`spec(name).num_pages`) works unchanged;
+  - `CompressedAdapter`: its cores in raw host form, one record per layer, already placed as they
+    go into its KV pages ((num_layers, num_pages, page_elems) in the serving dtype: a plain row
+    copy writes them), and its cluster's bases (read once per collection and cluster, cached).
+Every error is an `AdapterError` naming the adapter, the file and the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from safetensors import safe_open
+
+from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
+from slora_plugin.adapters.spec import StatKey, stat_key
+from slora_plugin.compress.collection import MANIFEST, Manifest, tensor_key
+from slora_plugin.core_layout import CoreLayout, pack_cores, plan_cores
+from slora_plugin.layout import MODULE_INDEX, LayoutError, ModelDims
+
+
+def collection_root(directory: str) -> bool:
+    """Whether `directory` is a compressed collection (holds its manifest)."""
+    return os.path.isfile(os.path.join(directory, MANIFEST))
+
+
+def find_in(root: str, parts: list[str]) -> tuple[str, str] | None:
+    """(collection directory, adapter name in it) when some leading components of the checked
+    name `parts` lead, from `root`, to a collection and the rest is non-empty; else None.
+    The collection directory is not resolved here (the caller confines it)."""
+    for i in range(1, len(parts)):
+        directory = os.path.join(root, *parts[:i])
+        if collection_root(directory):
+            return directory, "/".join(parts[i:])
+    return None
+
+
+def split_path(path: str) -> tuple[str, str] | None:
+    """(collection directory, adapter name) of a compressed adapter's path (see the module
+    docstring), or None when no ancestor of `path` is a collection."""
+    head, tail = os.path.split(os.path.normpath(path))
+    rest = [tail]
+    while head and tail:
+        if collection_root(head):
+            return head, "/".join(reversed(rest))
+        head, tail = os.path.split(head)
+        rest.append(tail)
+    return None
+
+
+def read_manifest(collection: str, adapter: str) -> Manifest:
+    """The parsed manifest of `collection`; AdapterError naming `adapter` and the file."""
+    path = os.path.join(collection, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return Manifest.from_json(data, path)
+    except (OSError, json.JSONDecodeError, ValueError) as e:
+        raise AdapterError(adapter, path, f"cannot be read as a compressed collection ({e})") from None
+
+
+def member_names(collection: str, prefix: str) -> list[str]:
+    """`prefix/<adapter>` for each adapter of the collection's manifest (for `AdapterIndex.scan`)."""
+    manifest = read_manifest(collection, prefix)
+    return [f"{prefix}/{a}" for a in manifest.adapters]
+
+
+@dataclass(frozen=True, eq=False)
+class CompressedSpec:
+    """One adapter of a compressed collection (config level). The attributes the scheduler and
+    the store's bookkeeping read (`name`, `path`, `content_id`, `num_pages`) mean what they mean
+    on `AdapterSpec`; `ranks` is 0 everywhere (no paged rows), `modules` what it adapts."""
+
+    name: str
+    path: str
+    collection: str
+    member: str
+    cluster: int
+    modules: tuple[str, ...]
+    layers: Mapping[str, tuple[int, ...]]
+    content_id: str
+    layout: CoreLayout
+    manifest: Manifest
+
+    @property
+    def num_pages(self) -> int:
+        return self.layout.num_pages
+
+    @property
+    def ranks(self) -> Mapping[str, int]:
+        return {}
+
+    @property
+    def cores_file(self) -> str:
+        return os.path.join(self.collection, str(self.manifest.adapters[self.member]["cores"]))
+
+    @property
+    def bases_file(self) -> str:
+        return os.path.join(self.collection, str(self.manifest.clusters[self.cluster]["bases"]))
+
+
+def compressed_key(collection: str, member: str) -> tuple[StatKey | None, StatKey | None]:
+    """What must stay equal for a cached compressed spec or error to still be valid: the
+    manifest's stat and the adapter's cores file's stat (found by its conventional place;
+    a manifest that points elsewhere is re-read when the manifest changes, which it must)."""
+    return (stat_key(os.path.join(collection, MANIFEST)),
+            stat_key(os.path.join(collection, "cores", member + ".safetensors")))
+
+
+def build_compressed_spec(name: str, path: str, collection: str, member: str, dims: ModelDims,
+                          page_elems: int) -> CompressedSpec:
+    """Validate a compressed adapter against the served model and place its cores in pages."""
+    manifest = read_manifest(collection, name)
+    where = os.path.join(collection, MANIFEST)
+    entry = manifest.adapters.get(member)
+    if entry is None:
+        raise AdapterNotFoundError(name, where, f"the collection has no adapter {member!r}")
+    if manifest.num_layers != dims.num_hidden_layers:
+        raise AdapterError(name, where, f"the collection was compressed for {manifest.num_layers} "
+                                        f"layers; the served model has {dims.num_hidden_layers}")
+    for m, (d_in, d_out) in manifest.modules.items():
+        if m not in MODULE_INDEX:
+            raise AdapterError(name, where, f"unknown module {m!r}")
+        if (d_in, d_out) != dims.module_io(m):
+            raise AdapterError(name, where, f"{m} is {d_in} -> {d_out} in the collection, "
+                                            f"{dims.module_io(m)[0]} -> {dims.module_io(m)[1]} "
+                                            f"in the served model")
+    try:
+        cluster = int(entry["cluster"])
+        manifest.clusters[cluster]["bases"]
+        layers = {str(m): tuple(int(i) for i in ls) for m, ls in dict(entry["layers"]).items()}
+        str(entry["cores"])
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise AdapterError(name, where, f"malformed entry for {member!r} "
+                                        f"({type(e).__name__}: {e})") from None
+    root = os.path.realpath(collection)
+    for what, rel in (("cores", str(entry["cores"])),
+                      ("bases", str(manifest.clusters[cluster]["bases"]))):
+        real = os.path.realpath(os.path.join(collection, rel))
+        if not real.startswith(root + os.sep):
+            raise AdapterError(name, where, f"the {what} file of {member!r} ({rel}) leads outside "
+                                            f"the collection {root}")
+    for m, ls in layers.items():
+        if m not in manifest.modules:
+            raise AdapterError(name, where, f"{member!r} adapts {m}, which is not among the "
+                                            f"collection's modules")
+        bad = [i for i in ls if not 0 <= i < manifest.num_layers]
+        if bad:
+            raise AdapterError(name, where, f"{member!r} has {m} cores for layers {bad}, outside "
+                                            f"0..{manifest.num_layers - 1}")
+    modules = tuple(sorted((m for m, ls in layers.items() if ls), key=MODULE_INDEX.__getitem__))
+    try:
+        layout = plan_cores(modules, manifest.rank, manifest.diagonal, page_elems)
+    except LayoutError as e:
+        raise AdapterError(name, where, f"cannot be laid out in pages: {e}") from None
+    digest = hashlib.sha1(repr((path, compressed_key(collection, member))).encode())
+    return CompressedSpec(name=name, path=path, collection=collection, member=member,
+                          cluster=cluster, modules=modules, layers=layers,
+                          content_id=digest.hexdigest()[:16], layout=layout, manifest=manifest)
+
+
+@dataclass(frozen=True, eq=False)
+class CompressedAdapter:
+    """A compressed adapter read for serving. `cores[l]` is layer l's record: its pages
+    ((num_pages, page_elems), serving dtype) exactly as they go into the KV pool; `bases` its
+    cluster's U (d_out, K) and V (d_in, K) by `tensor_key`, shared by every adapter of the
+    cluster (the same tensors, not copies)."""
+
+    spec: CompressedSpec
+    cores: torch.Tensor
+    bases: Mapping[str, torch.Tensor]
+
+
+class CollectionBases:
+    """Each (collection, cluster)'s bases, read once and kept (in the serving dtype) while the
+    collection's manifest is unchanged. Thread-safe; a read in progress is not repeated."""
+
+    def __init__(self, dims: ModelDims, dtype: torch.dtype) -> None:
+        self.dims, self.dtype = dims, dtype
+        self._cache: dict[tuple[str, int], tuple[Any, dict[str, torch.Tensor]]] = {}
+        self._locks: dict[tuple[str, int], threading.Lock] = {}
+        self._lock = threading.Lock()
+        #: How many bases files were read (a test checks it is once per collection and cluster).
+        self.reads = 0
+
+    def get(self, spec: CompressedSpec) -> dict[str, torch.Tensor]:
+        key = (spec.collection, spec.cluster)
+        stamp = stat_key(os.path.join(spec.collection, MANIFEST))
+        with self._lock:
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._lock:
+                cached = self._cache.get(key)
+            if cached is not None and cached[0] == stamp:
+                return cached[1]
+            bases = self._read(spec)
+            with self._lock:
+                self._cache[key] = (stamp, bases)
+                self.reads += 1
+            return bases
+
+    def _read(self, spec: CompressedSpec) -> dict[str, torch.Tensor]:
+        """Every U and V the cluster's manifest entry lists, shape-checked."""
+        path, k = spec.bases_file, spec.manifest.rank
+        entry = spec.manifest.clusters[spec.cluster]
+        tensors = _read_file(spec.name, path)
+        out: dict[str, torch.Tensor] = {}
+        for m, layers in dict(entry.get("layers", {})).items():
+            d_in, d_out = spec.manifest.modules[m]
+            for layer in layers:
+                for what, shape in (("U", (d_out, k)), ("V", (d_in, k))):
+                    t = tensors.get(tensor_key(int(layer), m, what))
+                    if t is None:
+                        raise AdapterError(spec.name, path, f"{tensor_key(int(layer), m, what)} "
+                                                            f"is missing")
+                    if tuple(t.shape) != shape:
+                        raise AdapterError(spec.name, path, f"{tensor_key(int(layer), m, what)} has "
+                                                            f"shape {tuple(t.shape)}, expected {shape}")
+                    out[tensor_key(int(layer), m, what)] = t.to(self.dtype)
+        return out
+
+
+def read_cores(spec: CompressedSpec, dtype: torch.dtype) -> torch.Tensor:
+    """The adapter's raw host form: (num_layers, num_pages, page_elems) in `dtype`, layer l's
+    cores placed by `spec.layout` (zero rows where it has no core)."""
+    path, k = spec.cores_file, spec.manifest.rank
+    tensors = _read_file(spec.name, path)
+    shape = (k,) if spec.manifest.diagonal else (k, k)
+    out = torch.zeros(spec.manifest.num_layers, spec.layout.num_pages, spec.layout.page_elems,
+                      dtype=dtype)
+    for layer in range(spec.manifest.num_layers):
+        cores = {}
+        for m in spec.modules:
+            if layer not in spec.layers[m]:
+                continue
+            t = tensors.get(tensor_key(layer, m, "core"))
+            if t is None:
+                raise AdapterError(spec.name, path, f"{tensor_key(layer, m, 'core')} is missing "
+                                                    f"(the manifest lists it)")
+            if tuple(t.shape) != shape:
+                raise AdapterError(spec.name, path, f"{tensor_key(layer, m, 'core')} has shape "
+                                                    f"{tuple(t.shape)}, expected {shape}")
+            if not torch.isfinite(t).all():
+                raise AdapterError(spec.name, path, f"{tensor_key(layer, m, 'core')} has "
+                                                    f"non-finite values")
+            cores[m] = t
+        pack_cores(spec.layout, cores, out[layer])
+    return out
+
+
+def _read_file(adapter: str, path: str) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise AdapterError(adapter, path, "not found") from None
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise AdapterError(adapter, path, f"cannot be read ({type(e).__name__}: {e})") from None

@@ -1,0 +1,65 @@
+"""The shared bases of the compressed collections a worker serves, resident on its device.
+
+Compressed adapters (`kernels/compressed_lora.py`) read their cores from KV pages like any
+adapter's rows, but their cluster's bases U, V are read by every step that has one of its
+adapters, so they stay on the device for the engine's life: one `CompressedBases` per
+(layer, module), all resident clusters side by side (`slot_group` picks a cluster's column
+block). Built once, before CUDA graphs are captured (the GEMMs' operands are baked into them),
+from the host store's `CompressedAdapter.bases` (`adapters/compressed.py`). `nbytes` is what
+they cost; the engine must take it from the KV budget at start (not wired yet: see
+docs/DESIGN.md, Compressed collections). Pure torch, no vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Hashable, Mapping, Sequence
+
+import torch
+
+from slora_plugin.compress.collection import tensor_key
+from slora_plugin.kernels.compressed_lora import CompressedBases
+from slora_plugin.layout import MODULE_INDEX
+
+
+@dataclass(frozen=True)
+class ResidentBases:
+    """`groups[g]`: the (collection, cluster) key of column group g; `by_layer[(layer,
+    module id)]`: that (layer, module)'s bases of every group (zeros where a group has none:
+    its adapters have zero cores there); `nbytes`: device bytes of all of them."""
+
+    rank: int
+    groups: tuple[Hashable, ...]
+    by_layer: Mapping[tuple[int, int], CompressedBases]
+    nbytes: int
+
+    def group_of(self, key: Hashable) -> int:
+        return self.groups.index(key)
+
+    @property
+    def max_width(self) -> int:
+        return self.rank * len(self.groups)
+
+
+def resident_bases(groups: Sequence[tuple[Hashable, Mapping[str, torch.Tensor]]],
+                   module_io: Mapping[str, tuple[int, int]], num_layers: int, rank: int,
+                   dtype: torch.dtype, device: torch.device | str) -> ResidentBases:
+    """Each group's bases (`tensor_key` -> U (d_out, K) / V (d_in, K)) on `device` in `dtype`,
+    for every (layer, module) of `module_io` (module -> (d_in, d_out)) some group has."""
+    by_layer: dict[tuple[int, int], CompressedBases] = {}
+    nbytes = 0
+    for m, (d_in, d_out) in module_io.items():
+        for layer in range(num_layers):
+            us, vs, any_group = [], [], False
+            for _key, bases in groups:
+                u, v = bases.get(tensor_key(layer, m, "U")), bases.get(tensor_key(layer, m, "V"))
+                any_group |= u is not None
+                us.append(u if u is not None else torch.zeros(d_out, rank))
+                vs.append(v if v is not None else torch.zeros(d_in, rank))
+            if not any_group:
+                continue
+            b = CompressedBases.from_clusters([u.to(dtype) for u in us], [v.to(dtype) for v in vs])
+            b = CompressedBases(b.v_cat.to(device), b.ut_cat.to(device), rank)
+            by_layer[(layer, MODULE_INDEX[m])] = b
+            nbytes += (b.v_cat.numel() + b.ut_cat.numel()) * dtype.itemsize
+    return ResidentBases(rank, tuple(k for k, _ in groups), by_layer, nbytes)

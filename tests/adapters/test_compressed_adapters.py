@@ -1,0 +1,179 @@
+"""The host side of serving compressed collections: an adapter directory that mixes plain adapters
+and a collection written by the real compressor from real PEFT adapters (written here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from slora_plugin.adapters.cli import check_directory
+from slora_plugin.adapters.compressed import CompressedSpec
+from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
+from slora_plugin.adapters.index import AdapterIndex
+from slora_plugin.adapters.peft_format import tensor_name, write_random_adapter
+from slora_plugin.adapters.resolver import lora_request
+from slora_plugin.adapters.spec import AdapterSpec
+from slora_plugin.adapters.store import AdapterStore
+from slora_plugin.compress.api import compress_collection
+from slora_plugin.compress.collection import MANIFEST, CompressedCollection, tensor_key
+from slora_plugin.core_layout import plan_cores
+
+PAGE = 256
+RANKS = {"a": 2, "org/b": 3}
+MODULES = ["q_proj", "v_proj"]
+
+
+@pytest.fixture(autouse=True)
+def one_cpu_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def mixed(tmp_path, tiny_dims):
+    """root/: plain adapters `plain` and `org/plain2`, and the collection `coll` of `a`, `org/b`
+    (compressed with K = 5 >= the sum of their ranks: exact up to the fp32 storage)."""
+    src, root = tmp_path / "src", tmp_path / "root"
+    for i, (name, rank) in enumerate(RANKS.items()):
+        write_random_adapter(str(src / name), tiny_dims, rank, MODULES, alpha=2 * rank, seed=10 + i,
+                             dtype=torch.float32)
+    write_random_adapter(str(root / "plain"), tiny_dims, 4, ["q_proj"], seed=1)
+    write_random_adapter(str(root / "org" / "plain2"), tiny_dims, 2, ["v_proj"], seed=2)
+    compress_collection(str(src), str(root / "coll"), 5, dims=tiny_dims, dtype=torch.float32)
+    return src, root
+
+
+def store_of(root, dims, **kw) -> AdapterStore:
+    return AdapterStore(dims, PAGE, torch.float32, adapter_dir=str(root), max_rank=16,
+                        host_cache_bytes=1 << 22, loader_threads=1, **kw)
+
+
+def test_index_lists_collections_beside_plain_adapters(mixed):
+    _, root = mixed
+    index = AdapterIndex(str(root))
+    assert index.scan() == ["coll/a", "coll/org/b", "org/plain2", "plain"]
+    assert index.scan(collections=False) == ["org/plain2", "plain"]
+    assert index.locate("coll/org/b") == os.path.join(os.path.realpath(root), "coll", "org", "b")
+    with pytest.raises(AdapterNotFoundError):
+        index.locate("coll")  # the collection itself is no adapter
+
+
+def test_spec_gives_the_page_need_and_plain_specs_are_unchanged(mixed, tiny_dims):
+    _, root = mixed
+    with store_of(root, tiny_dims) as store:
+        spec = store.spec("coll/org/b")
+        assert isinstance(spec, CompressedSpec)
+        assert spec.modules == ("q_proj", "v_proj") and spec.ranks == {}
+        assert spec.num_pages == plan_cores(MODULES, 5, False, PAGE).num_pages
+        plain = store.spec("plain")
+        assert isinstance(plain, AdapterSpec) and plain.ranks["q_proj"] == 4
+        # lora_path round trip: the path a LoRARequest carries is the same adapter
+        req = lora_request("coll/a", store)
+        assert req.lora_name == "coll/a"
+        assert store.spec(req.lora_path) is store.spec("coll/a")
+
+
+def test_read_compressed_gives_cores_in_page_form_and_bases_once(mixed, tiny_dims):
+    src, root = mixed
+    coll = CompressedCollection(str(root / "coll"))
+    with store_of(root, tiny_dims) as store:
+        got = {n: store.read_compressed(f"coll/{n}") for n in RANKS}
+        assert store.bases.reads == 1  # one cluster, read once for both adapters
+        assert got["a"].bases is got["org/b"].bases
+        for name, rank in RANKS.items():
+            ad = got[name]
+            layout = ad.spec.layout
+            assert ad.cores.shape == (tiny_dims.num_hidden_layers, layout.num_pages, PAGE)
+            stored = coll.cores(name)
+            for layer in range(tiny_dims.num_hidden_layers):
+                flat = ad.cores[layer].reshape(-1)
+                for m in MODULES:
+                    rows = torch.stack([flat[o:o + 5] for o in layout.rows[m]])
+                    assert torch.equal(rows, stored[tensor_key(layer, m, "core")])
+                    # K >= sum of ranks: U Σ Vᵀ is the adapter's own scale * B A
+                    u = ad.bases[tensor_key(layer, m, "U")].double()
+                    v = ad.bases[tensor_key(layer, m, "V")].double()
+                    with safe_open(os.path.join(src, name, "adapter_model.safetensors"), "pt") as f:
+                        a = f.get_tensor(tensor_name(layer, m, "A")).double()
+                        b = f.get_tensor(tensor_name(layer, m, "B")).double()
+                    ref = 2.0 * b @ a  # alpha = 2 r
+                    assert torch.allclose(u @ rows.double() @ v.T, ref, atol=1e-5, rtol=1e-4)
+        with pytest.raises(AdapterError, match="read_compressed"):
+            store.get("coll/a")
+        with pytest.raises(AdapterError, match="plain adapter"):
+            store.read_compressed("plain")
+        with store.get("plain") as lease:  # plain adapters still load through the host cache
+            assert lease.spec.name == "plain"
+
+
+def test_errors_name_the_adapter_the_file_and_the_reason(mixed, tiny_dims):
+    _, root = mixed
+    with store_of(root, tiny_dims) as store:
+        with pytest.raises(AdapterNotFoundError, match="no adapter 'zzz'") as e:
+            store.spec("coll/zzz")
+        assert e.value.adapter == "coll/zzz" and e.value.file.endswith(MANIFEST)
+        cores = root / "coll" / "cores" / "a.safetensors"
+        cores.write_bytes(b"\x00" * 16)
+        with pytest.raises(AdapterError) as e:
+            store.read_compressed("coll/a")
+        assert e.value.adapter == "coll/a" and e.value.file == str(cores)
+        assert "cannot be read" in e.value.reason
+    other = dataclasses.replace(tiny_dims, num_hidden_layers=tiny_dims.num_hidden_layers + 1)
+    with store_of(root, other) as store, pytest.raises(AdapterError, match="layers") as e:
+        store.spec("coll/org/b")
+    assert e.value.file.endswith(MANIFEST)
+    (root / "coll" / MANIFEST).write_text("{not json")
+    with store_of(root, tiny_dims) as store, pytest.raises(AdapterError, match="cannot be read") as e:
+        store.spec("coll/org/b")
+    assert e.value.file.endswith(MANIFEST)
+    index = AdapterIndex(str(root))
+    assert index.scan() == ["org/plain2", "plain"]
+    assert [s.adapter for s in index.skipped] == ["coll"]
+
+
+def test_engine_store_refuses_compressed_adapters_until_the_worker_serves_them(mixed, tiny_dims):
+    """The engine's store (`compressed=False`, pool.adapter_pages.engine_store) gives no spec,
+    so no request for a compressed adapter reaches a worker that cannot serve it."""
+    _, root = mixed
+    with store_of(root, tiny_dims, compressed=False) as store:
+        with pytest.raises(AdapterError, match="does not serve yet"):
+            store.spec("coll/a")
+        store.start("coll/a")
+        assert store.ready("coll/a") and "does not serve yet" in store.error("coll/a")
+        assert isinstance(store.spec("plain"), AdapterSpec)
+
+
+def test_adapters_check_covers_collections(mixed, tiny_dims):
+    _, root = mixed
+    total, problems = check_directory(str(root), tiny_dims)
+    assert (total, problems) == (4, [])
+    (root / "coll" / "cores" / "org" / "b.safetensors").unlink()
+    total, problems = check_directory(str(root), tiny_dims)
+    assert total == 4 and [(p.adapter, os.path.basename(p.file)) for p in problems] == \
+        [("coll/org/b", "b.safetensors")]
+    assert check_directory(str(root), None) == (4, [])
+
+
+def test_a_manifest_cannot_lead_outside_the_collection(mixed, tiny_dims):
+    import json
+
+    _, root = mixed
+    path = root / "coll" / MANIFEST
+    data = json.loads(path.read_text())
+    data["adapters"]["../../evil"] = dict(data["adapters"]["a"])
+    data["adapters"]["org/b"]["cores"] = "../../plain/adapter_model.safetensors"
+    path.write_text(json.dumps(data))
+    index = AdapterIndex(str(root))
+    assert "coll/../../evil" not in index.scan()
+    assert [s.adapter for s in index.skipped] == ["coll/../../evil"]
+    with store_of(root, tiny_dims) as store:
+        with pytest.raises(AdapterError, match="leads outside the collection") as e:
+            store.spec("coll/org/b")
+        assert e.value.file.endswith(MANIFEST)
+        assert isinstance(store.spec("coll/a"), CompressedSpec)
