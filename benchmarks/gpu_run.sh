@@ -81,8 +81,9 @@ for s in "$@"; do
     tests)
       step tests
       $PY -m pytest -m gpu -k "not engine_restarts" -q -p no:cacheprovider --rootdir "$REPO" "$REPO/tests" 2>&1 | tee "$OUT/gpu-tests.log"
+      rc=${PIPESTATUS[0]}  # pytest's, read before the copy below replaces PIPESTATUS
       cp "$OUT/gpu-tests.log" "$RES/gpu-tests-$DAY.log"
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+      [ "$rc" -eq 0 ] || status=1 ;;
     teardown)
       step "$s"
       timeout -k 10 570 $PY -m pytest -m gpu -k engine_restarts -q -p no:cacheprovider --rootdir "$REPO" \
