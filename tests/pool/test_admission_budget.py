@@ -1,15 +1,24 @@
-"""Admission by adapter bytes (pool/admission_budget.py) with plain objects: the rule, bounded
-waiting, budget never exceeded but for starving requests, a budget nothing reaches changes
-nothing (hypothesis over random queues and a toy engine)."""
+"""Admission by adapter bytes (pool/admission_budget.py): with plain objects, the rule, bounded
+waiting, the budget never exceeded but for starving requests, a budget nothing reaches changes
+nothing (hypothesis over random queues and a toy engine); in the real vLLM schedulers on CPU,
+fewer distinct adapters per step and bounded waiting."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tiny_model import write_model_config
+from slora_plugin.pool.adapter_pages import base_weight_bytes
 from slora_plugin.pool.admission_budget import AdapterBytesBudget, budget_bytes, plan_budget
+from slora_plugin.pool.scheduler import scheduler_class
+from vllm_cpu import add_requests, build_vllm_config, create_scheduler, engine_loop, lora, make_request
+
+BOTH = pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 
 
 @dataclass(frozen=True)
@@ -148,3 +157,80 @@ def test_bounded_waiting_and_the_budget_holds_but_for_starving_requests(spec, sl
         # first adapter of an empty batch
         if n_starving == 0 and after > before:
             assert after <= budget or (before == 0 and after == largest_new)
+
+
+# ------------------------------------------------------------- the real vLLM scheduler (CPU)
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return write_model_config(str(tmp_path_factory.mktemp("tiny")))
+
+
+def serve(model_dir: str, async_scheduling: bool, slora: dict,
+          trace: list | None = None) -> tuple[Any, list[int]]:
+    """40 requests over 10 adapters (3 pages each), arriving round-robin, through the real
+    scheduler with up to 8 running; the distinct adapters scheduled in every step (and, into
+    `trace`, the request ids scheduled in every step)."""
+    cfg = build_vllm_config(model_dir, max_num_seqs=8, max_num_batched_tokens=4096,
+                            max_loras=16, async_scheduling=async_scheduling,
+                            additional_config={"slora": slora})
+    sched = create_scheduler(vllm_config=cfg, num_blocks=600,
+                             scheduler_cls=scheduler_class(async_scheduling),
+                             scheduler_kwargs={"pages_of": lambda lr: (3, f"c{lr.lora_int_id}")})
+    add_requests(sched, [make_request(16, 3 + i % 5, lora_request=lora(1 + i % 10),
+                                      request_id=f"r{i}") for i in range(40)])
+    loop = engine_loop(sched)
+    counts = []
+    while sched.has_requests() or loop.in_flight:
+        out = loop.step()
+        if sched.admission_budget is not None:
+            held = sched.admission_budget.held_steps
+            assert max(held.values(), default=0) <= sched.slora_config.max_admission_wait_steps
+        if out is None:
+            continue
+        ids = {r.lora_request.lora_int_id for r in out.scheduled_new_reqs if r.lora_request}
+        ids |= {sched.requests[rid].lora_request.lora_int_id
+                for rid in out.num_scheduled_tokens if rid in sched.requests}
+        counts.append(len(ids))
+        if trace is not None:
+            trace.append(sorted(out.num_scheduled_tokens))
+    assert len(loop.finished_reasons()) == 40
+    return sched, counts
+
+
+@BOTH
+def test_the_real_scheduler_runs_fewer_distinct_adapters_per_step(model_dir, async_scheduling):
+    """Budget for three adapters: at most three distinct adapters per step (none starves with a
+    generous bound), against up to eight without it; every request finishes."""
+    off, off_counts = serve(model_dir, async_scheduling, {})
+    assert off.admission_budget is None and max(off_counts) == 8
+    adapter = 3 * off.bytes_per_page
+    fraction = 3.5 * adapter / base_weight_bytes(off.vllm_config)
+    on, on_counts = serve(model_dir, async_scheduling,
+                          {"adapter_bytes_per_step_budget": fraction,
+                           "max_admission_wait_steps": 1000})
+    assert on.admission_budget.budget_bytes // adapter == 3
+    assert max(on_counts) == 3 and on.admission_budget.starving == 0
+    assert on.admission_budget.holds > 0
+
+
+@BOTH
+def test_the_real_scheduler_bounds_the_wait(model_dir, async_scheduling):
+    """A budget below one adapter with a bound of 2 steps: requests held twice within reach are
+    admitted past the budget (starving), so adapters still mix; every request finishes, and no
+    request counts more than 2 held steps (checked in every step by `serve`)."""
+    probe, _ = serve(model_dir, async_scheduling, {})
+    tiny = 0.5 * 3 * probe.bytes_per_page / base_weight_bytes(probe.vllm_config)
+    on, counts = serve(model_dir, async_scheduling,
+                       {"adapter_bytes_per_step_budget": tiny, "max_admission_wait_steps": 2})
+    assert on.admission_budget.starving > 0 and max(counts) > 1
+
+
+@BOTH
+def test_a_budget_nothing_reaches_schedules_exactly_as_without_it(model_dir, async_scheduling):
+    off_trace: list = []
+    loose_trace: list = []
+    serve(model_dir, async_scheduling, {}, off_trace)
+    loose, _ = serve(model_dir, async_scheduling, {"adapter_bytes_per_step_budget": 100.0},
+                     loose_trace)
+    assert loose.admission_budget.holds == 0 and loose_trace == off_trace
