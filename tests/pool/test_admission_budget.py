@@ -58,7 +58,10 @@ def test_a_held_request_within_reach_starves_after_max_wait_steps_and_is_admitte
         # only the first is within reach (one slot): the second is not charged
         assert held == {0: step + 1}
     plan = split(q, running=[1], budget=10, max_wait=3, held=held, slots=1)
-    assert plan.held == [Req(1, 3)] and plan.starving == 1 and held == {}
+    assert plan.held == [Req(1, 3)] and plan.starving == 1 and held == {0: 3}
+    # vLLM left it waiting (no KV memory): still starving next step, not held again
+    plan = split(q, running=[1], budget=10, max_wait=3, held=held, slots=1)
+    assert plan.held == [Req(1, 3)] and plan.starving == 1
 
 
 def test_the_state_object_caches_sizes_drops_finished_requests_and_counts():
@@ -80,8 +83,10 @@ def test_the_state_object_caches_sizes_drops_finished_requests_and_counts():
     policy.plan(q, running, slots=8, alive={"a", "b", "c"})
     assert sorted(asked) == [1, 2] and policy.holds == 4 and policy.held_steps == {"a": 2, "b": 2}
     plan = policy.plan(q[1:], running, slots=8, alive={"b", "c"})  # "a" finished
-    assert plan.starving == 1 and plan.held == [] and policy.held_steps == {}
+    assert plan.starving == 1 and plan.held == [] and policy.held_steps == {"b": 2}
     assert policy.starving == 1
+    policy.plan(q[2:], [*running, q[1]], slots=8, alive={"b", "c"})  # "b" runs
+    assert policy.held_steps == {}
     assert budget_bytes(0.5, 13_000) == 6_500
 
 
