@@ -139,7 +139,7 @@ def main(argv: list[str]) -> int:
           f"{args.input_len}+{args.output_len} at once, max_num_seqs {args.max_num_seqs}, "
           f"max_wait {args.max_wait} steps\n")
     print("| adapters | budget | modelled out tok/s | distinct/step | adapter GB/step | steps "
-          "| admit step p50 / max | max held steps | starving |")
+          "| admit step p50 / max | max held steps | starving request-steps |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in (int(x) for x in args.n_adapters.split(",")):
         elems = [model.adapter_elems({m: ranks[j % len(ranks)] for m in modules}) for j in range(n)]

@@ -154,7 +154,8 @@ class AdapterBytesBudget:
         self.held_steps: dict[Hashable, int] = {}
         self._adapter_bytes = adapter_bytes
         self._sizes: dict[int, int] = {}
-        #: request-steps held by the budget, and admissions past it for starving requests
+        #: request-steps held by the budget, and request-steps starving requests were let past it
+        #: (one left waiting by vLLM, for a slot or KV memory, counts again next step)
         self.holds = 0
         self.starving = 0
 
