@@ -26,6 +26,10 @@
 #   throughput-stock   stock vLLM tuned (max_loras 128, lora_target_modules qkv_proj,o_proj),
 #                N = 1, 100, 1000 all at once (~6-8 min)
 #   throughput-base    the base model, no LoRA: all at once, then the Gamma trace (~3 min)
+#   throughput-admission  the plugin with admission by adapter bytes (slora.adapter_bytes_per_step_budget
+#                0.5), N = 1, 100, 1000 all at once (the adapter ids and ranks of throughput-plugin;
+#                N = 1 is the no-op check); compare with throughput-plugin of the same
+#                session (benchmarks/admission_sim.py models it; ~4-6 min)
 #   throughput-stock-gamma  stock tuned on the Gamma trace only (optional, ~4 min)
 #   throughput-s1-{base,plugin,stock}  S-LoRA's S1 (rank 8 on q,k,v,o; Gamma arrivals, cv 1,
 #                20 req/s, 600 requests, lengths 8-512) with 100, 1000, 2000 adapters (base: one
@@ -135,6 +139,9 @@ for s in "$@"; do
           --max-loras 128 --lora-target-modules qkv_proj,o_proj ;;
     throughput-base)
       throughput "$s" --system base ;;
+    throughput-admission)
+      throughput "$s" --system plugin --n-adapters 1,100,1000 --gamma none \
+          --slora-config '{"adapter_bytes_per_step_budget": 0.5}' ;;
     throughput-stock-gamma)
       # Own work dir: its adapter ids would get other ranks than the all-at-once runs gave them.
       throughput "$s" --system stock --n-adapters none --max-loras 128 \

@@ -92,6 +92,13 @@ class SLoRAConfig:
     #: 1,000 adapters submitted at once, holding requests back cost more throughput (1,939-2,485
     #: out tok/s) than the blocking loads it avoids (3,035 without it); see benchmarks/results.
     admission_by_host_readiness: bool = False
+    #: Admission by adapter bytes (slora_plugin/pool/admission_budget.py): a waiting request whose
+    #: adapter is not in the running batch is admitted only while the batch's adapter bytes stay
+    #: within this fraction of the base weights' bytes a step reads (e.g. 0.5), or once it has
+    #: been held `max_admission_wait_steps` steps. None (default): off, admission as vLLM's.
+    adapter_bytes_per_step_budget: float | None = None
+    #: Steps the adapter-bytes budget may hold one request back at most (bounded waiting).
+    max_admission_wait_steps: int = 128
     #: vLLM modules that get paged LoRA (qkv_proj, o_proj, gate_up_proj, down_proj; PEFT names
     #: select their fused module). None: the modules the adapters in adapter_dir target at engine
     #: start (every module without adapters); see slora_plugin/adapters/targets.py.
@@ -116,9 +123,13 @@ class SLoRAConfig:
             raise SLoRAConfigError(
                 f"slora: unknown key(s) {unknown}; known keys are {sorted(known)}")
         kw: dict[str, Any] = {}
-        for key in ("max_lora_rank", "max_adapters_per_step", "loader_threads", "prefetch_depth"):
+        for key in ("max_lora_rank", "max_adapters_per_step", "loader_threads", "prefetch_depth",
+                    "max_admission_wait_steps"):
             if key in raw:
                 kw[key] = _positive_int(raw[key], key, allow_zero=key == "prefetch_depth")
+        if raw.get("adapter_bytes_per_step_budget") is not None:
+            kw["adapter_bytes_per_step_budget"] = _positive_number(
+                raw["adapter_bytes_per_step_budget"], "adapter_bytes_per_step_budget")
         if "host_cache_bytes" in raw:
             kw["host_cache_bytes"] = parse_bytes(raw["host_cache_bytes"], "host_cache_bytes")
         for key in ("allow_untested_vllm", "admission_by_host_readiness"):
@@ -140,6 +151,13 @@ def _positive_int(value: Any, key: str, allow_zero: bool = False) -> int:
         lo = "a non-negative" if allow_zero else "a positive"
         raise SLoRAConfigError(f"slora.{key}: expected {lo} integer, got {value!r}")
     return value
+
+
+def _positive_number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+            or value == float("inf"):
+        raise SLoRAConfigError(f"slora.{key}: expected a positive number, got {value!r}")
+    return float(value)
 
 
 def _bool(value: Any, key: str) -> bool:

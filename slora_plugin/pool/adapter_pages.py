@@ -20,12 +20,21 @@ from slora_plugin.adapters.store import AdapterStore
 from slora_plugin.config import SLoRAConfig
 from slora_plugin.layout import ModelDims
 from slora_plugin.pool.unusable import PagesOf
+from slora_plugin.roofline import ModelBytes
 
 
 def engine_dims(vllm_config: Any) -> ModelDims:
     """The dimensions of the engine's model, as its adapter stores use them."""
     return ModelDims.from_hf_config(vllm_config.model_config.hf_config,
                                     tp_size=vllm_config.parallel_config.tensor_parallel_size)
+
+
+def base_weight_bytes(vllm_config: Any) -> int:
+    """Bytes of the base weights one step reads (`roofline.ModelBytes.weight_bytes_per_step`,
+    TP-local dims): what `slora.adapter_bytes_per_step_budget` is a fraction of."""
+    mc = vllm_config.model_config
+    return ModelBytes(engine_dims(vllm_config), mc.get_vocab_size(),
+                      mc.dtype.itemsize).weight_bytes_per_step
 
 
 def engine_store(vllm_config: Any, cfg: SLoRAConfig, page_elems: int, *,

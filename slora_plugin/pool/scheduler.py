@@ -26,7 +26,11 @@ decisions of a step (`admission_step.py`, `admission.py`), what `pool_stats()` r
   admitted anyway. Off unless `slora.admission_by_host_readiness` (or an explicit
   `host_readiness=`). Without an oracle (workers in other processes, or `prefetch_depth` 0) every
   request is admitted as it comes and the worker waits for host copies; queued adapters are then
-  prefetched by hints in the StepCommands.
+  prefetched by hints in the StepCommands;
+- admission by adapter bytes (`admission_budget.py`): with `slora.adapter_bytes_per_step_budget`,
+  after the readiness gate, the waiting requests that would bring a new adapter into a batch
+  whose adapter bytes are at the budget are hidden the same way, each for at most
+  `slora.max_admission_wait_steps` steps. Off by default.
 
 vLLM's own `max_loras` check (scheduler.py, waiting loop: a request whose lora id is new while
 `max_loras` distinct ids are already scheduled this step is moved to `skipped_waiting`) stays in
@@ -52,6 +56,7 @@ from slora_plugin.patches import kv_pool
 from slora_plugin.patches import scheduler as vllm_patch
 from slora_plugin.pool import admission_step, stats
 from slora_plugin.pool.admission import HostReadiness
+from slora_plugin.pool.admission_budget import AdapterBytesBudget, budget_bytes, pool_adapter_bytes
 from slora_plugin.pool.commands import attach
 from slora_plugin.pool.metrics import PoolMetrics, describe_export
 from slora_plugin.pool.page_pool import AdapterNeed, PagePool, WaitForDrain
@@ -181,6 +186,7 @@ class _SLoRAScheduling:
         self.admission_holds = 0
         self.admission_forced = 0
         self._failed: list[tuple[Request, str]] = []
+        self.admission_budget = self._adapter_bytes_budget(mgr)
         self._last_stats_log = time.monotonic()
         self.pool_metrics = PoolMetrics.for_config(self.vllm_config) if self.log_stats else None
         if self.pool_metrics is not None:
@@ -202,12 +208,15 @@ class _SLoRAScheduling:
         if readiness is None:
             self._mark_known_bad()
         self._fail_unusable()
-        hidden = self._hide_unready(readiness) if readiness is not None else None
+        hidden = [self._hide_unready(readiness)] if readiness is not None else []
         try:
+            if self.admission_budget is not None:
+                hidden.append(self._hide_over_budget(self.admission_budget))
             output = super().schedule(*args, **kwargs)  # type: ignore[misc]
         finally:
-            if hidden is not None:
-                vllm_patch.unhide(self, hidden)
+            for h in reversed(hidden):
+                if h is not None:
+                    vllm_patch.unhide(self, h)
         # With an oracle the host loads of queued adapters were started above, at once.
         hints = admission_step.prefetch_hints(
             self.kv_cache_manager.pool, (self.skipped_waiting, self.waiting),
@@ -266,6 +275,31 @@ class _SLoRAScheduling:
             logger.debug("request %s admitted before its adapter's host copy is ready: "
                          "nothing else can run", plan.forced.request_id)
         return vllm_patch.hide(self, plan.held, plan.later)
+
+    def _adapter_bytes_budget(self, mgr: SLoRAKVCacheManager) -> AdapterBytesBudget | None:
+        """The adapter-bytes admission policy, when `slora.adapter_bytes_per_step_budget` is set."""
+        fraction = self.slora_config.adapter_bytes_per_step_budget
+        if fraction is None:
+            return None
+        from slora_plugin.pool.adapter_pages import base_weight_bytes
+
+        budget = budget_bytes(fraction, base_weight_bytes(self.vllm_config))
+        logger.info("slora: admission by adapter bytes: %.2f GB of adapters per step (%.2f x base "
+                    "weights), a request held at most %d steps", budget / 1e9, fraction,
+                    self.slora_config.max_admission_wait_steps)
+        return AdapterBytesBudget(budget, self.slora_config.max_admission_wait_steps,
+                                  pool_adapter_bytes(mgr.pool, mgr.adapter_need,
+                                                     self.bytes_per_page))
+
+    def _hide_over_budget(self, budget: AdapterBytesBudget) -> vllm_patch.Hidden | None:
+        """Take the waiting requests the adapter-bytes budget holds out of vLLM's queues for
+        this step (`admission_budget.plan_budget`)."""
+        waiting = vllm_patch.waiting_in_order(self)
+        if not waiting:
+            return None
+        plan = budget.plan(waiting, self.running,
+                           slots=self.max_num_running_reqs - len(self.running), alive=self.requests)
+        return vllm_patch.hide(self, plan.held, ())
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> dict:
         outputs = super().update_from_output(scheduler_output, model_runner_output)  # type: ignore[misc]

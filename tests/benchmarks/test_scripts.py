@@ -6,6 +6,7 @@ core imports the parent's main script under that name)."""
 
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import subprocess
@@ -66,7 +67,8 @@ def _gpu_run_steps() -> dict[str, list[str]]:
     steps = {m.group(1): shlex.split(helper.replace('"$RES"', "RES")) + shlex.split(m.group(2))
              for m in step.finditer(text)}
     assert set(steps) == {"throughput-plugin", "throughput-stock", "throughput-base",
-                          "throughput-stock-gamma", "throughput-s1-base", "throughput-s1-plugin",
+                          "throughput-admission", "throughput-stock-gamma", "throughput-s1-base",
+                          "throughput-s1-plugin",
                           "throughput-s1-stock", "throughput-s2-plugin"}
     return steps
 
@@ -93,11 +95,14 @@ def test_gpu_run_throughput_steps_parse_to_the_planned_traces():
             plans.setdefault(args.work_dir, []).append(adapter_plan(traces))
         if args.system == "stock":
             assert (args.max_loras, args.lora_target_modules) == (128, "qkv_proj,o_proj")
+        if step == "throughput-admission":
+            assert json.loads(args.slora_config) == {"adapter_bytes_per_step_budget": 0.5}
     gamma = ("gamma", 1000)
     assert got == {
         "throughput-plugin": ("plugin", [("all", 1), ("all", 100), ("all", 1000), ("all", 2000), gamma]),
         "throughput-stock": ("stock", [("all", 1), ("all", 100), ("all", 1000)]),
         "throughput-base": ("base", [("all", 0), gamma]),
+        "throughput-admission": ("plugin", [("all", 1), ("all", 100), ("all", 1000)]),
         "throughput-stock-gamma": ("stock", [gamma]),
         "throughput-s1-base": ("base", [("gamma", 1000)]),
         "throughput-s1-plugin": ("plugin", [("gamma", 100), ("gamma", 1000), ("gamma", 2000)]),

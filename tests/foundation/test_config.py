@@ -36,6 +36,10 @@ def test_enabled_false_turns_it_off(tmp_path):
     ({"target_modules": "qkv_proj"}, "target_modules"),
     ({"allow_untested_vllm": 1}, "allow_untested_vllm"),
     ({"admission_by_host_readiness": "on"}, "admission_by_host_readiness"),
+    ({"adapter_bytes_per_step_budget": 0}, "adapter_bytes_per_step_budget"),
+    ({"adapter_bytes_per_step_budget": "0.5"}, "adapter_bytes_per_step_budget"),
+    ({"adapter_bytes_per_step_budget": True}, "adapter_bytes_per_step_budget"),
+    ({"max_admission_wait_steps": 0}, "max_admission_wait_steps"),
     ({"adapter_dir": "/definitely/not/here"}, "adapter_dir"),
     ({"enabled": "yes"}, "enabled"),
 ])
@@ -67,6 +71,16 @@ def test_additional_config_wins_over_environment(tmp_path):
                                      (1024, 1024), ("100", 100)])
 def test_parse_bytes(text, n):
     assert parse_bytes(text, "k") == n
+
+
+def test_admission_budget_settings(tmp_path):
+    assert SLoRAConfig().adapter_bytes_per_step_budget is None  # off by default
+    cfg = load_config({"slora": {"adapter_bytes_per_step_budget": 1,
+                                 "max_admission_wait_steps": 32}}, environ={})
+    assert cfg.adapter_bytes_per_step_budget == 1.0 and cfg.max_admission_wait_steps == 32
+    assert load_config({"slora": {"adapter_bytes_per_step_budget": None}},
+                       environ={}).adapter_bytes_per_step_budget is None
+    assert SLoRAConfig.from_mapping(cfg.to_dict()) == cfg
 
 
 def test_round_trip_through_dict(tmp_path):
