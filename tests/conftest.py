@@ -31,6 +31,16 @@ def tiny_dims() -> ModelDims:
 
 
 @pytest.fixture
+def one_cpu_thread():
+    """One torch CPU thread: tests of many small linear-algebra ops ran up to 35x slower with 2
+    threads on the shared 2-core CI machine (thread hand-offs, not arithmetic)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cpu_platform(monkeypatch):
     """Let vLLM build engine configs on a machine without a GPU (its platform is 'unspecified')."""
     from vllm.platforms import current_platform

@@ -27,12 +27,7 @@ RANKS = {"a": 2, "org/b": 3}
 MODULES = ["q_proj", "v_proj"]
 
 
-@pytest.fixture(autouse=True)
-def one_cpu_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture

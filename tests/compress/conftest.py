@@ -1,15 +1,10 @@
-"""One torch CPU thread for the compression tests: their many small linear-algebra ops ran up to
-35x slower with 2 threads on the shared 2-core machine (thread hand-offs, not arithmetic)."""
+"""The compression tests run on one torch CPU thread (`one_cpu_thread` in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(autouse=True)
-def one_cpu_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_cpu_thread(one_cpu_thread):
     yield
-    torch.set_num_threads(before)
