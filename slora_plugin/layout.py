@@ -98,6 +98,16 @@ class ModelDims:
         except KeyError:
             raise LayoutError(f"unknown module {module!r}; supported: {list(MODULES)}") from None
 
+    @property
+    def linear_params_per_layer(self) -> int:
+        """Weights of one decoder layer's seven linear modules."""
+        return sum(i * o for i, o in (self.module_io(m) for m in MODULES))
+
+    @property
+    def kv_elems_per_token(self) -> int:
+        """KV-cache elements one token holds over all layers (K and V)."""
+        return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
+
 
 @dataclass(frozen=True)
 class ModulePlacement:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, Mapping
 
-from slora_plugin.layout import MODULES, ModelDims
+from slora_plugin.layout import ModelDims
 
 #: Llama-2-7B's config.json (no download needed: the benchmarks use dummy weights).
 LLAMA_2_7B: dict[str, Any] = {
@@ -99,14 +99,13 @@ class ModelMemory:
     def weight_bytes(self) -> int:
         """Parameters of a Llama-style decoder (embeddings, attention, gated MLP, norms)."""
         d = self.dims
-        per_layer = sum(i * o for i, o in (d.module_io(m) for m in MODULES)) + 2 * d.hidden_size
+        per_layer = d.linear_params_per_layer + 2 * d.hidden_size
         emb = self.vocab_size * d.hidden_size * (1 if self.tie_word_embeddings else 2)
         return (d.num_hidden_layers * per_layer + emb + d.hidden_size) * self.dtype_bytes
 
     @property
     def kv_bytes_per_token(self) -> int:
-        d = self.dims
-        return 2 * d.num_hidden_layers * d.num_key_value_heads * d.head_dim * self.dtype_bytes
+        return self.dims.kv_elems_per_token * self.dtype_bytes
 
     def page_size_bytes(self, block_size: int = 16) -> int:
         """One layer's slice of one KV block (K and V): the plugin's page."""

@@ -65,7 +65,7 @@ from dataclasses import dataclass, replace
 from statistics import median
 from typing import Callable, Mapping, Sequence
 
-from slora_plugin.layout import MODULES, ModelDims
+from slora_plugin.layout import ModelDims
 
 #: Device-to-device copy bandwidth of the H100 80GB HBM3 (read + write, GB/s), measured by
 #: benchmarks/bench_kernels.py (`kernels/NOTES.md`); pass the measured figure of another GPU.
@@ -91,22 +91,16 @@ class ModelBytes:
     dtype_bytes: int
 
     @property
-    def layer_linear_params(self) -> int:
-        """Weights of one decoder layer's seven linear modules."""
-        return sum(i * o for i, o in (self.dims.module_io(m) for m in MODULES))
-
-    @property
     def weight_bytes_per_step(self) -> int:
         """Weights every step reads whatever its batch: linears, lm_head and norms."""
         d = self.dims
-        params = (d.num_hidden_layers * (self.layer_linear_params + 2 * d.hidden_size)
+        params = (d.num_hidden_layers * (d.linear_params_per_layer + 2 * d.hidden_size)
                   + self.vocab_size * d.hidden_size + d.hidden_size)
         return params * self.dtype_bytes
 
     @property
     def kv_bytes_per_token(self) -> int:
-        d = self.dims
-        return 2 * d.num_hidden_layers * d.num_key_value_heads * d.head_dim * self.dtype_bytes
+        return self.dims.kv_elems_per_token * self.dtype_bytes
 
     def adapter_elems(self, ranks: Mapping[str, int]) -> int:
         """Weights of an adapter at its real rank, all layers: sum of r x (in + out)."""
@@ -161,7 +155,7 @@ def step_bytes(model: ModelBytes, load: StepLoad) -> int:
 def step_flops(model: ModelBytes, load: StepLoad) -> float:
     """Arithmetic of the step (see the module docstring)."""
     d = model.dims
-    linear = 2 * d.num_hidden_layers * model.layer_linear_params * load.tokens
+    linear = 2 * d.num_hidden_layers * d.linear_params_per_layer * load.tokens
     lm_head = 2 * model.vocab_size * d.hidden_size * load.batch
     pairs = load.decode_ctx + load.decode + load.prefill_pairs
     attention = 4 * d.num_hidden_layers * d.num_attention_heads * d.head_dim * pairs

@@ -34,7 +34,7 @@ UNIT = dict(gbps=1e-9, tflops=1e-12)
 
 def test_model_sizes_by_hand():
     # q 8x8, k 8x4, v 8x4, o 8x8, gate 8x16, up 8x16, down 16x8
-    assert TINY.layer_linear_params == 64 + 32 + 32 + 64 + 128 + 128 + 128 == 576
+    assert TINY.dims.linear_params_per_layer == 64 + 32 + 32 + 64 + 128 + 128 + 128 == 576
     # 2 layers x (576 + two norms of 8) + lm_head 10 x 8 + final norm 8, 2 bytes each
     assert TINY.weight_bytes_per_step == (2 * (576 + 16) + 80 + 8) * 2 == 2544
     # K and V x 2 layers x 1 KV head x 4 x 2 bytes: the KV heads, not the query heads
