@@ -620,3 +620,33 @@ def test_a_directory_without_collections_serves_as_before(vllm_cpu, tiny_dims, m
     assert w.model_runner.model_memory_usage == 1000 and w._copies.compressed_groups == frozenset()
     store.close()
     ops.install(None)
+
+
+def test_a_collection_added_after_start_is_refused_alone(vllm_cpu, tiny_dims, monkeypatch, tmp_path):
+    """Bases are read at engine start: a collection that appears later is refused at
+    resolution (`add_lora`, a 400) and, if a load still comes, reported as a failed load (the
+    engine keeps serving)."""
+    from types import SimpleNamespace
+
+    from slora_plugin.adapters.errors import AdapterError
+    from slora_plugin.adapters.peft_format import write_random_adapter
+    from slora_plugin.compress.api import compress_collection
+    from slora_plugin.pool.commands import LoadAdapter, StepCommands
+
+    write_random_adapter(str(tmp_path / "root" / "p"), tiny_dims, 4, ["q_proj"], seed=1,
+                         dtype=torch.float32)
+    _, mgr, _ = _manager(vllm_cpu, tiny_dims, monkeypatch, slots=2)
+    pools = _layer_key_pools(mgr, tiny_dims)
+    w, store = _serving_worker(mgr, pools, tmp_path / "root", tiny_dims, monkeypatch)
+    write_random_adapter(str(tmp_path / "src" / "a"), tiny_dims, 2, ["q_proj"], seed=2,
+                         dtype=torch.float32)
+    compress_collection(str(tmp_path / "src"), str(tmp_path / "root" / "coll"), 2, dims=tiny_dims,
+                        dtype=torch.float32)
+    spec = store.spec("coll/a")
+    with pytest.raises(AdapterError, match="did not load at start"):
+        w.add_lora(SimpleNamespace(lora_path=spec.path))
+    w.apply_commands(StepCommands(load=(LoadAdapter(3, "coll/a", spec.path,
+                                                    tuple(range(spec.num_pages))),)))
+    assert 3 in w._link.failures.take()
+    store.close()
+    ops.install(None)
