@@ -12,6 +12,10 @@ Two modes, because the GPU machine may not have `peft`/`transformers` model code
                   on (one child process each), and writes benchmarks/results/correctness-<date>.json.
                   `--model-runner v1` (or v2) forces vLLM's model runner (VLLM_USE_V2_MODEL_RUNNER;
                   0.26 picks V2 for dense models) and writes correctness-<runner>-<date>.json.
+                  `--compressed COLL` (a collection made from DIR/adapters by `slora-plugin adapters
+                  compress`) serves a copy of DIR/adapters with COLL as `coll/`, and requests every
+                  adapter twice in the batch, plain and as `coll/<name>` (rows named so), against
+                  the same reference; writes correctness-compressed-<date>.json.
 
 Two checks per request: `tokens_equal` (vLLM's greedy tokens == the merged model's) and
 `max_abs_logprob_err`, the largest |logprob| difference on the reference continuation, teacher
@@ -132,20 +136,26 @@ def _teacher_forced(model, prompt, tokens):
 
 
 # --------------------------------------------------------------------------- run (GPU)
-def run_one(directory: str, eager: bool, out_path: str) -> None:
-    """One engine, one mixed batch: greedy generation, then teacher-forced prompt logprobs."""
+def run_one(directory: str, eager: bool, out_path: str, adapters_dir: str | None = None,
+            compressed: bool = False) -> None:
+    """One engine, one mixed batch: greedy generation, then teacher-forced prompt logprobs.
+    `compressed`: `adapters_dir` holds the collection `coll/` too; each adapter's request is
+    repeated as `coll/<name>` (another lora id) with the same reference."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
     with open(os.path.join(directory, "reference.json")) as f:
         ref = json.load(f)
-    adapters_dir = os.path.join(directory, "adapters")
+    adapters_dir = adapters_dir or os.path.join(directory, "adapters")
     llm = LLM(os.path.join(directory, "model"), dtype="float16", enforce_eager=eager,
               skip_tokenizer_init=True, max_model_len=128, gpu_memory_utilization=0.3, seed=0,
               additional_config={"slora": {"adapter_dir": adapters_dir, "max_lora_rank": 16,
                                            "max_adapters_per_step": 16}})
     reqs = ref["requests"]
+    if compressed:
+        reqs = reqs + [dict(r, adapter=f"coll/{r['adapter']}", lora_id=r["lora_id"] + 10_000)
+                       for r in reqs if r["adapter"]]
     loras = [LoRARequest(r["adapter"], r["lora_id"], os.path.join(adapters_dir, r["adapter"]))
              if r["adapter"] else None for r in reqs]
     gen = llm.generate([TokensPrompt(prompt_token_ids=r["prompt"]) for r in reqs],
@@ -172,15 +182,26 @@ def run_one(directory: str, eager: bool, out_path: str) -> None:
         json.dump(rows, f)
 
 
-def run(directory: str, results_dir: str, runner: str | None = None) -> int:
+def run(directory: str, results_dir: str, runner: str | None = None,
+        compressed: str | None = None) -> int:
+    import shutil
+    import tempfile
+
     import torch
 
     if runner is not None:  # inherited by the child processes below
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = RUNNER_ENV[runner]
+    extra: list[str] = []
+    if compressed:  # copies, not symlinks: the adapter index refuses links leading outside it
+        adapters = tempfile.mkdtemp(prefix="correctness-adapters-")
+        shutil.copytree(os.path.join(directory, "adapters"), adapters, dirs_exist_ok=True)
+        shutil.copytree(compressed, os.path.join(adapters, "coll"))
+        extra = ["--adapters", adapters, "--compressed", compressed]
     rows = []
     for eager in (True, False):
         part = os.path.join(results_dir, f".correctness-{'eager' if eager else 'graphs'}.json")
-        cmd = [sys.executable, __file__, "--run-one", directory, "--out", part] + (["--eager"] if eager else [])
+        cmd = ([sys.executable, __file__, "--run-one", directory, "--out", part] + extra
+               + (["--eager"] if eager else []))
         print("$", " ".join(cmd), flush=True)
         if os.path.exists(part):  # left by an interrupted run: not this run's rows
             os.remove(part)
@@ -194,9 +215,11 @@ def run(directory: str, results_dir: str, runner: str | None = None) -> int:
             os.remove(part)
     day = _dt.date.today().isoformat()
     result = dict(date=day, device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                  model=f"random Llama {MODEL_CONFIG}", model_runner_forced=runner, rows=rows)
+                  model=f"random Llama {MODEL_CONFIG}", model_runner_forced=runner,
+                  compressed=compressed, rows=rows)
     os.makedirs(results_dir, exist_ok=True)
-    path = os.path.join(results_dir, f"correctness-{runner + '-' if runner else ''}{day}.json")
+    kind = (runner + "-" if runner else "") + ("compressed-" if compressed else "")
+    path = os.path.join(results_dir, f"correctness-{kind}{day}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     ok = all(r.get("tokens_equal") and (runner is None or r["model_runner"] == runner) for r in rows)
@@ -218,16 +241,19 @@ def main() -> int:
     ap.add_argument("--out", help=argparse.SUPPRESS)
     ap.add_argument("--model-runner", choices=sorted(RUNNER_ENV),
                     help="force vLLM's V1 or V2 GPU model runner (default: vLLM's choice)")
+    ap.add_argument("--compressed", metavar="COLL",
+                    help="also serve each adapter from this collection of DIR/adapters, as coll/<name>")
+    ap.add_argument("--adapters", help=argparse.SUPPRESS)
     ap.add_argument("--results", default=os.path.join(os.path.dirname(__file__), "results"))
     a = ap.parse_args()
     if a.prepare:
         prepare(a.prepare)
         return 0
     if a.run_one:
-        run_one(a.run_one, a.eager, a.out)
+        run_one(a.run_one, a.eager, a.out, a.adapters, bool(a.compressed))
         return 0
     if a.run:
-        return run(a.run, a.results, a.model_runner)
+        return run(a.run, a.results, a.model_runner, a.compressed)
     ap.error("give --prepare DIR or --run DIR")
     return 2
 

@@ -13,6 +13,9 @@
 #   compress-kernels  compressed-collection op vs paged op, Llama-3-8B layers (benchmarks/bench_compressed.py)
 #   store        host store: pinned host -> GPU bandwidth (benchmarks/bench_store.py)
 #   correctness  token-for-token check vs merged weights (benchmarks/gpu_correctness.py)
+#   compress-correctness  the fixture's adapters compressed exactly (K = 50, the largest sum of
+#                ranks of one module), each served plain and as coll/<name> in one batch, CUDA
+#                graphs off and on (gpu_correctness.py --compressed; correctness-compressed-DATE.json)
 #   correctness-v1  the same with vLLM's V1 GPU model runner (VLLM_USE_V2_MODEL_RUNNER=0; 0.26
 #                uses V2 for dense models); results in correctness-v1-DATE.json (~2 min, at most 3.5)
 #   serve        `vllm serve` with the plugin on, over HTTP: adapters by name, an unknown name,
@@ -115,6 +118,16 @@ for s in "$@"; do
     correctness)
       step correctness
       $PY "$REPO/benchmarks/gpu_correctness.py" --run "$REPO/benchmarks/fixtures/correctness" 2>&1 | tee "$OUT/correctness.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    compress-correctness)
+      step compress-correctness
+      rm -rf /tmp/slora-cc
+      $PY -m slora_plugin.cli adapters compress "$REPO/benchmarks/fixtures/correctness/adapters" \
+          /tmp/slora-cc/coll --rank 50 --model "$REPO/benchmarks/fixtures/correctness/model" \
+          2>&1 | tee "$OUT/compress-correctness.log"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      $PY "$REPO/benchmarks/gpu_correctness.py" --run "$REPO/benchmarks/fixtures/correctness" \
+          --compressed /tmp/slora-cc/coll 2>&1 | tee -a "$OUT/compress-correctness.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     correctness-v1)
       step "$s"

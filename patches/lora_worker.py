@@ -62,6 +62,9 @@ REQUIRES = (
     Requires("vllm.lora.punica_wrapper.punica_base:PunicaWrapperBase._update_base_metadata",
              ("self", "mapping", "lora_index_to_id", "max_loras", "vocab_size")),
     Requires("vllm.lora.lora_model:LoRAModel", ("lora_model_id", "rank", "loras")),
+    InstanceAttributes("vllm.v1.worker.gpu_model_runner:GPUModelRunner", ("model_memory_usage",)),
+    InstanceAttributes("vllm.v1.worker.gpu.model_runner:GPUModelRunner", ("model_memory_usage",)),
+    Requires("vllm.v1.worker.gpu_worker:Worker.determine_available_memory", ("self",)),
 )
 
 
@@ -120,3 +123,11 @@ def num_slots(model_manager: Any) -> int:
 def adapter_manager(worker_manager: Any) -> Any:
     """The model manager a worker LoRA manager created (from its `_manager_cls`)."""
     return worker_manager._adapter_manager
+
+
+def add_model_memory(model_runner: Any, nbytes: int) -> None:
+    """Count `nbytes` allocated after `load_model` (the compressed collections' resident bases)
+    as model memory: `Worker.determine_available_memory` passes the runner's
+    `model_memory_usage` to its profile as the weights' bytes, so the KV budget shrinks by
+    them (tensors allocated before the profile run are otherwise not counted)."""
+    model_runner.model_memory_usage += nbytes

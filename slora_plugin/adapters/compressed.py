@@ -216,24 +216,30 @@ class CollectionBases:
             return bases
 
     def _read(self, spec: CompressedSpec) -> dict[str, torch.Tensor]:
-        """Every U and V the cluster's manifest entry lists, shape-checked."""
-        path, k = spec.bases_file, spec.manifest.rank
-        entry = spec.manifest.clusters[spec.cluster]
-        tensors = _read_file(spec.name, path)
-        out: dict[str, torch.Tensor] = {}
-        for m, layers in dict(entry.get("layers", {})).items():
-            d_in, d_out = spec.manifest.modules[m]
-            for layer in layers:
-                for what, shape in (("U", (d_out, k)), ("V", (d_in, k))):
-                    t = tensors.get(tensor_key(int(layer), m, what))
-                    if t is None:
-                        raise AdapterError(spec.name, path, f"{tensor_key(int(layer), m, what)} "
-                                                            f"is missing")
-                    if tuple(t.shape) != shape:
-                        raise AdapterError(spec.name, path, f"{tensor_key(int(layer), m, what)} has "
-                                                            f"shape {tuple(t.shape)}, expected {shape}")
-                    out[tensor_key(int(layer), m, what)] = t.to(self.dtype)
-        return out
+        return read_cluster_bases(spec.name, spec.collection, spec.manifest, spec.cluster,
+                                  self.dtype)
+
+
+def read_cluster_bases(name: str, collection: str, manifest: Manifest, cluster: int,
+                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every U and V the manifest's entry for `cluster` lists, shape-checked, in `dtype`
+    (errors name `name`: the adapter, or the collection when read for the whole of it)."""
+    entry = manifest.clusters[cluster]
+    path, k = os.path.join(collection, str(entry["bases"])), manifest.rank
+    tensors = _read_file(name, path)
+    out: dict[str, torch.Tensor] = {}
+    for m, layers in dict(entry.get("layers", {})).items():
+        d_in, d_out = manifest.modules[m]
+        for layer in layers:
+            for what, shape in (("U", (d_out, k)), ("V", (d_in, k))):
+                t = tensors.get(tensor_key(int(layer), m, what))
+                if t is None:
+                    raise AdapterError(name, path, f"{tensor_key(int(layer), m, what)} is missing")
+                if tuple(t.shape) != shape:
+                    raise AdapterError(name, path, f"{tensor_key(int(layer), m, what)} has shape "
+                                                   f"{tuple(t.shape)}, expected {shape}")
+                out[tensor_key(int(layer), m, what)] = t.to(dtype)
+    return out
 
 
 def read_cores(spec: CompressedSpec, dtype: torch.dtype) -> torch.Tensor:

@@ -48,12 +48,9 @@ class AdapterStore:
                  adapter_dir: str | None, max_rank: int, host_cache_bytes: int, loader_threads: int,
                  hf_cache_dir: str | None = None, hub_download: bool = False,
                  wait_timeout_s: float = 60.0,
-                 lora_target_modules: Sequence[str] | None = None,
-                 compressed: bool = True) -> None:
+                 lora_target_modules: Sequence[str] | None = None) -> None:
         """`lora_target_modules`: the engine's `LoRAConfig.target_modules` (None: every module
-        has LoRA layers); an adapter targeting a module without them is refused by `spec`.
-        `compressed=False`: `spec` refuses adapters of compressed collections with an error
-        saying so (the engine's store, until its worker serves them)."""
+        has LoRA layers); an adapter targeting a module without them is refused by `spec`."""
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
             raise ValueError(f"serving dtype {dtype} is not supported (float16, bfloat16, float32)")
         self.dims, self.page_elems, self.dtype, self.max_rank = dims, page_elems, dtype, max_rank
@@ -61,7 +58,6 @@ class AdapterStore:
         self.sources = AdapterSources(adapter_dir, hf_cache_dir, hub_download)
         self.index = self.sources.index
         self.cache = HostCache(dims, dtype, host_cache_bytes, loader_threads, wait_timeout_s)
-        self.compressed = compressed
         self.bases = CollectionBases(dims, dtype)
         self._specs: dict[str, tuple[tuple, AnySpec | AdapterError]] = {}
         self._located: dict[str, str] = {}  # name or path asked for -> real directory path
@@ -106,10 +102,6 @@ class AdapterStore:
         result = cached[1]
         if isinstance(result, AdapterError):
             raise type(result)(result.adapter, result.file, result.reason)
-        if isinstance(result, CompressedSpec) and not self.compressed:
-            raise AdapterError(name, None, "is an adapter of a compressed collection, which this "
-                                           "engine does not serve yet (the worker side of issue 15 "
-                                           "is not built: docs/DESIGN.md, Compressed collections)")
         with self._lock:
             self._located[name_or_path] = path
             self._unloadable.discard(name_or_path)

@@ -22,6 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import Collection, Iterable, Sequence
 
+from slora_plugin.adapters.compressed import read_manifest, split_path
 from slora_plugin.adapters.errors import AdapterError
 from slora_plugin.adapters.index import AdapterIndex
 from slora_plugin.adapters.peft_format import CONFIG_NAME
@@ -102,9 +103,9 @@ def survey_directory(adapter_dir: str, dims: ModelDims, max_rank: int) -> Target
     adapters made from a few recipes costs little more than reading their configs. The names
     come from `AdapterIndex.scan` (no directory symlinked outside the root); the store's
     per-file symlink check is not repeated (3 realpath calls per adapter, most of the cost): an
-    adapter it would refuse can only widen the set, never narrow it. Adapters of compressed
-    collections are not surveyed: the engine does not serve them yet (`AdapterStore`'s
-    `compressed`).
+    adapter it would refuse can only widen the set, never narrow it. A compressed collection
+    adds the modules of its manifest (one read per collection; a broken one is skipped like a
+    broken config, counted once per adapter it lists).
     """
     index = AdapterIndex(adapter_dir)
     names = index.scan(collections=False)
@@ -133,8 +134,22 @@ def survey_directory(adapter_dir: str, dims: ModelDims, max_rank: int) -> Target
             skipped.append(name)
         else:
             union |= modules
-    return TargetSurvey(modules=tuple(p for p in ALL_PACKED if p in union), total=len(names),
-                        read=read, skipped=tuple(skipped))
+    compressed = sorted(set(index.scan()) - set(names))
+    surveyed: set[str] = set()
+    for name in compressed:
+        if len(union) == len(ALL_PACKED):
+            break
+        try:
+            found = split_path(index.locate(name))
+            if found is None or found[0] in surveyed:
+                continue
+            surveyed.add(found[0])
+            read += 1
+            union |= set(packed_modules(read_manifest(found[0], name).modules))
+        except AdapterError:
+            skipped.append(name)
+    return TargetSurvey(modules=tuple(p for p in ALL_PACKED if p in union),
+                        total=len(names) + len(compressed), read=read, skipped=tuple(skipped))
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,7 @@ def engine_store(vllm_config: Any, cfg: SLoRAConfig, page_elems: int, *,
                         adapter_dir=cfg.adapter_dir,
                         max_rank=cfg.max_lora_rank, host_cache_bytes=host_cache_bytes,
                         loader_threads=loader_threads, wait_timeout_s=wait_timeout_s,
-                        lora_target_modules=vllm_config.lora_config.target_modules,
-                        compressed=False)
+                        lora_target_modules=vllm_config.lora_config.target_modules)
 
 
 def default_pages_of(vllm_config: Any, cfg: SLoRAConfig, page_elems: int) -> PagesOf:

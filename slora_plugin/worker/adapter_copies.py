@@ -9,8 +9,14 @@ the copy is seen done (pinned pages may then be reused), with two bounds that ke
 from waiting on itself (`AdapterCopies`). A load that fails is reported to the scheduler
 (`worker_link.LoadFailures`), not raised: the engine keeps serving the other adapters.
 
+An adapter of a compressed collection (`adapters/compressed.py`) is read with
+`AdapterStore.read_compressed` (no host cache, no lease: its cores are a few pages) and its
+cores are copied as they are into its blocks (`PageLoader.load_cores`); the manager then
+points its slot at them with the key of its cluster's resident bases.
+
 No vLLM import: the LoRA manager is anything with `evict(lora_id)` and
-`mark_resident(lora_id, layout, block_ids)` (`lora_manager.SLoRAModelManager` in the engine).
+`mark_resident(lora_id, layout, block_ids, group)` (`lora_manager.SLoRAModelManager` in the
+engine).
 """
 
 from __future__ import annotations
@@ -18,13 +24,15 @@ from __future__ import annotations
 import logging
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Hashable, Protocol, Sequence
 
 import torch
 
+from slora_plugin.adapters.compressed import CompressedSpec
 from slora_plugin.adapters.errors import AdapterError, HostCacheFullError
 from slora_plugin.adapters.host_cache import Lease
 from slora_plugin.adapters.store import AdapterStore
+from slora_plugin.core_layout import CoreLayout
 from slora_plugin.layout import PageLayout
 from slora_plugin.pool.commands import LoadAdapter, StepCommands
 from slora_plugin.pool.worker_link import HostLoadWaits, LoadFailures
@@ -45,8 +53,8 @@ class AdapterPages(Protocol):
 
     def evict(self, lora_id: int) -> None: ...
 
-    def mark_resident(self, lora_id: int, layout: PageLayout,
-                      block_ids: tuple[int, ...]) -> None: ...
+    def mark_resident(self, lora_id: int, layout: PageLayout | CoreLayout,
+                      block_ids: tuple[int, ...], group: Hashable | None = None) -> None: ...
 
 
 @dataclass
@@ -60,12 +68,17 @@ class AdapterCopies:
     """One worker's adapter loads into its KV pages and the host leases they hold.
 
     `copy_stream` None: copies run on the current stream (CPU, tests) and are done when issued.
+    `compressed_groups`: the (collection, cluster) keys whose bases the engine holds resident
+    (`compressed_bases.directory_bases`); empty (an engine of plain adapters) no load's spec is
+    looked at before its lease, so such an engine does exactly what it did before.
     """
 
     def __init__(self, store: AdapterStore, page_elems: int, page_loader: PageLoader,
                  copy_stream: torch.cuda.Stream | None, device: torch.device | str,
-                 host_waits: HostLoadWaits, failures: LoadFailures) -> None:
+                 host_waits: HostLoadWaits, failures: LoadFailures, *,
+                 compressed_groups: frozenset[Hashable] = frozenset()) -> None:
         self.store = store
+        self.compressed_groups = compressed_groups
         self.page_elems = page_elems
         self._page_loader = page_loader
         self._copy_stream = copy_stream
@@ -94,6 +107,9 @@ class AdapterCopies:
 
     def _load(self, load: LoadAdapter, manager: AdapterPages, pools: list[torch.Tensor]) -> None:
         try:
+            if self.compressed_groups and isinstance(self.store.spec(load.path), CompressedSpec):
+                self._load_compressed(load, manager, pools)
+                return
             lease_cm = self._lease(load)
         except AdapterError as e:
             # Admitted, but its weights cannot be read (e.g. truncated after the config check)
@@ -127,6 +143,25 @@ class AdapterCopies:
         self._in_flight.append(_InFlight(event, lease_stack, lease.raw.layout.nbytes))
         manager.mark_resident(load.lora_id, lease.spec.layout, tuple(load.block_ids))
         self._bound_leased_bytes()
+
+    def _load_compressed(self, load: LoadAdapter, manager: AdapterPages,
+                         pools: list[torch.Tensor]) -> None:
+        """Read the adapter's cores (errors propagate to `_load`'s report) and copy them into
+        its blocks, ordered like a plain load; no host lease (nothing is cached)."""
+        adapter = self.store.read_compressed(load.path)
+        spec = adapter.spec
+        check_served(spec, self.compressed_groups)
+        if spec.num_pages != len(load.block_ids):
+            raise RuntimeError(
+                f"adapter {load.name!r} ({load.path}) needs {spec.num_pages} pages but the "
+                f"scheduler gave {len(load.block_ids)} blocks")
+        if self._copy_stream is not None:
+            with torch.cuda.stream(self._copy_stream):
+                self._page_loader.load_cores(pools, adapter.cores, load.block_ids)
+        else:
+            self._page_loader.load_cores(pools, adapter.cores, load.block_ids)
+        manager.mark_resident(load.lora_id, spec.layout, tuple(load.block_ids),
+                              (spec.collection, spec.cluster))
 
     def _bound_leased_bytes(self) -> None:
         """Keep the host bytes this step's copies hold under half the host cache (the other
@@ -163,6 +198,16 @@ class AdapterCopies:
             else:
                 still.append(f)
         self._in_flight = still
+
+
+def check_served(spec: CompressedSpec, groups: frozenset[Hashable]) -> None:
+    """AdapterError unless the bases of `spec`'s cluster are resident (collections are read
+    at engine start; one added since is refused alone, the engine keeps serving)."""
+    if (spec.collection, spec.cluster) not in groups:
+        raise AdapterError(spec.name, spec.bases_file,
+                           "belongs to a compressed collection whose bases this engine did not "
+                           "load at start (it serves the collections present in the adapter "
+                           "directory then): restart the engine to serve it")
 
 
 def apply_commands(commands: StepCommands, manager: AdapterPages, copies: AdapterCopies | None,

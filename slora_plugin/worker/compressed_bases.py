@@ -5,19 +5,23 @@ adapter's rows, but their cluster's bases U, V are read by every step that has o
 adapters, so they stay on the device for the engine's life: one `CompressedBases` per
 (layer, module), all resident clusters side by side (`slot_group` picks a cluster's column
 block). Built once, before CUDA graphs are captured (the GEMMs' operands are baked into them),
-from the host store's `CompressedAdapter.bases` (`adapters/compressed.py`). `nbytes` is what
-they cost; the engine must take it from the KV budget at start (not wired yet: see
-docs/DESIGN.md, Compressed collections). Pure torch, no vLLM.
+from the collections of the adapter directory (`directory_bases`, at engine start: the worker's
+`load_model`, which adds `nbytes` to the model's memory so vLLM's profile takes it from the KV
+budget) or from the host store's `CompressedAdapter.bases` (`adapters/compressed.py`). No vLLM.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Hashable, Mapping, Sequence
 
 import torch
 
-from slora_plugin.compress.collection import tensor_key
+from slora_plugin.adapters.compressed import read_cluster_bases, read_manifest, split_path
+from slora_plugin.adapters.errors import AdapterError
+from slora_plugin.adapters.index import AdapterIndex
+from slora_plugin.compress.collection import MANIFEST, tensor_key
 from slora_plugin.kernels.compressed_lora import CompressedBases
 from slora_plugin.layout import MODULE_INDEX
 
@@ -63,3 +67,42 @@ def resident_bases(groups: Sequence[tuple[Hashable, Mapping[str, torch.Tensor]]]
             by_layer[(layer, MODULE_INDEX[m])] = b
             nbytes += (b.v_cat.numel() + b.ut_cat.numel()) * dtype.itemsize
     return ResidentBases(rank, tuple(k for k, _ in groups), by_layer, nbytes)
+
+
+def directory_bases(adapter_dir: str, num_layers: int, dtype: torch.dtype,
+                    device: torch.device | str) -> tuple[ResidentBases, bool] | None:
+    """The bases of every (collection, cluster) of `adapter_dir` resident on `device`, and
+    whether their cores are diagonal; None when the directory holds no collection (the
+    engine then serves exactly as without this feature). The group keys are (collection
+    directory, cluster) as `CompressedSpec` names them. All collections must share one rank
+    K and one `diagonal` (the core tables have one shape) and agree on module widths."""
+    index = AdapterIndex(adapter_dir)
+    compressed = sorted(set(index.scan()) - set(index.scan(collections=False)))
+    collections: dict[str, str] = {}  # collection directory -> one of its adapters' names
+    for name in compressed:
+        found = split_path(index.locate(name))
+        if found is not None:
+            collections.setdefault(found[0], name)
+    if not collections:
+        return None
+    groups: list[tuple[Hashable, Mapping[str, torch.Tensor]]] = []
+    module_io: dict[str, tuple[int, int]] = {}
+    shape: tuple[int, bool] | None = None
+    for collection, name in sorted(collections.items()):
+        manifest = read_manifest(collection, name)
+        where = os.path.join(collection, MANIFEST)
+        if shape is not None and (manifest.rank, manifest.diagonal) != shape:
+            raise AdapterError(name, where, f"has rank {manifest.rank} (diagonal "
+                                            f"{manifest.diagonal}) but another collection of "
+                                            f"{adapter_dir} has rank {shape[0]} (diagonal "
+                                            f"{shape[1]}): one engine serves one rank K")
+        shape = (manifest.rank, manifest.diagonal)
+        for m, io in manifest.modules.items():
+            if module_io.setdefault(m, tuple(io)) != tuple(io):
+                raise AdapterError(name, where, f"module {m} has widths {tuple(io)}, another "
+                                                f"collection {module_io[m]}")
+        for cluster in range(len(manifest.clusters)):
+            groups.append(((collection, cluster),
+                           read_cluster_bases(name, collection, manifest, cluster, dtype)))
+    assert shape is not None
+    return resident_bases(groups, module_io, num_layers, shape[0], dtype, device), shape[1]

@@ -10,18 +10,20 @@ request only after issuing its adapter's load, so a miss here is a bug, reported
 
 from __future__ import annotations
 
+from typing import Hashable
 
 from vllm.lora.lora_model import LoRAModel
 from vllm.lora.model_manager import LRUCacheLoRAModelManager
 from vllm.lora.worker_manager import LRUCacheWorkerLoRAManager
 
 from slora_plugin.config import engine_settings
+from slora_plugin.core_layout import CoreLayout
 from slora_plugin.layout import PACKED_MODULES, PageLayout
 from slora_plugin.patches import lora_layers as layers_patch
 from slora_plugin.patches import lora_worker as worker_patch
 from slora_plugin.worker.lora_layers import PAGED_CLASSES, PagedLoRAError, PagedLoRALayer
 from slora_plugin.worker.ops import PagedLoRARuntime, install
-from slora_plugin.worker.tables import SlotRows, slot_rows
+from slora_plugin.worker.tables import CoreRows, SlotRows, core_rows, slot_rows
 
 
 class AdapterNotResidentError(RuntimeError):
@@ -36,7 +38,8 @@ class SLoRAModelManager(LRUCacheLoRAModelManager):
         if lora_config.fully_sharded_loras:
             raise PagedLoRAError("slora-plugin does not support fully_sharded_loras")
         self.slora_config = engine_settings(vllm_config)
-        self._resident: dict[int, tuple[SlotRows, int]] = {}  # lora_id -> (rows, rank)
+        #: lora_id -> (rows, rank): a plain adapter's paged rows or a compressed one's core rows
+        self._resident: dict[int, tuple[SlotRows | CoreRows, int]] = {}
         self._dummies: set[int] = set()
         with layers_patch.paged_lora_classes(PAGED_CLASSES):
             super().__init__(model, max_num_seqs, max_num_batched_tokens, vocab_size,
@@ -64,14 +67,34 @@ class SLoRAModelManager(LRUCacheLoRAModelManager):
         super().register_module(module_name, module)
 
     # -- residency (driven by the scheduler's commands) ------------------------------------
-    def mark_resident(self, lora_id: int, layout: PageLayout, block_ids: tuple[int, ...]) -> None:
-        """The adapter's weights are (being) copied into `block_ids`: point its slot there."""
-        rows = slot_rows(layout, block_ids, self.slora_config.max_lora_rank)
-        rank = max((pl.rank for pl in layout.modules.values()), default=0)
+    def mark_resident(self, lora_id: int, layout: PageLayout | CoreLayout,
+                      block_ids: tuple[int, ...], group: Hashable | None = None) -> None:
+        """The adapter's weights are (being) copied into `block_ids`: point its slot there. A
+        compressed adapter (`CoreLayout`) names its resident cluster's key as `group`
+        (`compressed_bases.ResidentBases.groups`); its slot gets core rows and rank 0."""
+        if isinstance(layout, CoreLayout):
+            bases = self.runtime.compressed
+            if bases is None:
+                raise PagedLoRAError(f"LoRA adapter id {lora_id} is compressed but this engine "
+                                     f"serves no compressed collection")
+            if group not in bases.groups:
+                raise PagedLoRAError(f"LoRA adapter id {lora_id}: its cluster {group!r} has no "
+                                     f"resident bases (collections are read at engine start)")
+            rows: SlotRows | CoreRows = core_rows(layout, block_ids, bases.group_of(group))
+            rank = 0
+        else:
+            rows = slot_rows(layout, block_ids, self.slora_config.max_lora_rank)
+            rank = max((pl.rank for pl in layout.modules.values()), default=0)
         self._resident[lora_id] = (rows, rank)
         self._dummies.discard(lora_id)
         slot = self._slot_of(lora_id)
         if slot is not None:
+            self._write_slot(slot, rows)
+
+    def _write_slot(self, slot: int, rows: SlotRows | CoreRows) -> None:
+        if isinstance(rows, CoreRows):
+            self.runtime.tables.write_cores(slot, rows)
+        else:
             self.runtime.tables.write(slot, rows)
 
     def evict(self, lora_id: int) -> None:
@@ -108,7 +131,7 @@ class SLoRAModelManager(LRUCacheLoRAModelManager):
             slot = self._slot_of(lora_id)
             assert slot is not None
             if lora_id in self._resident:
-                self.runtime.tables.write(slot, self._resident[lora_id][0])
+                self._write_slot(slot, self._resident[lora_id][0])
             elif lora_id in self._dummies:
                 self.runtime.tables.clear(slot)
             else:

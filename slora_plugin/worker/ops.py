@@ -20,8 +20,8 @@ One `PagedLoRARuntime` per process holds that state; the worker's LoRA model man
 
 Compressed collections (`serve_compressed`): after the paged op, each slice whose (layer, module)
 has resident bases runs `compressed_lora_linear` on the same `SegmentMeta`, so one batch mixes
-plain and compressed adapters (a slot holds either kind: `tables.py`). Without it (the default,
-and all the engine does until the worker loads collections) the op is exactly the paged one.
+plain and compressed adapters (a slot holds either kind: `tables.py`). Without it (an adapter
+directory with no collection at engine start) the op is exactly the paged one.
 """
 
 from __future__ import annotations

@@ -92,6 +92,24 @@ class PageLoader:
             self._free[b] = done
         copy.wait_stream(write)
 
+    def load_cores(self, pools: Sequence[torch.Tensor], cores: torch.Tensor,
+                   block_ids: Sequence[int]) -> None:
+        """Write a compressed adapter's cores (`CompressedAdapter.cores`: (num_layers,
+        num_pages, page_elems), serving dtype, each layer's record its pages as they are) into
+        layer l's pool at blocks `block_ids`: a plain row copy, no packing. CUDA: on the current
+        (copy) stream; the device copy of `cores` is kept until that stream is done with it."""
+        layers, num_pages, page_elems = cores.shape
+        if layers != len(pools):
+            raise ValueError(f"the adapter has {layers} layers but there are {len(pools)} pools")
+        if len(block_ids) != num_pages:
+            raise ValueError(f"the adapter needs {num_pages} pages but got {len(block_ids)} blocks")
+        src = cores.to(self.device)
+        if self.cuda:
+            src.record_stream(torch.cuda.current_stream(self.device))
+        for layer, pool in enumerate(pools):
+            for page, block in enumerate(block_ids):
+                pool[block * page_elems:(block + 1) * page_elems].copy_(src[layer, page])
+
     def _plan(self, layout: PageLayout, raw: RawAdapter) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """The writer's jobs for this layout, on the device (built once per layout)."""
         key = (layout.page_elems, tuple((m, p.rank, p.in_features, p.out_features)

@@ -8,7 +8,11 @@ What it adds to `vllm.v1.worker.gpu_worker.Worker`:
   - `init_device` / `initialize_from_config`: the runner captures one set of CUDA graphs (with
     LoRA) and replays it for every batch, with or without adapters (`patches/lora_cudagraph.py`);
   - `load_model`: the model runner (V1 or V2) builds the plugin's LoRA manager, so vLLM's linear
-    LoRA layers compute through the paged kernels and no stacked adapter buffers exist;
+    LoRA layers compute through the paged kernels and no stacked adapter buffers exist; if the
+    adapter directory holds compressed collections, their bases are put on the device and the
+    op serves them (`compressed_bases.directory_bases`, `PagedLoRARuntime.serve_compressed`,
+    before any CUDA graph is captured), their bytes counted as model memory (out of the KV
+    budget); with none, nothing of this exists;
   - `initialize_from_config`: after the KV cache exists, checks that one block id is one
     contiguous page of every layer, points each LoRA layer at its decoder layer's pool, and opens
     the host adapter store with that page size (`pool/adapter_pages.engine_store`, as the
@@ -45,7 +49,10 @@ from slora_plugin.pool.commands import StepCommands, commands_of
 from slora_plugin.pool.worker_link import HostLoadWaits, WorkerLink, engine_key, publish
 from slora_plugin.raw_format import record_bytes_bound
 from slora_plugin.worker import scope
-from slora_plugin.worker.adapter_copies import HOST_ROOM_WAIT_S, AdapterCopies, apply_commands
+from slora_plugin.adapters.compressed import CompressedSpec
+from slora_plugin.worker.adapter_copies import (HOST_ROOM_WAIT_S, AdapterCopies, apply_commands,
+                                                check_served)
+from slora_plugin.worker.compressed_bases import directory_bases
 from slora_plugin.worker.lora_layers import layer_index
 from slora_plugin.worker.lora_manager import SLoRAModelManager, SLoRAWorkerLoRAManager
 from slora_plugin.worker.ops import pool_view
@@ -74,6 +81,8 @@ class SLoRAWorker(Worker):
         #: Adapter loads by whether the step waited for the host copy (see worker_link).
         self.host_waits = HostLoadWaits()
         self._link: WorkerLink | None = None  # kept here: the registry holds it weakly
+        #: (collection, cluster) keys of the resident compressed bases (empty: plain adapters).
+        self._compressed_groups: frozenset = frozenset()
 
     # -- model ------------------------------------------------------------------------------
     def init_device(self) -> None:
@@ -83,6 +92,25 @@ class SLoRAWorker(Worker):
     def load_model(self, *args, **kwargs) -> None:
         with worker_patch.worker_lora_manager_class(SLoRAWorkerLoRAManager):
             super().load_model(*args, **kwargs)
+        self._serve_collections()
+
+    def _serve_collections(self) -> None:
+        """The compressed collections of the adapter directory: bases resident, core tables
+        and workspace allocated (here, before CUDA graphs are captured: their addresses are
+        baked in), bytes out of the KV budget. Nothing when the directory holds none."""
+        if not self.slora_config.adapter_dir:
+            return
+        dtype = self.model_config.dtype
+        found = directory_bases(self.slora_config.adapter_dir,
+                                engine_dims(self.vllm_config).num_hidden_layers, dtype, self.device)
+        if found is None:
+            return
+        bases, diagonal = found
+        self.slora_manager.runtime.serve_compressed(bases, diagonal, dtype)
+        worker_patch.add_model_memory(self.model_runner, bases.nbytes)
+        self._compressed_groups = frozenset(bases.groups)
+        logger.info("slora: serving %d compressed cluster(s) of rank %d, bases %.1f MiB resident",
+                    len(bases.groups), bases.rank, bases.nbytes / 2**20)
 
     @property
     def slora_manager(self) -> SLoRAModelManager:
@@ -130,7 +158,8 @@ class SLoRAWorker(Worker):
         copy_stream = torch.cuda.Stream(device=self.device) if self.device.type == "cuda" else None
         loader = PageLoader(self.device, record_bytes_bound(store.dims, c.max_lora_rank, dtype))
         self._copies = AdapterCopies(store, self.page_elems, loader, copy_stream, self.device,
-                                     self.host_waits, self._link.failures)
+                                     self.host_waits, self._link.failures,
+                                     compressed_groups=self._compressed_groups)
 
     def _pools(self) -> list[torch.Tensor]:
         dtype = self.model_config.dtype
@@ -178,6 +207,8 @@ class SLoRAWorker(Worker):
         AdapterError, naming the adapter, the file and why: patches/openai_errors.py) instead
         of failing its requests later."""
         if self.adapter_store is not None:
-            self.adapter_store.spec(lora_request.lora_path)
+            spec = self.adapter_store.spec(lora_request.lora_path)
+            if isinstance(spec, CompressedSpec):
+                check_served(spec, self._compressed_groups)
             self.adapter_store.prefetch([lora_request.lora_path])
         return True

@@ -132,16 +132,21 @@ def test_errors_name_the_adapter_the_file_and_the_reason(mixed, tiny_dims):
     assert [s.adapter for s in index.skipped] == ["coll"]
 
 
-def test_engine_store_refuses_compressed_adapters_until_the_worker_serves_them(mixed, tiny_dims):
-    """The engine's store (`compressed=False`, pool.adapter_pages.engine_store) gives no spec,
-    so no request for a compressed adapter reaches a worker that cannot serve it."""
-    _, root = mixed
-    with store_of(root, tiny_dims, compressed=False) as store:
-        with pytest.raises(AdapterError, match="does not serve yet"):
-            store.spec("coll/a")
-        store.start("coll/a")
-        assert store.ready("coll/a") and "does not serve yet" in store.error("coll/a")
-        assert isinstance(store.spec("plain"), AdapterSpec)
+def test_target_survey_adds_the_collections_modules(mixed, tiny_dims, tmp_path):
+    """Engine start (no slora.target_modules): the collection's modules join the plain
+    adapters' in the LoRA layers, so its adapters pass the store's wrapped-module check."""
+    from slora_plugin.adapters.targets import survey_directory
+
+    src, _ = mixed
+    root = tmp_path / "o_and_coll"
+    write_random_adapter(str(root / "o"), tiny_dims, 4, ["o_proj"], seed=1)
+    assert survey_directory(str(root), tiny_dims, 16).modules == ("o_proj",)
+    compress_collection(str(src), str(root / "coll"), 5, dims=tiny_dims, dtype=torch.float32)
+    survey = survey_directory(str(root), tiny_dims, 16)
+    assert survey.modules == ("qkv_proj", "o_proj")
+    assert (survey.total, survey.skipped) == (3, ())
+    with store_of(root, tiny_dims, lora_target_modules=list(survey.modules)) as store:
+        assert isinstance(store.spec("coll/a"), CompressedSpec)
 
 
 def test_adapters_check_covers_collections(mixed, tiny_dims):

@@ -89,3 +89,24 @@ def test_doctor_and_plan_show_the_modules(tmp_path, tiny_model_dir, adapter_dir)
     plan = make_plan(TINY_LLAMA, [{"q_proj": 8}, {"down_proj": 8}], kv_gib=1)
     assert plan.plugin_targets == ("qkv_proj", "down_proj")
     assert "Plugin: LoRA layers on qkv_proj,down_proj" in format_plan(plan)
+
+
+def test_compressed_collection_targets_and_engine_store(tiny_model_dir, tmp_path, tiny_dims,
+                                                        cpu_platform):
+    """A collection in the adapter directory: its modules get LoRA layers, and the engine's
+    store (scheduler and worker) gives its adapters a spec, pages included."""
+    import torch
+
+    from slora_plugin.adapters.compressed import CompressedSpec
+    from slora_plugin.compress.api import compress_collection
+    from slora_plugin.config import engine_settings
+    from slora_plugin.pool.adapter_pages import engine_store
+
+    src, root = tmp_path / "src", tmp_path / "adapters"
+    write_random_adapter(str(src / "a"), tiny_dims, 2, ["gate_proj", "down_proj"], seed=3)
+    write_random_adapter(str(root / "o"), tiny_dims, 4, ["o_proj"])
+    compress_collection(str(src), str(root / "coll"), 2, dims=tiny_dims, dtype=torch.float32)
+    _, vc = _config(tiny_model_dir, {"adapter_dir": str(root)})
+    assert vc.lora_config.target_modules == ["o_proj", "gate_up_proj", "down_proj"]
+    spec = engine_store(vc, engine_settings(vc), 512).spec("coll/a")
+    assert isinstance(spec, CompressedSpec) and spec.num_pages >= 1

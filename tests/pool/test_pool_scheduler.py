@@ -226,3 +226,31 @@ def test_real_adapter_store_gives_the_pages(model_dir, tmp_path):
     loop.run()
     reason, message = loop.finished_reasons()[missing.request_id]
     assert reason == FinishReason.ERROR and "nope" in message
+
+
+def test_real_adapter_store_gives_a_compressed_adapters_pages(model_dir, tmp_path):
+    """An adapter of a compressed collection, by name: the real scheduler admits it with its
+    cores' page count (`plan_cores`), and its load command carries the collection's path."""
+    import torch
+
+    from slora_plugin.adapters.index import AdapterIndex
+    from slora_plugin.compress.api import compress_collection
+    from slora_plugin.core_layout import plan_cores
+
+    write_random_adapter(str(tmp_path / "src" / "a"), DIMS, 2, ["q_proj", "v_proj"], seed=1)
+    write_random_adapter(str(tmp_path / "src" / "b"), DIMS, 3, ["q_proj", "o_proj"], seed=2)
+    root = tmp_path / "adapters"
+    compress_collection(str(tmp_path / "src"), str(root / "coll"), 4, dims=DIMS,
+                        dtype=torch.float32)
+    vllm_config = build_vllm_config(model_dir, additional_config={
+        "slora": {"adapter_dir": str(root), "max_lora_rank": 16}})
+    sched = create_scheduler(vllm_config=vllm_config, num_blocks=64, scheduler_cls=SLoRAScheduler)
+    path = AdapterIndex(str(root)).locate("coll/b")
+    req = make_request(16, 2, lora_request=lora(1, name="coll/b", path=path))
+    add_requests(sched, [req])
+    loop = engine_loop(sched)
+    (load,) = commands_of(loop.step()).load
+    expected = plan_cores(["q_proj", "o_proj"], 4, False, sched.page_elems).num_pages
+    assert len(load.block_ids) == expected and load.path == path and load.name == "coll/b"
+    loop.run()
+    assert loop.finished_reasons()[req.request_id][0] == FinishReason.LENGTH

@@ -505,3 +505,148 @@ def test_mixed_batch_of_plain_and_compressed_adapters(vllm_cpu, tiny_dims, monke
     assert int(mgr.runtime.tables.cores.has_core[slot].sum()) == 0
     assert int(mgr.runtime.tables.ranks[slot].sum()) == 2
     ops.install(None)
+
+
+def _serving_worker(mgr, pools, root, tiny_dims, monkeypatch):
+    """A bare worker over a real host store of `root`, its collections served as at engine
+    start (`_serve_collections`, with the toy model's dims)."""
+    from types import SimpleNamespace
+
+    from slora_plugin.adapters.store import AdapterStore
+    from slora_plugin.worker import worker as worker_mod
+
+    store = AdapterStore(tiny_dims, PAGE, torch.float32, adapter_dir=str(root), max_rank=16,
+                         host_cache_bytes=1 << 20, loader_threads=1)
+    w = _bare_worker(mgr, pools, store, tiny_dims)
+    w.slora_config = SimpleNamespace(adapter_dir=str(root))
+    w.vllm_config, w.device = None, torch.device("cpu")
+    w.model_runner.model_memory_usage = 1000
+    w._compressed_groups = frozenset()
+    monkeypatch.setattr(worker_mod, "engine_dims", lambda _vc: tiny_dims)
+    w._serve_collections()
+    w._copies.compressed_groups = w._compressed_groups  # as `_open_store` builds it after
+    return w, store
+
+
+def test_worker_loads_compressed_and_plain_adapters_for_one_batch(vllm_cpu, tiny_dims, monkeypatch,
+                                                                   tmp_path):
+    """Engine path on CPU: the worker serves the adapter directory's collection at start
+    (bases resident, bytes counted as model memory), the scheduler's load commands bring a
+    plain adapter and two compressed ones into KV pages through the real host store,
+    `AdapterCopies` and the LoRA manager, and one batch mixing them (and no adapter) equals
+    the base layer plus each token's uncompressed PEFT adapter (K = the sum of the ranks)."""
+    from safetensors import safe_open
+
+    from slora_plugin.adapters.peft_format import tensor_name, write_random_adapter
+    from slora_plugin.compress.api import compress_collection
+    from slora_plugin.pool.commands import LoadAdapter, StepCommands
+
+    members = {"c1": (2, ["q_proj", "v_proj", "down_proj"]), "c2": (3, ["q_proj", "gate_proj", "o_proj"]),
+               "p": (4, ["q_proj", "o_proj", "up_proj"])}
+    src, root = tmp_path / "src", tmp_path / "root"
+    for i, (name, (rank, mods)) in enumerate(members.items()):
+        where = root / name if name == "p" else src / name
+        write_random_adapter(str(where), tiny_dims, rank, mods, alpha=3.0, seed=30 + i,
+                             dtype=torch.float32)
+    compress_collection(str(src), str(root / "coll"), 5, dims=tiny_dims, dtype=torch.float32)
+
+    _, mgr, base = _manager(vllm_cpu, tiny_dims, monkeypatch, slots=3)
+    pools = _layer_key_pools(mgr, tiny_dims)
+    w, store = _serving_worker(mgr, pools, root, tiny_dims, monkeypatch)
+    rb = mgr.runtime.compressed
+    assert rb is not None and rb.nbytes > 0 and mgr.runtime.tables.cores is not None
+    assert w.model_runner.model_memory_usage == 1000 + rb.nbytes
+    names = {7: "p", 11: "coll/c1", 12: "coll/c2"}
+    loads, first = [], 3
+    for lid, name in names.items():
+        spec = store.spec(name)
+        loads.append(LoadAdapter(lid, name, spec.path, tuple(range(first, first + spec.num_pages))))
+        first += spec.num_pages + 1
+    w.apply_commands(StepCommands(load=tuple(loads)))
+    assert w._link.failures.take() == {}
+    for lid in names:
+        assert mgr.is_resident(lid)
+        mgr.add_adapter(mgr.resident_model(lid))
+        mgr.activate_adapter(lid)
+    cores = mgr.runtime.tables.cores
+    assert int(cores.has_core[mgr.lora_index_to_id.index(7)].sum()) == 0
+    assert int(cores.has_core[mgr.lora_index_to_id.index(11)].sum()) > 0
+    assert int(mgr.runtime.tables.ranks[mgr.lora_index_to_id.index(11)].sum()) == 0
+    req = [(7, 3), (0, 2), (11, 4), (12, 2), (7, 1)]
+    token_map = tuple(i for i, n in req for _ in range(n))
+    mgr.set_adapter_mapping(LoRAMapping(token_map, tuple(i for i, _ in req), is_prefill=True))
+    x_in = {"qkv_proj": tiny_dims.hidden_size, "o_proj": 64, "gate_up_proj": tiny_dims.hidden_size,
+            "down_proj": tiny_dims.intermediate_size}
+
+    def peft(name, layer):  # the uncompressed adapter as (A, s B) per module
+        rank, mods = members[name]
+        where = (root if name == "p" else src) / name / "adapter_model.safetensors"
+        with safe_open(str(where), "pt") as f:
+            return {m: (f.get_tensor(tensor_name(layer, m, "A")),
+                        f.get_tensor(tensor_name(layer, m, "B")) * (3.0 / rank)) for m in mods}
+
+    g = torch.Generator().manual_seed(3)
+    with set_current_vllm_config(vllm_cpu):
+        for name, module in mgr.modules.items():
+            layer = int(name.split("layers.")[1].split(".")[0])
+            suffix = name.rsplit(".", 1)[1]
+            x = torch.randn(len(token_map), x_in[suffix], generator=g)
+            y = module(x)
+            y = y[0] if isinstance(y, tuple) else y
+            expect = x @ base[name].t()
+            for t, lid in enumerate(token_map):
+                if lid:
+                    member = names[lid].rsplit("/", 1)[-1]
+                    expect[t] += _delta(x[t:t + 1], peft(member, layer), suffix, tiny_dims)[0]
+            torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-4, msg=name)
+    w.apply_commands(StepCommands(evict=(11,)))
+    assert not mgr.is_resident(11) and int(cores.has_core[mgr.lora_index_to_id.index(12)].sum()) > 0
+    store.close()
+    ops.install(None)
+
+
+def test_a_directory_without_collections_serves_as_before(vllm_cpu, tiny_dims, monkeypatch,
+                                                          tmp_path):
+    """No collection in the adapter directory: no core tables, no bases, no workspace, the
+    model's memory unchanged, and loads never look at a spec before their lease."""
+    from slora_plugin.adapters.peft_format import write_random_adapter
+
+    write_random_adapter(str(tmp_path / "p"), tiny_dims, 4, ["q_proj"], seed=1, dtype=torch.float32)
+    _, mgr, _ = _manager(vllm_cpu, tiny_dims, monkeypatch, slots=2)
+    pools = _layer_key_pools(mgr, tiny_dims)
+    w, store = _serving_worker(mgr, pools, tmp_path, tiny_dims, monkeypatch)
+    rt = mgr.runtime
+    assert rt.compressed is None and rt.tables.cores is None and rt._workspace is None
+    assert w.model_runner.model_memory_usage == 1000 and w._copies.compressed_groups == frozenset()
+    store.close()
+    ops.install(None)
+
+
+def test_a_collection_added_after_start_is_refused_alone(vllm_cpu, tiny_dims, monkeypatch, tmp_path):
+    """Bases are read at engine start: a collection that appears later is refused at
+    resolution (`add_lora`, a 400) and, if a load still comes, reported as a failed load (the
+    engine keeps serving)."""
+    from types import SimpleNamespace
+
+    from slora_plugin.adapters.errors import AdapterError
+    from slora_plugin.adapters.peft_format import write_random_adapter
+    from slora_plugin.compress.api import compress_collection
+    from slora_plugin.pool.commands import LoadAdapter, StepCommands
+
+    write_random_adapter(str(tmp_path / "root" / "p"), tiny_dims, 4, ["q_proj"], seed=1,
+                         dtype=torch.float32)
+    _, mgr, _ = _manager(vllm_cpu, tiny_dims, monkeypatch, slots=2)
+    pools = _layer_key_pools(mgr, tiny_dims)
+    w, store = _serving_worker(mgr, pools, tmp_path / "root", tiny_dims, monkeypatch)
+    write_random_adapter(str(tmp_path / "src" / "a"), tiny_dims, 2, ["q_proj"], seed=2,
+                         dtype=torch.float32)
+    compress_collection(str(tmp_path / "src"), str(tmp_path / "root" / "coll"), 2, dims=tiny_dims,
+                        dtype=torch.float32)
+    spec = store.spec("coll/a")
+    with pytest.raises(AdapterError, match="did not load at start"):
+        w.add_lora(SimpleNamespace(lora_path=spec.path))
+    w.apply_commands(StepCommands(load=(LoadAdapter(3, "coll/a", spec.path,
+                                                    tuple(range(spec.num_pages))),)))
+    assert 3 in w._link.failures.take()
+    store.close()
+    ops.install(None)
