@@ -150,6 +150,18 @@ def _delta(x, w, layer_module_suffix, dims):
     return torch.cat(outs, dim=1)
 
 
+
+def _layer_outputs(vllm_cpu, mgr, num_tokens: int, x_in: dict, g: torch.Generator):
+    """(name, layer, module suffix, x, y) for every LoRA layer of `mgr` run on random x."""
+    with set_current_vllm_config(vllm_cpu):
+        for name, module in mgr.modules.items():
+            layer = int(name.split("layers.")[1].split(".")[0])
+            suffix = name.rsplit(".", 1)[1]
+            x = torch.randn(num_tokens, x_in[suffix], generator=g)
+            y = module(x)
+            yield name, layer, suffix, x, y[0] if isinstance(y, tuple) else y
+
+
 def test_mixed_batch_equals_base_plus_merged(vllm_cpu, tiny_dims, monkeypatch):
     g = torch.Generator().manual_seed(0)
     model, mgr, base = _manager(vllm_cpu, tiny_dims, monkeypatch)
@@ -170,18 +182,12 @@ def test_mixed_batch_equals_base_plus_merged(vllm_cpu, tiny_dims, monkeypatch):
     mgr.set_adapter_mapping(LoRAMapping(token_map, tuple(i for i, _ in req), is_prefill=True))
     x_in = {"qkv_proj": tiny_dims.hidden_size, "o_proj": 64, "gate_up_proj": tiny_dims.hidden_size,
             "down_proj": tiny_dims.intermediate_size}
-    with set_current_vllm_config(vllm_cpu):
-        for name, module in mgr.modules.items():
-            layer = int(name.split("layers.")[1].split(".")[0])
-            suffix = name.rsplit(".", 1)[1]
-            x = torch.randn(len(token_map), x_in[suffix], generator=g)
-            y = module(x)
-            y = y[0] if isinstance(y, tuple) else y
-            expect = x @ base[name].t()
-            for t, lid in enumerate(token_map):
-                if lid:
-                    expect[t] += _delta(x[t:t + 1], adapters[lid][layer], suffix, tiny_dims)[0]
-            torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-4, msg=name)
+    for name, layer, suffix, x, y in _layer_outputs(vllm_cpu, mgr, len(token_map), x_in, g):
+        expect = x @ base[name].t()
+        for t, lid in enumerate(token_map):
+            if lid:
+                expect[t] += _delta(x[t:t + 1], adapters[lid][layer], suffix, tiny_dims)[0]
+        torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_slots_follow_activation_and_eviction(vllm_cpu, tiny_dims, monkeypatch):
@@ -480,24 +486,18 @@ def test_mixed_batch_of_plain_and_compressed_adapters(vllm_cpu, tiny_dims, monke
         return {m: (torch.eye(coll.manifest.modules[m][0]), coll.delta(name, layer, m))
                 for m in members[name][1]}
 
-    with set_current_vllm_config(vllm_cpu):
-        for name, module in mgr.modules.items():
-            layer = int(name.split("layers.")[1].split(".")[0])
-            suffix = name.rsplit(".", 1)[1]
-            x = torch.randn(len(token_map), x_in[suffix], generator=g)
-            y = module(x)
-            y = y[0] if isinstance(y, tuple) else y
-            expect, uncompressed = x @ base[name].t(), x @ base[name].t()
-            for t, lid in enumerate(token_map):
-                if lid == 7:
-                    d = _delta(x[t:t + 1], w7[layer], suffix, tiny_dims)[0]
-                    expect[t] += d
-                    uncompressed[t] += d
-                elif lid:
-                    expect[t] += _delta(x[t:t + 1], dense(names[lid], layer), suffix, tiny_dims)[0]
-                    uncompressed[t] += _delta(x[t:t + 1], peft(names[lid], layer), suffix, tiny_dims)[0]
-            torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5, msg=name)
-            torch.testing.assert_close(y, uncompressed, rtol=1e-4, atol=1e-4, msg=name)
+    for name, layer, suffix, x, y in _layer_outputs(vllm_cpu, mgr, len(token_map), x_in, g):
+        expect, uncompressed = x @ base[name].t(), x @ base[name].t()
+        for t, lid in enumerate(token_map):
+            if lid == 7:
+                d = _delta(x[t:t + 1], w7[layer], suffix, tiny_dims)[0]
+                expect[t] += d
+                uncompressed[t] += d
+            elif lid:
+                expect[t] += _delta(x[t:t + 1], dense(names[lid], layer), suffix, tiny_dims)[0]
+                uncompressed[t] += _delta(x[t:t + 1], peft(names[lid], layer), suffix, tiny_dims)[0]
+        torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5, msg=name)
+        torch.testing.assert_close(y, uncompressed, rtol=1e-4, atol=1e-4, msg=name)
     # a slot holds either kind: re-using a compressed adapter's slot for a plain one drops its cores
     slot = mgr.lora_index_to_id.index(11)
     assert int(mgr.runtime.tables.cores.has_core[slot].sum()) > 0
@@ -586,19 +586,13 @@ def test_worker_loads_compressed_and_plain_adapters_for_one_batch(vllm_cpu, tiny
                         f.get_tensor(tensor_name(layer, m, "B")) * (3.0 / rank)) for m in mods}
 
     g = torch.Generator().manual_seed(3)
-    with set_current_vllm_config(vllm_cpu):
-        for name, module in mgr.modules.items():
-            layer = int(name.split("layers.")[1].split(".")[0])
-            suffix = name.rsplit(".", 1)[1]
-            x = torch.randn(len(token_map), x_in[suffix], generator=g)
-            y = module(x)
-            y = y[0] if isinstance(y, tuple) else y
-            expect = x @ base[name].t()
-            for t, lid in enumerate(token_map):
-                if lid:
-                    member = names[lid].rsplit("/", 1)[-1]
-                    expect[t] += _delta(x[t:t + 1], peft(member, layer), suffix, tiny_dims)[0]
-            torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-4, msg=name)
+    for name, layer, suffix, x, y in _layer_outputs(vllm_cpu, mgr, len(token_map), x_in, g):
+        expect = x @ base[name].t()
+        for t, lid in enumerate(token_map):
+            if lid:
+                member = names[lid].rsplit("/", 1)[-1]
+                expect[t] += _delta(x[t:t + 1], peft(member, layer), suffix, tiny_dims)[0]
+        torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-4, msg=name)
     w.apply_commands(StepCommands(evict=(11,)))
     assert not mgr.is_resident(11) and int(cores.has_core[mgr.lora_index_to_id.index(12)].sum()) > 0
     store.close()
