@@ -151,6 +151,19 @@ def _delta(x, w, layer_module_suffix, dims):
 
 
 
+def _map_requests(mgr, req: list[tuple[int, int]]) -> tuple[int, ...]:
+    """Map (lora id, tokens) requests onto the manager as one prefill batch; the token map."""
+    token_map = tuple(i for i, n in req for _ in range(n))
+    mgr.set_adapter_mapping(LoRAMapping(token_map, tuple(i for i, _ in req), is_prefill=True))
+    return token_map
+
+
+def _layer_inputs(dims) -> dict[str, int]:
+    """Input width of each LoRA layer kind of the tiny model."""
+    return {"qkv_proj": dims.hidden_size, "o_proj": 64, "gate_up_proj": dims.hidden_size,
+            "down_proj": dims.intermediate_size}
+
+
 def _layer_outputs(vllm_cpu, mgr, num_tokens: int, x_in: dict, g: torch.Generator):
     """(name, layer, module suffix, x, y) for every LoRA layer of `mgr` run on random x."""
     with set_current_vllm_config(vllm_cpu):
@@ -178,10 +191,8 @@ def test_mixed_batch_equals_base_plus_merged(vllm_cpu, tiny_dims, monkeypatch):
     adapters = {7: w7, 9: w9}
     # requests: lora 7 (3 tokens), none (2), lora 9 (4), lora 7 (1)
     req = [(7, 3), (0, 2), (9, 4), (7, 1)]
-    token_map = tuple(i for i, n in req for _ in range(n))
-    mgr.set_adapter_mapping(LoRAMapping(token_map, tuple(i for i, _ in req), is_prefill=True))
-    x_in = {"qkv_proj": tiny_dims.hidden_size, "o_proj": 64, "gate_up_proj": tiny_dims.hidden_size,
-            "down_proj": tiny_dims.intermediate_size}
+    token_map = _map_requests(mgr, req)
+    x_in = _layer_inputs(tiny_dims)
     for name, layer, suffix, x, y in _layer_outputs(vllm_cpu, mgr, len(token_map), x_in, g):
         expect = x @ base[name].t()
         for t, lid in enumerate(token_map):
@@ -471,10 +482,8 @@ def test_mixed_batch_of_plain_and_compressed_adapters(vllm_cpu, tiny_dims, monke
                                        core_rows(ad.spec.layout, blocks, rb.group_of((spec.collection, 0))))
     names = {11: "c1", 12: "c2"}
     req = [(7, 3), (0, 2), (11, 4), (12, 2), (7, 1)]
-    token_map = tuple(i for i, n in req for _ in range(n))
-    mgr.set_adapter_mapping(LoRAMapping(token_map, tuple(i for i, _ in req), is_prefill=True))
-    x_in = {"qkv_proj": tiny_dims.hidden_size, "o_proj": 64, "gate_up_proj": tiny_dims.hidden_size,
-            "down_proj": tiny_dims.intermediate_size}
+    token_map = _map_requests(mgr, req)
+    x_in = _layer_inputs(tiny_dims)
 
     def peft(name, layer):  # the uncompressed adapter as (A, s B) per module
         rank, mods = members[name]
@@ -573,10 +582,8 @@ def test_worker_loads_compressed_and_plain_adapters_for_one_batch(vllm_cpu, tiny
     assert int(cores.has_core[mgr.lora_index_to_id.index(11)].sum()) > 0
     assert int(mgr.runtime.tables.ranks[mgr.lora_index_to_id.index(11)].sum()) == 0
     req = [(7, 3), (0, 2), (11, 4), (12, 2), (7, 1)]
-    token_map = tuple(i for i, n in req for _ in range(n))
-    mgr.set_adapter_mapping(LoRAMapping(token_map, tuple(i for i, _ in req), is_prefill=True))
-    x_in = {"qkv_proj": tiny_dims.hidden_size, "o_proj": 64, "gate_up_proj": tiny_dims.hidden_size,
-            "down_proj": tiny_dims.intermediate_size}
+    token_map = _map_requests(mgr, req)
+    x_in = _layer_inputs(tiny_dims)
 
     def peft(name, layer):  # the uncompressed adapter as (A, s B) per module
         rank, mods = members[name]
