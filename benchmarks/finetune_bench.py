@@ -30,6 +30,7 @@ import json
 import os
 import tempfile
 import time
+from typing import Callable
 
 import torch
 from torch import nn
@@ -153,9 +154,16 @@ def mixed(base: nn.Module, job: TrainJob, warmup: int, device: str) -> tuple[flo
     return tokens / seconds, seconds / (trainer.num_steps - warmup), losses
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, write: Callable[[dict], None] = lambda result: None,
+        day: str | None = None) -> dict:
+    """Every N of --n-adapters in turn; `write(result so far)` after each row, so a run cut
+    by a time limit keeps the rows it finished."""
     dtype = getattr(torch, args.dtype)
-    rows = []
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
+    settings = {k: getattr(args, k) for k in ("config", "seqs_per_adapter", "seq_len", "rank", "alpha", "targets",
+                                              "lr", "steps", "warmup", "micro_batch_tokens", "dtype", "backend")}
+    result = {"date": day or datetime.date.today().isoformat(), "device": device, "settings": settings, "rows": []}
+    rows = result["rows"]
     for n in (int(v) for v in args.n_adapters.split(",")):
         with tempfile.TemporaryDirectory() as workdir:
             base = build_base(args.config, dtype, args.device)
@@ -170,14 +178,12 @@ def run(args: argparse.Namespace) -> dict:
                          "peft_adapters_measured": len(measured)})
             print(f"N={n}: mixed {tps:,.0f} tok/s, PEFT sequential {peft_tps:,.0f} tok/s "
                   f"(x{tps / peft_tps:.2f}), max rel loss diff {diff:.2e}", flush=True)
+            write(result)
             del base, job
             gc.collect()
             if args.device.startswith("cuda"):
                 torch.cuda.empty_cache()
-    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
-    settings = {k: getattr(args, k) for k in ("config", "seqs_per_adapter", "seq_len", "rank", "alpha", "targets",
-                                              "lr", "steps", "warmup", "micro_batch_tokens", "dtype", "backend")}
-    return {"date": datetime.date.today().isoformat(), "device": device, "settings": settings, "rows": rows}
+    return result
 
 
 def table(result: dict) -> str:
@@ -213,12 +219,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
-    result = run(args)
     os.makedirs(args.out, exist_ok=True)
-    name = "-".join(x for x in ("finetune", args.tag, result["date"]) if x) + ".json"
+    day = datetime.date.today().isoformat()
+    name = "-".join(x for x in ("finetune", args.tag, day) if x) + ".json"
     path = os.path.join(args.out, name)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+
+    def write(result: dict) -> None:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+
+    result = run(args, write, day)
+    write(result)
     print(table(result))
     print(f"wrote {path}")
     return path

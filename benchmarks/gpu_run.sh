@@ -33,6 +33,9 @@
 #                0.5), N = 1, 100, 1000 all at once (the adapter ids and ranks of throughput-plugin;
 #                N = 1 is the no-op check); compare with throughput-plugin of the same
 #                session (benchmarks/admission_sim.py models it; ~4-6 min)
+#   throughput-compressed  the plugin with the adapters of N = 100, 1000 all at once served from one
+#                compressed collection of rank SLORA_COMPRESS_RANK (default 128; their distinct random
+#                files compressed jointly, slora_plugin.bench.compressed_fleet): issue 15 (~4-6 min)
 #   throughput-stock-gamma  stock tuned on the Gamma trace only (optional, ~4 min)
 #   throughput-s1-{base,plugin,stock}  S-LoRA's S1 (rank 8 on q,k,v,o; Gamma arrivals, cv 1,
 #                20 req/s, 600 requests, lengths 8-512) with 100, 1000, 2000 adapters (base: one
@@ -51,6 +54,8 @@
 #                itself: longer than one 10-minute device command, so start it detached
 #                (`setsid nohup bash benchmarks/gpu_run.sh soak > /tmp/soak.out 2>&1 &`) and
 #                collect results/soak-*.json in a later call
+# BENCH_ARGS="..." is appended to every throughput step's command (later flags win), e.g.
+# BENCH_ARGS="--n-adapters 100,1000 --gamma none --copy-gbps 4100" on another GPU.
 # Each throughput step is one engine in one process, stops starting traces after --deadline-s
 # 450 and is killed at 530 s, so it ends under 9 minutes; rows are written after every trace.
 # Results go to benchmarks/results/ and, packed, to $OUT (what the device tool brings back).
@@ -71,7 +76,8 @@ step() { echo; echo "=== $1 ($(date +%T))"; }
 throughput() {  # STEP ARGS...: one throughput command; log in $OUT, results in $RES
   local name=$1; shift
   step "$name"
-  timeout -k 10 530 $PY "$REPO/benchmarks/throughput.py" --out-dir "$RES" --deadline-s 450 "$@" \
+  # shellcheck disable=SC2086  # BENCH_ARGS: extra flags for every throughput step, split on spaces
+  timeout -k 10 530 $PY "$REPO/benchmarks/throughput.py" --out-dir "$RES" --deadline-s 450 "$@" ${BENCH_ARGS:-} \
       > "$OUT/$name.log" 2>&1 || { rc=$?; status=1; echo "$name FAILED (exit $rc; 124: killed at 530 s)"; }
   grep -a "^\[bench\]" "$OUT/$name.log"; tail -n 5 "$OUT/$name.log"
 }
@@ -155,6 +161,11 @@ for s in "$@"; do
     throughput-admission)
       throughput "$s" --system plugin --n-adapters 1,100,1000 --gamma none \
           --slora-config '{"adapter_bytes_per_step_budget": 0.5}' ;;
+    throughput-compressed)
+      # The adapters of the all-at-once traces served from one compressed collection of rank
+      # SLORA_COMPRESS_RANK (their distinct random files compressed jointly: bench.compressed_fleet)
+      throughput "$s" --system plugin --n-adapters 100,1000 --gamma none \
+          --compress-rank "${SLORA_COMPRESS_RANK:-128}" ;;
     throughput-stock-gamma)
       # Own work dir: its adapter ids would get other ranks than the all-at-once runs gave them.
       throughput "$s" --system stock --n-adapters none --max-loras 128 \

@@ -89,14 +89,17 @@ class ModelBytes:
     dims: ModelDims
     vocab_size: int
     dtype_bytes: int
+    #: Bytes every step reads besides the model's weights: the resident shared bases of the
+    #: compressed collections an engine serves (its op multiplies every step's tokens by them).
+    shared_bytes: int = 0
 
     @property
     def weight_bytes_per_step(self) -> int:
-        """Weights every step reads whatever its batch: linears, lm_head and norms."""
+        """Weights every step reads whatever its batch: linears, lm_head, norms, shared bases."""
         d = self.dims
         params = (d.num_hidden_layers * (d.linear_params_per_layer + 2 * d.hidden_size)
                   + self.vocab_size * d.hidden_size + d.hidden_size)
-        return params * self.dtype_bytes
+        return params * self.dtype_bytes + self.shared_bytes
 
     @property
     def kv_bytes_per_token(self) -> int:

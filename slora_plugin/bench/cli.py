@@ -106,6 +106,10 @@ def _add_commands(parser: argparse.ArgumentParser, results_dir: str = DEFAULT_RE
     p.add_argument("--peak-tflops", type=float,
                    help="the GPU's dense fp16 peak (TFLOP/s) for the roofline of prefill steps "
                         "(default: the H100 SXM's 989)")
+    p.add_argument("--compress-rank", type=int, metavar="K",
+                   help="plugin: serve the adapters from one compressed collection of rank K (their "
+                        "random weight files compressed jointly; see slora_plugin.bench.compressed_fleet)")
+    p.add_argument("--compress-clusters", type=int, default=1, help="with --compress-rank: clusters")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("report", help="markdown table and PNG plots from results files")
@@ -189,7 +193,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             slora_config=parse_json_object(args.slora_config, "--slora-config"),
             engine_args=dict(_engine_arg(a) for a in args.engine_arg),
             slo_ttft_s=args.slo_ttft_s, deadline_s=args.deadline_s, command=command_line(),
-            profile=profile, **{k: v for k, v in (("copy_gbps", args.copy_gbps),
+            profile=profile, compress_rank=args.compress_rank, compress_clusters=args.compress_clusters,
+            **{k: v for k, v in (("copy_gbps", args.copy_gbps),
                                                   ("peak_tflops", args.peak_tflops)) if v})
     except (WorkloadError, BenchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,7 +19,9 @@ is bounded (preempted requests, below) and the same code prices the runs recorde
 What an adapter costs (`adapter_costs`): the plugin reads an adapter's rows at their real rank on
 the modules it targets (`adapter_modules` of the row; q,k,v,o for rows recorded before it was
 kept); stock vLLM reads its slot, padded to `max_lora_rank` in every layer it wraps, which is
-`plan.stock_slot_bytes` for one slot.
+`plan.stock_slot_bytes` for one slot; an adapter of a compressed collection (a row with
+`compressed`) reads its K x K cores, and every step reads the collection's shared bases
+(`compressed_costs`).
 
 Calibration: the base model's efficiency `eta` (see `roofline`) comes from a base row of the same
 trace shape on the same device: the row itself for a base run, else the newest such row among the
@@ -34,6 +36,7 @@ import gzip
 import json
 import os
 import shlex
+from dataclasses import replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from slora_plugin.bench.plan import stock_slot_bytes
@@ -96,6 +99,9 @@ def adapter_costs(row: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> Calla
         return lambda adapter: None
     mem = ModelMemory.from_config(model_cfg)
     ranks = list(row["workload"]["ranks"])
+    compressed = compressed_costs(row, model_cfg)
+    if compressed is not None:
+        return lambda adapter: compressed[1]
     if row["system"] == "stock":
         s = row["settings"]
         slot = stock_slot_bytes(mem, 1, int(s.get("max_lora_rank") or max(ranks)), s.get("lora_target_modules"))
@@ -106,6 +112,22 @@ def adapter_costs(row: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> Calla
     by_rank = {r: mb.adapter_elems({m: r for m in modules}) for r in set(ranks)}
     table = {r: AdapterCost(e * mem.dtype_bytes, e) for r, e in by_rank.items()}
     return lambda adapter: table[ranks[adapter % len(ranks)]]
+
+
+def compressed_costs(row: Mapping[str, Any], model_cfg: Mapping[str, Any]) -> tuple[int, AdapterCost] | None:
+    """(bytes of the shared bases every step reads, one adapter's cost) of a plugin row served
+    from a compressed collection of rank K (the row's `compressed`, `bench.compressed_fleet`);
+    None for other rows. An adapter's bytes are its K x K cores on every (layer, module) it
+    adapts; a token multiplies K (in + out) + K^2 weights there (bases, then its core)."""
+    if not row.get("compressed"):
+        return None
+    mem = ModelMemory.from_config(model_cfg)
+    k, clusters = int(row["compressed"]["rank_k"]), int(row["compressed"]["clusters"])
+    modules = row.get("adapter_modules") or DEFAULT_ADAPTER_MODULES
+    pairs = mem.dims.num_hidden_layers * len(modules)
+    bases = mem.dims.num_hidden_layers * sum(k * sum(mem.dims.module_io(m)) for m in modules)
+    cores = pairs * k * k
+    return clusters * bases * mem.dtype_bytes, AdapterCost(cores * mem.dtype_bytes, bases + cores)
 
 
 def row_steps(row: Mapping[str, Any], records: Sequence[Mapping[str, Any]],
@@ -128,6 +150,9 @@ def roofline_fields(row: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
     """The row's roofline keys (ROOFLINE_KEYS). `base` = (eta, where it comes from); a base row
     is calibrated on itself when `base` is None."""
     mb = model_bytes(model_cfg)
+    compressed = compressed_costs(row, model_cfg)
+    if compressed is not None:
+        mb = replace(mb, shared_bytes=compressed[0])
     steps, how, spans = row_steps(row, records, step_s, model_cfg)
     out_tokens = sum(int(r["n_out"]) for r in records if r.get("finished"))
     duration = float(row["duration_s"])

@@ -74,6 +74,7 @@ from typing import Any, Sequence
 
 from tqdm import tqdm
 
+from slora_plugin.bench.compressed_fleet import CompressedFleet, prepare_compressed
 from slora_plugin.bench.pool_log import POOL_KEYS, PoolLog, pool_fields, pool_log_env, preemption_count
 from slora_plugin.bench.profile import (
     ProfileError, ProfileWindow, copy_table, describe, summarize_gpu_trace, wait_for_trace)
@@ -117,6 +118,10 @@ class RunOptions:
     #: The GPU's measured copy bandwidth and fp16 peak, for the rows' roofline (bench.roofline_rows).
     copy_gbps: float = H100_COPY_GBPS
     peak_tflops: float = H100_PEAK_TFLOPS
+    #: Plugin only: serve the adapters from one compressed collection of this rank K
+    #: (`bench.compressed_fleet`); None serves them as plain adapters.
+    compress_rank: int | None = None
+    compress_clusters: int = 1
 
     def __post_init__(self) -> None:
         if self.system not in SYSTEMS:
@@ -125,6 +130,10 @@ class RunOptions:
             raise BenchError("no traces to run")
         if self.distinct < 1:
             raise BenchError(f"distinct must be >= 1, got {self.distinct}")
+        if self.compress_rank is not None and (self.system != "plugin" or self.compress_rank < 1
+                                               or self.compress_clusters < 1):
+            raise BenchError(f"--compress-rank needs --system plugin and K, clusters >= 1, got system "
+                             f"{self.system!r}, K {self.compress_rank}, clusters {self.compress_clusters}")
         if self.profile is not None and self.profile.trace_index >= len(self.traces):
             raise BenchError(f"--profile: trace index {self.profile.trace_index}, but this command "
                              f"runs {len(self.traces)} trace(s) (0..{len(self.traces) - 1})")
@@ -155,17 +164,25 @@ def adapter_plan(traces: Sequence[Trace]) -> dict[int, tuple[int, int]]:
     return plan
 
 
+def fleet_of(plan: dict[int, tuple[int, int]], distinct: int) -> list[Any]:
+    """The `FleetAdapter` of every global id of `plan`: variant v of rank r is group
+    `r<r>-v<v % distinct>`, its weights seeded 1000 * r + v % distinct."""
+    from slora_plugin.adapters.fleet import FleetAdapter
+
+    return [FleetAdapter(adapter_name(g), rank, seed=1000 * rank + v % distinct,
+                         group=f"r{rank}-v{v % distinct}") for g, (rank, v) in plan.items()]
+
+
 def prepare_adapters(root: str, plan: dict[int, tuple[int, int]], model_cfg: dict[str, Any],
                      modules: Sequence[str], distinct: int) -> str:
-    """Write `distinct` random PEFT adapters per rank under root/variants (variant v of rank r
-    seeded 1000 * r + v) and one directory per global id under root/adapters, made of hard links
-    to its variant. Reuses what exists (checking the rank); returns the adapter directory."""
-    from slora_plugin.adapters.fleet import FleetAdapter, FleetError, write_fleet
+    """Write `distinct` random PEFT adapters per rank under root/variants (`fleet_of`) and one
+    directory per global id under root/adapters, made of hard links to its variant. Reuses
+    what exists (checking the rank); returns the adapter directory."""
+    from slora_plugin.adapters.fleet import FleetError, write_fleet
 
     dims = ModelMemory.from_config(model_cfg).dims
     adir, vdir = os.path.join(root, "adapters"), os.path.join(root, "variants")
-    fleet = [FleetAdapter(adapter_name(g), rank, seed=1000 * rank + v % distinct,
-                          group=f"r{rank}-v{v % distinct}") for g, (rank, v) in plan.items()]
+    fleet = fleet_of(plan, distinct)
     t0 = time.time()
     try:
         write_fleet(adir, fleet, dims, modules, files_dir=vdir, progress=True)
@@ -264,16 +281,28 @@ def _settings(kw: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
-def _lora(opts: RunOptions, adapter_dir: str | None, global_id: int):
-    from vllm.lora.request import LoRARequest
+@dataclass(frozen=True)
+class ServedAdapters:
+    """Where the engine finds the run's adapters and what a request names: the plain adapter
+    directories, or (`RunOptions.compress_rank`) the members of one compressed collection."""
 
-    if opts.system == "base":
-        return None
-    name = adapter_name(global_id)
-    return LoRARequest(name, global_id + 1, os.path.join(adapter_dir, name))
+    adapter_dir: str
+    compressed: CompressedFleet | None = None
+
+    def lora(self, global_id: int) -> Any:
+        from vllm.lora.request import LoRARequest
+
+        name = adapter_name(global_id)
+        if self.compressed is None:
+            return LoRARequest(name, global_id + 1, os.path.join(self.adapter_dir, name))
+        return LoRARequest(self.compressed.request_name(name), global_id + 1, self.compressed.request_path(name))
 
 
-def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir: str | None,
+def _lora(opts: RunOptions, adapters: ServedAdapters | None, global_id: int) -> Any:
+    return None if opts.system == "base" or adapters is None else adapters.lora(global_id)
+
+
+def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapters: ServedAdapters | None,
               vocab_size: int, deadline: float, profile: ProfileWindow | None = None,
               ) -> tuple[dict[str, Any], list[dict[str, Any]], bool]:
     """Serve one trace; returns (row metrics, per-request records, whether the deadline cut it).
@@ -293,7 +322,7 @@ def run_trace(llm: Any, opts: RunOptions, trace: Trace, offset: int, adapter_dir
     prompts = [{"prompt_token_ids": prompt_tokens(spec, r, vocab_size)} for r in reqs]
     params = [SamplingParams(max_tokens=r.output_len, ignore_eos=True, temperature=0,
                              detokenize=False) for r in reqs]
-    loras = [_lora(opts, adapter_dir, offset + r.adapter) if r.adapter >= 0 else None for r in reqs]
+    loras = [_lora(opts, adapters, offset + r.adapter) if r.adapter >= 0 else None for r in reqs]
     records = [{"index": r.index, "adapter": r.adapter, "input_len": r.input_len, "n_out": 0,
                 "finished": False, "arrival_s": None, "ttft_s": None, "e2e_s": None, "tpot_s": None}
                for r in reqs]
@@ -480,17 +509,24 @@ def _run(opts: RunOptions, scratch: str) -> str:
         model_dir = opts.model
     else:
         model_dir = write_model_config(os.path.join(opts.work_dir, "model"), model_cfg)
-    adapter_dir = None
+    adapters = None
     if opts.system != "base":
-        adapter_dir = prepare_adapters(opts.work_dir, adapter_plan(opts.traces), model_cfg,
-                                       opts.adapter_modules, opts.distinct)
+        plan = adapter_plan(opts.traces)
+        adapters = ServedAdapters(prepare_adapters(opts.work_dir, plan, model_cfg, opts.adapter_modules,
+                                                   opts.distinct))
+        if opts.compress_rank is not None:
+            fleet = prepare_compressed(
+                opts.work_dir, {a.name: a.group for a in fleet_of(plan, opts.distinct)},
+                os.path.join(opts.work_dir, "variants"), ModelMemory.from_config(model_cfg).dims,
+                opts.compress_rank, opts.compress_clusters)
+            adapters = ServedAdapters(fleet.adapter_dir, fleet)
     environment = apply_engine_env()
     import vllm
     from vllm import LLM, SamplingParams
 
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
     profile_dir = os.path.abspath(os.path.join(opts.work_dir, f"profile-{stamp}")) if opts.profile else None
-    kw = engine_kwargs(opts, model_dir, adapter_dir, profile_dir)
+    kw = engine_kwargs(opts, model_dir, adapters.adapter_dir if adapters else None, profile_dir)
     path = os.path.join(opts.out_dir, f"throughput-{opts.system}-{stamp}.json")
     requests_path = path[:-len(".json")] + "-requests.jsonl.gz"
     steps_path = path[:-len(".json")] + STEPS_SUFFIX
@@ -524,7 +560,7 @@ def _run(opts: RunOptions, scratch: str) -> str:
     t = time.time()
     llm.generate([{"prompt_token_ids": [3 + (7 * k) % 1000 for k in range(256)]}] * WARMUP_REQUESTS,
                  SamplingParams(max_tokens=16, ignore_eos=True, temperature=0, detokenize=False),
-                 lora_request=[_lora(opts, adapter_dir, g) for g in range(WARMUP_REQUESTS)],
+                 lora_request=[_lora(opts, adapters, g) for g in range(WARMUP_REQUESTS)],
                  use_tqdm=False)
     warmup_s = time.time() - t
 
@@ -544,7 +580,7 @@ def _run(opts: RunOptions, scratch: str) -> str:
         window = opts.profile if opts.profile and opts.profile.trace_index == index else None
         preempted_before = preemption_count(llm)
         with GpuMemoryPoller() as mem:
-            metrics, records, cut = run_trace(llm, opts, trace, offset, adapter_dir, vocab, deadline,
+            metrics, records, cut = run_trace(llm, opts, trace, offset, adapters, vocab, deadline,
                                               window)
         preempted_after = preemption_count(llm)
         if window is not None:
@@ -567,6 +603,9 @@ def _run(opts: RunOptions, scratch: str) -> str:
                "preemptions": None if None in (preempted_before, preempted_after)
                else preempted_after - preempted_before,
                **pool}
+        if adapters is not None and adapters.compressed is not None:
+            row["compressed"] = adapters.compressed.error_fields(
+                [adapter_name(offset + j) for j in range(trace.spec.n_adapters)])
         _add_roofline(row, records, step_s, model_cfg, meta["device"], opts)
         rows.append(row)
         write_results(path, meta, rows)

@@ -99,6 +99,12 @@ def write_collection(out_dir: str, manifest: Manifest, bases: Mapping[int, Mappi
         _save(os.path.join(out_dir, bases_path(c)), tensors, {"format": FORMAT, "cluster": str(c)})
     for name, tensors in cores.items():
         _save(os.path.join(out_dir, cores_path(name)), tensors, {"format": FORMAT, "adapter": name})
+    write_manifest(out_dir, manifest)
+
+
+def write_manifest(out_dir: str, manifest: Manifest) -> None:
+    """Write collection.json atomically: it marks the directory a finished collection, so it
+    comes after every file it names (see the module docstring)."""
     tmp = os.path.join(out_dir, MANIFEST + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(manifest.to_json(), f, indent=1)

@@ -15,7 +15,7 @@ import pytest
 
 from slora_plugin.bench.report import load_results, markdown_table, summarize, write_report, write_results
 from slora_plugin.bench.roofline_rows import (
-    adapter_costs, fill_file, model_config_of, roofline_fields, write_steps)
+    adapter_costs, compressed_costs, fill_file, model_config_of, roofline_fields, write_steps)
 from slora_plugin.layout import ModelDims
 from slora_plugin.model_config import LLAMA_2_7B
 from slora_plugin.roofline import (
@@ -78,6 +78,20 @@ def test_llama_2_7b_adapter_bytes_plugin_real_rank_stock_padded_slot():
                                               "up_proj", "down_proj"]}, gqa)
     per_layer = 16 * (8192 + 5120 + 5120 + 8192 + 3 * (4096 + 14336))
     assert allm(0).elems == 32 * per_layer
+
+
+def test_compressed_rows_price_cores_per_adapter_and_bases_every_step():
+    row = {"system": "plugin", "workload": {"ranks": [8, 128]}, "settings": {},
+           "compressed": {"rank_k": 64, "clusters": 2}}
+    bases, cost = compressed_costs(row, LLAMA_2_7B)
+    # q,k,v,o of 32 layers: a 64 x 64 core each (fp16) whatever the adapter's own rank; two
+    # clusters' bases, each 64 x (4096 + 4096) per (layer, module)
+    assert adapter_costs(row, LLAMA_2_7B)(1) == cost == AdapterCost(128 * 64 * 64 * 2, 128 * (64 * 8192 + 64 * 64))
+    assert bases == 2 * 128 * 64 * 8192 * 2
+    assert compressed_costs({**row, "compressed": None}, LLAMA_2_7B) is None
+    # the bases are read by every step, like the model's weights
+    mb = ModelBytes(TINY.dims, TINY.vocab_size, TINY.dtype_bytes, shared_bytes=100)
+    assert mb.weight_bytes_per_step == TINY.weight_bytes_per_step + 100
 
 
 def _spans():

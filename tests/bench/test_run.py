@@ -15,7 +15,7 @@ from slora_plugin.bench.pool_log import POOL_KEYS
 from slora_plugin.bench.profile import ProfileWindow
 from slora_plugin.bench.run import (
     PROFILE_PREFIX, WARMUP_REQUESTS, BenchError, RunOptions, adapter_name, adapter_plan, engine_kwargs,
-    prepare_adapters, run_trace, trace_offsets)
+    ServedAdapters, prepare_adapters, run_trace, trace_offsets)
 from slora_plugin.bench.workload import WorkloadSpec, generate
 from slora_plugin.model_config import load_model_config
 
@@ -128,7 +128,7 @@ def test_all_at_once_stock_requests_carry_cold_adapters():
     trace = _trace(n_adapters=10, num_requests=40, output_len=(2, 9))
     llm = FakeLLM()
     opts = RunOptions("stock", [trace])
-    row, recs, cut = run_trace(llm, opts, trace, offset=100, adapter_dir="/ad", vocab_size=256,
+    row, recs, cut = run_trace(llm, opts, trace, offset=100, adapters=ServedAdapters("/ad"), vocab_size=256,
                          deadline=time.time() + 60)
     assert not cut and row["completed"] == row["requests"] == 40
     assert len(llm.calls) == 1 and len(llm.calls[0]) == 40
@@ -159,14 +159,15 @@ def test_gamma_arrivals_are_honoured_and_base_sends_no_lora():
 def test_closed_loop_keeps_concurrency():
     trace = _trace(n_adapters=5, num_requests=25, arrival="closed", concurrency=4)
     llm = FakeLLM()
-    row, _, _ = run_trace(llm, RunOptions("stock", [trace]), trace, 8, "/ad", 256, time.time() + 60)
+    row, _, _ = run_trace(llm, RunOptions("stock", [trace]), trace, 8, ServedAdapters("/ad"), 256, time.time() + 60)
     assert row["completed"] == 25 and llm.llm_engine.max_live == 4
 
 
 def test_deadline_cuts_and_aborts():
     trace = _trace(n_adapters=5, num_requests=20, arrival="all")
     llm = FakeLLM(steps=10_000)
-    row, recs, cut = run_trace(llm, RunOptions("stock", [trace]), trace, 8, "/ad", 256, time.time() + 0.2)
+    row, recs, cut = run_trace(llm, RunOptions("stock", [trace]), trace, 8, ServedAdapters("/ad"), 256,
+                               time.time() + 0.2)
     assert cut and row["completed"] == 0 and len(llm.llm_engine.aborted) == 20
     assert row["slo_attainment"] == 0.0
 
@@ -177,7 +178,7 @@ def test_missing_metrics_is_a_clear_error():
     step = llm.llm_engine.step
     llm.llm_engine.step = lambda: [SimpleNamespace(**{**o.__dict__, "metrics": None}) for o in step()]
     with pytest.raises(BenchError, match="disable_log_stats"):
-        run_trace(llm, RunOptions("stock", [trace]), trace, 8, "/ad", 256, time.time() + 60)
+        run_trace(llm, RunOptions("stock", [trace]), trace, 8, ServedAdapters("/ad"), 256, time.time() + 60)
 
 
 def _parse(argv):
@@ -354,6 +355,33 @@ def test_plugin_engine_starts_spawned_after_adapters_exist(tmp_path, tiny_model_
     assert json.load(open(path))["environment"] == {"VLLM_WORKER_MULTIPROC_METHOD": "fork"}
 
 
+def test_compressed_plugin_run_serves_collection_members(tmp_path, tiny_model_dir, monkeypatch):
+    import vllm
+
+    from slora_plugin.bench.run import run
+
+    made = []
+    monkeypatch.setattr(vllm, "LLM", lambda **kw: made.append(FakeRunLLM(**kw)) or made[-1])
+    _unset(monkeypatch, "VLLM_LOGGING_CONFIG_PATH")
+    trace = _trace(n_adapters=3, num_requests=6, ranks=(2, 4))
+    path = run(RunOptions("plugin", [trace], model=tiny_model_dir, work_dir=str(tmp_path / "w"),
+                          out_dir=str(tmp_path / "out"), compress_rank=4))
+    # the engine's adapter directory holds only the collection; requests name its members
+    assert made[0].adapters_at_start == ["coll"]
+    assert made[0].warmup[0].lora_name == "coll/" + adapter_name(0)
+    assert made[0].warmup[0].lora_path.endswith(os.path.join("served", "coll", adapter_name(0)))
+    row = json.load(open(path))["rows"][0]
+    assert row["compressed"]["rank_k"] == 4 and row["compressed"]["clusters"] == 1
+    assert 0 <= row["compressed"]["rel_error_mean"] <= row["compressed"]["rel_error_max"]
+    # priced as compressed: every distinct adapter reads its 4 x 4 cores on q,k,v,o of each layer
+    layers = json.load(open(os.path.join(tiny_model_dir, "config.json")))["num_hidden_layers"]
+    per_adapter = 4 * layers * 4 * 4 * 2
+    assert row["adapter_bytes_per_step_mean"] == pytest.approx(
+        row["distinct_adapters_per_step_mean"] * per_adapter, rel=0.02)
+    with pytest.raises(BenchError, match="--compress-rank needs --system plugin"):
+        RunOptions("stock", [trace], compress_rank=4)
+
+
 def test_plugin_run_needs_the_entry_point(monkeypatch):
     import importlib.metadata
 
@@ -383,7 +411,7 @@ class ProfilingLLM(FakeLLM):
 def _profiled_trace(window):
     trace = _trace(n_adapters=5, num_requests=20, arrival="all")
     llm = ProfilingLLM(steps=60, step_s=0.005)            # about 0.3 s of steps
-    row, _, cut = run_trace(llm, RunOptions("stock", [trace]), trace, 8, "/ad", 256,
+    row, _, cut = run_trace(llm, RunOptions("stock", [trace]), trace, 8, ServedAdapters("/ad"), 256,
                             time.time() + 60, ProfileWindow.parse(window))
     assert not cut and row["completed"] == 20
     return row, llm.profile_calls
@@ -403,7 +431,7 @@ def test_run_trace_profiles_the_window_on_the_trace_clock():
     assert calls == [] and row["profiled"] is False
     assert "before the profile window's start (50 s): nothing profiled" in row["profile"]["error"]
     trace = _trace(n_adapters=5, num_requests=5)
-    unprofiled, _, _ = run_trace(ProfilingLLM(), RunOptions("stock", [trace]), trace, 8, "/ad", 256,
+    unprofiled, _, _ = run_trace(ProfilingLLM(), RunOptions("stock", [trace]), trace, 8, ServedAdapters("/ad"), 256,
                                  time.time() + 60)
     assert "profiled" not in unprofiled and "profile" not in unprofiled
 
