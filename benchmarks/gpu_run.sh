@@ -36,6 +36,9 @@
 #   throughput-compressed  the plugin with the adapters of N = 100, 1000 all at once served from one
 #                compressed collection of rank SLORA_COMPRESS_RANK (default 128; their distinct random
 #                files compressed jointly, slora_plugin.bench.compressed_fleet): issue 15 (~4-6 min)
+#   throughput-gqa-{base,plugin,compressed,stock}  the GQA workload: a Llama-3-8B-shaped model
+#                (benchmarks/configs/llama-3-8b), adapters of ranks 8-64 on all seven modules, N = 100,
+#                1000 all at once (base: one trace; stock: max_loras 64, every module; ~4-7 min each)
 #   throughput-stock-gamma  stock tuned on the Gamma trace only (optional, ~4 min)
 #   throughput-s1-{base,plugin,stock}  S-LoRA's S1 (rank 8 on q,k,v,o; Gamma arrivals, cv 1,
 #                20 req/s, 600 requests, lengths 8-512) with 100, 1000, 2000 adapters (base: one
@@ -81,6 +84,9 @@ throughput() {  # STEP ARGS...: one throughput command; log in $OUT, results in 
       > "$OUT/$name.log" 2>&1 || { rc=$?; status=1; echo "$name FAILED (exit $rc; 124: killed at 530 s)"; }
   grep -a "^\[bench\]" "$OUT/$name.log"; tail -n 5 "$OUT/$name.log"
 }
+# The GQA workload of issues 14 and 15: a Llama-3-8B-shaped model, adapters on all seven modules.
+GQA=(--model "$REPO/benchmarks/configs/llama-3-8b" --n-adapters 100,1000 --gamma none --ranks 8,16,32,64
+     --adapter-modules q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj --work-dir /dev/shm/slora-gqa)
 slora_trace() {  # N RANKS: S-LoRA's trace shape (Gamma cv 1, 20 req/s, 600 requests, 8-512 tokens)
   echo "n=$1,requests=600,arrival=gamma,rate=20,cv=1,in=8-512,out=8-512,ranks=$2"
 }
@@ -162,10 +168,17 @@ for s in "$@"; do
       throughput "$s" --system plugin --n-adapters 1,100,1000 --gamma none \
           --slora-config '{"adapter_bytes_per_step_budget": 0.5}' ;;
     throughput-compressed)
-      # The adapters of the all-at-once traces served from one compressed collection of rank
-      # SLORA_COMPRESS_RANK (their distinct random files compressed jointly: bench.compressed_fleet)
+      # served from one compressed collection of rank K (bench.compressed_fleet)
       throughput "$s" --system plugin --n-adapters 100,1000 --gamma none \
-          --compress-rank "${SLORA_COMPRESS_RANK:-128}" ;;
+          --compress-rank "${SLORA_COMPRESS_RANK:-128}" --work-dir /dev/shm/slora-bench-compressed ;;
+    throughput-gqa-base)
+      throughput "$s" --system base --model "$REPO/benchmarks/configs/llama-3-8b" --gamma none ;;
+    throughput-gqa-plugin)
+      throughput "$s" --system plugin "${GQA[@]}" ;;
+    throughput-gqa-compressed)
+      throughput "$s" --system plugin "${GQA[@]}" --compress-rank "${SLORA_COMPRESS_RANK:-128}" ;;
+    throughput-gqa-stock)
+      throughput "$s" --system stock "${GQA[@]}" --max-loras 64 --lora-target-modules all ;;
     throughput-stock-gamma)
       # Own work dir: its adapter ids would get other ranks than the all-at-once runs gave them.
       throughput "$s" --system stock --n-adapters none --max-loras 128 \

@@ -62,6 +62,9 @@ def _gpu_run_steps() -> dict[str, list[str]]:
     shape = re.search(r'slora_trace\(\) \{[^\n]*\n\s+echo "([^"]+)"', text).group(1)
     text = re.sub(r'"\$\(slora_trace (\S+) (\S+)\)"',
                   lambda m: "'" + shape.replace("$1", m.group(1)).replace("$2", m.group(2)) + "'", text)
+    gqa = re.search(r'\nGQA=\((.*?)\)\n', text, re.S).group(1)
+    text = text.replace('"${GQA[@]}"', " ".join(gqa.split())).replace('"${SLORA_COMPRESS_RANK:-128}"', "128")
+    text = text.replace('"$REPO/benchmarks/configs/llama-3-8b"', "REPO/benchmarks/configs/llama-3-8b")
     helper = re.search(r'benchmarks/throughput.py" (.*?) "\$@"', text).group(1)
     step = re.compile(r'\n\s+(throughput-[a-z0-9-]+)\)\s+(?:#[^\n]*\n\s+)?throughput "\$s" ([^;]*);;')
     steps = {m.group(1): shlex.split(helper.replace('"$RES"', "RES")) + shlex.split(m.group(2))
@@ -69,7 +72,9 @@ def _gpu_run_steps() -> dict[str, list[str]]:
     assert set(steps) == {"throughput-plugin", "throughput-stock", "throughput-base",
                           "throughput-admission", "throughput-stock-gamma", "throughput-s1-base",
                           "throughput-s1-plugin",
-                          "throughput-s1-stock", "throughput-s2-plugin"}
+                          "throughput-s1-stock", "throughput-s2-plugin", "throughput-compressed",
+                          "throughput-gqa-base", "throughput-gqa-plugin", "throughput-gqa-compressed",
+                          "throughput-gqa-stock"}
     return steps
 
 
@@ -93,8 +98,16 @@ def test_gpu_run_throughput_steps_parse_to_the_planned_traces():
                        == (20.0, 1.0, ranks, 600) for t in traces), step
         if args.system != "base":
             plans.setdefault(args.work_dir, []).append(adapter_plan(traces))
-        if args.system == "stock":
+        if "-gqa-" in step:
+            assert args.model == "REPO/benchmarks/configs/llama-3-8b", step
+            if args.system != "base":
+                assert args.work_dir == "/dev/shm/slora-gqa" and args.ranks == "8,16,32,64"
+                assert len(args.adapter_modules.split(",")) == 7
+        elif args.system == "stock":
             assert (args.max_loras, args.lora_target_modules) == (128, "qkv_proj,o_proj")
+        if step == "throughput-gqa-stock":
+            assert (args.max_loras, args.lora_target_modules) == (64, "all")
+        assert args.compress_rank == (128 if step.endswith("-compressed") else None), step
         if step == "throughput-admission":
             assert json.loads(args.slora_config) == {"adapter_bytes_per_step_budget": 0.5}
     gamma = ("gamma", 1000)
@@ -108,6 +121,11 @@ def test_gpu_run_throughput_steps_parse_to_the_planned_traces():
         "throughput-s1-plugin": ("plugin", [("gamma", 100), ("gamma", 1000), ("gamma", 2000)]),
         "throughput-s1-stock": ("stock", [("gamma", 100), ("gamma", 1000), ("gamma", 2000)]),
         "throughput-s2-plugin": ("plugin", [("gamma", 100), ("gamma", 1000), ("gamma", 2000)]),
+        "throughput-compressed": ("plugin", [("all", 100), ("all", 1000)]),
+        "throughput-gqa-base": ("base", [("all", 0)]),
+        "throughput-gqa-plugin": ("plugin", [("all", 100), ("all", 1000)]),
+        "throughput-gqa-compressed": ("plugin", [("all", 100), ("all", 1000)]),
+        "throughput-gqa-stock": ("stock", [("all", 100), ("all", 1000)]),
     }
     # Steps sharing a work dir (adapters are reused there) give each adapter id the same rank.
     for same_dir in plans.values():
