@@ -10,10 +10,11 @@ basename; the harness's default is llama-2-7b) and the adapters' modules.
 from __future__ import annotations
 
 import datetime as _dt
-import shlex
+import os
 from typing import Any, Iterable, Mapping
 
 from slora_plugin.bench.report import load_results, shape_key
+from slora_plugin.bench.roofline_rows import model_arg
 
 #: Keys of every row of compress-*.json (issue 15), in this order.
 ROW_KEYS = ("workload", "n_adapters", "rank_k", "clusters", "rel_error_mean", "rel_error_max",
@@ -23,13 +24,7 @@ ROW_KEYS = ("workload", "n_adapters", "rank_k", "clusters", "rel_error_mean", "r
 
 def model_name(command: str) -> str:
     """The --model the harness command ran (its basename), 'llama-2-7b' by default."""
-    args = shlex.split(command)
-    for i, a in enumerate(args):
-        if a == "--model" and i + 1 < len(args):
-            return args[i + 1].rstrip("/").rsplit("/", 1)[-1]
-        if a.startswith("--model="):
-            return a.split("=", 1)[1].rstrip("/").rsplit("/", 1)[-1]
-    return "llama-2-7b"
+    return os.path.basename(model_arg(command).rstrip("/"))
 
 
 def compress_rows(paths: Iterable[str]) -> dict[str, Any]:

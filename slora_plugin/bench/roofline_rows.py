@@ -82,9 +82,19 @@ def model_config_of(meta: Mapping[str, Any]) -> dict[str, Any]:
     known model named by `--model` in its command, Llama-2-7B by default."""
     if meta.get("model_config"):
         return dict(meta["model_config"])
-    argv = shlex.split(meta.get("command", ""))
-    model = argv[argv.index("--model") + 1] if "--model" in argv[:-1] else "llama-2-7b"
-    return load_model_config(model)
+    return load_model_config(model_arg(meta.get("command", "")))
+
+
+def model_arg(command: str) -> str:
+    """The `--model` of a harness command line (`--model X` or `--model=X`), 'llama-2-7b' (the
+    harness's default) when it names none."""
+    argv = shlex.split(command)
+    for i, a in enumerate(argv):
+        if a == "--model" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--model="):
+            return a.split("=", 1)[1]
+    return "llama-2-7b"
 
 
 def model_bytes(model_cfg: Mapping[str, Any]) -> ModelBytes:
