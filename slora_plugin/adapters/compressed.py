@@ -232,13 +232,8 @@ def read_cluster_bases(name: str, collection: str, manifest: Manifest, cluster: 
         d_in, d_out = manifest.modules[m]
         for layer in layers:
             for what, shape in (("U", (d_out, k)), ("V", (d_in, k))):
-                t = tensors.get(tensor_key(int(layer), m, what))
-                if t is None:
-                    raise AdapterError(name, path, f"{tensor_key(int(layer), m, what)} is missing")
-                if tuple(t.shape) != shape:
-                    raise AdapterError(name, path, f"{tensor_key(int(layer), m, what)} has shape "
-                                                   f"{tuple(t.shape)}, expected {shape}")
-                out[tensor_key(int(layer), m, what)] = t.to(dtype)
+                key = tensor_key(int(layer), m, what)
+                out[key] = _checked(tensors, key, shape, name, path).to(dtype)
     return out
 
 
@@ -255,19 +250,25 @@ def read_cores(spec: CompressedSpec, dtype: torch.dtype) -> torch.Tensor:
         for m in spec.modules:
             if layer not in spec.layers[m]:
                 continue
-            t = tensors.get(tensor_key(layer, m, "core"))
-            if t is None:
-                raise AdapterError(spec.name, path, f"{tensor_key(layer, m, 'core')} is missing "
-                                                    f"(the manifest lists it)")
-            if tuple(t.shape) != shape:
-                raise AdapterError(spec.name, path, f"{tensor_key(layer, m, 'core')} has shape "
-                                                    f"{tuple(t.shape)}, expected {shape}")
+            t = _checked(tensors, tensor_key(layer, m, "core"), shape, spec.name, path,
+                         " (the manifest lists it)")
             if not torch.isfinite(t).all():
                 raise AdapterError(spec.name, path, f"{tensor_key(layer, m, 'core')} has "
                                                     f"non-finite values")
             cores[m] = t
         pack_cores(spec.layout, cores, out[layer])
     return out
+
+
+def _checked(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], adapter: str, path: str,
+             missing_note: str = "") -> torch.Tensor:
+    """tensors[key], which must exist and have `shape` (AdapterError naming the adapter and file)."""
+    t = tensors.get(key)
+    if t is None:
+        raise AdapterError(adapter, path, f"{key} is missing{missing_note}")
+    if tuple(t.shape) != shape:
+        raise AdapterError(adapter, path, f"{key} has shape {tuple(t.shape)}, expected {shape}")
+    return t
 
 
 def _read_file(adapter: str, path: str) -> dict[str, torch.Tensor]:
