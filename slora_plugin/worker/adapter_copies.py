@@ -22,7 +22,7 @@ engine).
 from __future__ import annotations
 
 import logging
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Hashable, Protocol, Sequence
 
@@ -125,18 +125,13 @@ class AdapterCopies:
         lease = lease_stack.enter_context(lease_cm)
         self._host_waits.record(lease.waited_s)
         try:
-            if lease.spec.num_pages != len(load.block_ids):
-                raise RuntimeError(
-                    f"adapter {load.name!r} ({load.path}) needs {lease.spec.num_pages} pages but "
-                    f"the scheduler gave {len(load.block_ids)} blocks")
+            _check_pages(load, lease.spec.num_pages)
             event = None
-            if self._copy_stream is not None:
-                with torch.cuda.stream(self._copy_stream):
-                    self._page_loader.load(pools, lease.raw, lease.spec.layout, load.block_ids)
+            with self._on_copy_stream():
+                self._page_loader.load(pools, lease.raw, lease.spec.layout, load.block_ids)
+                if self._copy_stream is not None:
                     event = torch.cuda.Event()
                     event.record(self._copy_stream)
-            else:
-                self._page_loader.load(pools, lease.raw, lease.spec.layout, load.block_ids)
         except BaseException:
             lease_stack.close()
             raise
@@ -151,17 +146,15 @@ class AdapterCopies:
         adapter = self.store.read_compressed(load.path)
         spec = adapter.spec
         check_served(spec, self.compressed_groups)
-        if spec.num_pages != len(load.block_ids):
-            raise RuntimeError(
-                f"adapter {load.name!r} ({load.path}) needs {spec.num_pages} pages but the "
-                f"scheduler gave {len(load.block_ids)} blocks")
-        if self._copy_stream is not None:
-            with torch.cuda.stream(self._copy_stream):
-                self._page_loader.load_cores(pools, adapter.cores, load.block_ids)
-        else:
+        _check_pages(load, spec.num_pages)
+        with self._on_copy_stream():
             self._page_loader.load_cores(pools, adapter.cores, load.block_ids)
         manager.mark_resident(load.lora_id, spec.layout, tuple(load.block_ids),
                               (spec.collection, spec.cluster))
+
+    def _on_copy_stream(self) -> AbstractContextManager:
+        """Issue on the copy stream (CUDA), or on the current one when there is none."""
+        return torch.cuda.stream(self._copy_stream) if self._copy_stream is not None else nullcontext()
 
     def _bound_leased_bytes(self) -> None:
         """Keep the host bytes this step's copies hold under half the host cache (the other
@@ -198,6 +191,12 @@ class AdapterCopies:
             else:
                 still.append(f)
         self._in_flight = still
+
+
+def _check_pages(load: LoadAdapter, num_pages: int) -> None:
+    if num_pages != len(load.block_ids):
+        raise RuntimeError(f"adapter {load.name!r} ({load.path}) needs {num_pages} pages but the "
+                           f"scheduler gave {len(load.block_ids)} blocks")
 
 
 def check_served(spec: CompressedSpec, groups: frozenset[Hashable]) -> None:
