@@ -9,14 +9,23 @@ For each N of --n-adapters: N adapters (rank --rank on --targets), each a small 
   - PEFT sequential: each adapter trained alone with PEFT + transformers, same data order, init,
     AdamW, linear schedule, clipping and micro-batches. Adapters trained one after another share
     nothing, so the sequential rate does not depend on N: min(N, --peft-adapters) of them are
-    measured and their rate stands for all N (the row says how many).
+    measured and their rate stands for all N (the row says how many);
+  - base only: the frozen base model alone (no LoRA layers, no trainable parameter) running
+    forward + backward, same loss, on adapter 0's micro-batches, with gradients flowing only to the
+    embedding output (detached, requiring grad): the activation gradients through every layer that
+    any frozen-base LoRA trainer must compute, no weight gradient, no optimizer. With one adapter's
+    job already a full micro-batch this is the ceiling of a LoRA trainer's tokens/s. Its
+    micro-batches have the same shape for every N, so it is measured once per run (in the first
+    row's base, --warmup + --steps steps) and repeated in every row; --no-base-only skips it.
 Throughput counts the input tokens of the timed steps (after --warmup untimed steps), between
 device synchronizations. `max_rel_loss_diff`: the largest |mixed - PEFT| / PEFT of a step's loss
 over the adapters PEFT trained and every step (fp32 on the CPU: ~1e-6; bf16 rounds differently).
 
 Writes benchmarks/results/finetune-[TAG-]<date>.json (`date`, `device`, `settings`, `rows` with
 `n_adapters`, `tokens_per_s`, `peft_sequential_tokens_per_s`, `max_rel_loss_diff`, and `speedup`,
-`step_s`, `peft_adapters_measured`) and prints a markdown table.
+`step_s`, `peft_adapters_measured`, `base_only_tokens_per_s`, `fraction_of_base_only` = mixed
+tokens_per_s / base_only_tokens_per_s; the last two null with --no-base-only) and prints a markdown
+table.
 
     python benchmarks/finetune_bench.py [--n-adapters 1,4,16,64] [--seq-len 512] [--tag h100]
 """
@@ -24,13 +33,14 @@ Writes benchmarks/results/finetune-[TAG-]<date>.json (`date`, `device`, `setting
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
 import os
 import tempfile
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -90,6 +100,66 @@ def initial_tensors(base: nn.Module, job: TrainJob, slot: int) -> dict[str, torc
     return adapter_tensors(bank, 0, torch.float32)
 
 
+def adapter_steps(job: TrainJob, slot: int, vocab: int) -> list[list[Row]]:
+    """The rows of each step of adapter `slot`, in the order the Trainer takes them."""
+    a = job.adapters[slot]
+    samples = load_samples(a.data, vocab, a.max_seq_len)
+    stream = AdapterStream(len(samples), a.batch_size, a.seed, a.shuffle)
+    return [[Row(0, samples[i]) for i in stream.batch(step)] for step in range(a.steps)]
+
+
+def forward_backward(model: nn.Module, rows: list[Row], micro_batch_tokens: int, device: str,
+                     embed: nn.Module | None = None) -> torch.Tensor:
+    """One step's loss with its backward done: each micro-batch's mean loss weighted by its share
+    of the step's target tokens (what the Trainer optimizes). With `embed`, the model takes its
+    output detached and requiring grad, so a model with no trainable parameter still runs backward."""
+    n_targets = sum(r.sample.num_targets for r in rows)
+    total = torch.zeros((), device=device)  # summed on the device: no sync inside the step
+    for mb in micro_batches(rows, micro_batch_tokens):
+        share = float((mb.labels[:, 1:] != -100).sum()) / n_targets
+        ids = mb.input_ids.to(device)
+        inputs = {"input_ids": ids} if embed is None else {"inputs_embeds": embed(ids).detach().requires_grad_(True)}
+        out = model(**inputs, attention_mask=mb.attention_mask.to(device), labels=mb.labels.to(device),
+                    use_cache=False)
+        (out.loss * share).backward()
+        total += out.loss.detach() * share
+    return total
+
+
+@contextlib.contextmanager
+def frozen_training(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in train mode with no parameter requiring grad; every parameter's requires_grad and
+    every module's mode restored on exit, so the PEFT and mixed runs after it get the base as built."""
+    grads = {p: p.requires_grad for p in model.parameters()}
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.requires_grad_(False)
+        model.train()
+        yield model
+    finally:
+        for p, flag in grads.items():
+            p.requires_grad_(flag)
+        for m, training in modes.items():
+            m.training = training
+
+
+def base_only(base: nn.Module, job: TrainJob, warmup: int, device: str) -> float:
+    """Tokens/s of the frozen base alone on adapter 0's steps (see the module docstring): the
+    ceiling of any LoRA trainer once one adapter's job fills a micro-batch."""
+    tokens, seconds = 0, 0.0
+    with frozen_training(base):
+        embed = base.get_input_embeddings()
+        for step, rows in enumerate(adapter_steps(job, 0, base.config.vocab_size)):
+            sync(device)
+            t0 = time.perf_counter()
+            forward_backward(base, rows, job.micro_batch_tokens, device, embed)
+            sync(device)
+            if step >= warmup:
+                seconds += time.perf_counter() - t0
+                tokens += sum(len(r.sample.input_ids) for r in rows)
+    return tokens / seconds
+
+
 def peft_sequential(base: nn.Module, job: TrainJob, slots: list[int], warmup: int,
                     device: str) -> tuple[float, dict[str, list[float]], nn.Module]:
     """Train each adapter of `slots` alone with PEFT; (tokens/s over the timed steps, losses per
@@ -108,21 +178,11 @@ def peft_sequential(base: nn.Module, job: TrainJob, slots: list[int], warmup: in
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=a.lr, betas=job.adam_betas, eps=job.adam_eps, weight_decay=a.weight_decay)
         sched = get_linear_schedule_with_warmup(opt, a.warmup_steps, a.steps)
-        samples = load_samples(a.data, model.config.vocab_size, a.max_seq_len)
-        stream = AdapterStream(len(samples), a.batch_size, a.seed, a.shuffle)
         losses[a.name] = []
-        for step in range(a.steps):
-            rows = [Row(0, samples[i]) for i in stream.batch(step)]
-            n_targets = sum(r.sample.num_targets for r in rows)
+        for step, rows in enumerate(adapter_steps(job, slot, model.config.vocab_size)):
             sync(device)
             t0 = time.perf_counter()
-            total = 0.0
-            for mb in micro_batches(rows, job.micro_batch_tokens):
-                share = float((mb.labels[:, 1:] != -100).sum()) / n_targets
-                out = model(input_ids=mb.input_ids.to(device), attention_mask=mb.attention_mask.to(device),
-                            labels=mb.labels.to(device), use_cache=False)
-                (out.loss * share).backward()
-                total += out.loss.detach() * share
+            total = forward_backward(model, rows, job.micro_batch_tokens, device)
             torch.nn.utils.clip_grad_norm_(params, a.max_grad_norm)
             opt.step()
             sched.step()
@@ -157,17 +217,21 @@ def mixed(base: nn.Module, job: TrainJob, warmup: int, device: str) -> tuple[flo
 def run(args: argparse.Namespace, write: Callable[[dict], None] = lambda result: None,
         day: str | None = None) -> dict:
     """Every N of --n-adapters in turn; `write(result so far)` after each row, so a run cut
-    by a time limit keeps the rows it finished."""
+    by a time limit keeps the rows it finished. The base-only rate is measured in the first row's
+    fresh base, before PEFT and the Trainer touch it, and reused for every row."""
     dtype = getattr(torch, args.dtype)
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     settings = {k: getattr(args, k) for k in ("config", "seqs_per_adapter", "seq_len", "rank", "alpha", "targets",
                                               "lr", "steps", "warmup", "micro_batch_tokens", "dtype", "backend")}
     result = {"date": day or datetime.date.today().isoformat(), "device": device, "settings": settings, "rows": []}
     rows = result["rows"]
+    base_tps: float | None = None
     for n in (int(v) for v in args.n_adapters.split(",")):
         with tempfile.TemporaryDirectory() as workdir:
             base = build_base(args.config, dtype, args.device)
             job = write_job(workdir, args, n, base.config.vocab_size)
+            if args.base_only and base_tps is None:
+                base_tps = base_only(base, job, args.warmup, args.device)
             measured = list(range(min(n, args.peft_adapters)))
             peft_tps, peft_losses, base = peft_sequential(base, job, measured, args.warmup, args.device)
             tps, step_s, ours = mixed(base, job, args.warmup, args.device)
@@ -175,9 +239,12 @@ def run(args: argparse.Namespace, write: Callable[[dict], None] = lambda result:
             rows.append({"n_adapters": n, "tokens_per_s": round(tps, 1),
                          "peft_sequential_tokens_per_s": round(peft_tps, 1),
                          "max_rel_loss_diff": diff, "speedup": round(tps / peft_tps, 3), "step_s": round(step_s, 4),
-                         "peft_adapters_measured": len(measured)})
+                         "peft_adapters_measured": len(measured),
+                         "base_only_tokens_per_s": None if base_tps is None else round(base_tps, 1),
+                         "fraction_of_base_only": None if base_tps is None else round(tps / base_tps, 3)})
+            ceiling = "" if base_tps is None else f", base only {base_tps:,.0f} tok/s ({tps / base_tps:.0%} of it)"
             print(f"N={n}: mixed {tps:,.0f} tok/s, PEFT sequential {peft_tps:,.0f} tok/s "
-                  f"(x{tps / peft_tps:.2f}), max rel loss diff {diff:.2e}", flush=True)
+                  f"(x{tps / peft_tps:.2f}){ceiling}, max rel loss diff {diff:.2e}", flush=True)
             write(result)
             del base, job
             gc.collect()
@@ -187,11 +254,15 @@ def run(args: argparse.Namespace, write: Callable[[dict], None] = lambda result:
 
 
 def table(result: dict) -> str:
-    lines = ["| adapters | mixed tok/s | PEFT sequential tok/s | speedup | max rel loss diff |",
-             "|---:|---:|---:|---:|---:|"]
+    """The rows in markdown; the base-only column says "-" when it was skipped."""
+    lines = ["| adapters | mixed tok/s | PEFT sequential tok/s | speedup | base only tok/s (mixed's fraction) "
+             "| max rel loss diff |",
+             "|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
+        base = r["base_only_tokens_per_s"]
+        ceiling = "-" if base is None else f"{base:,.0f} ({r['fraction_of_base_only']:.2f})"
         lines.append(f"| {r['n_adapters']} | {r['tokens_per_s']:,.0f} | {r['peft_sequential_tokens_per_s']:,.0f} | "
-                     f"{r['speedup']:.2f}x | {r['max_rel_loss_diff']:.1e} |")
+                     f"{r['speedup']:.2f}x | {ceiling} | {r['max_rel_loss_diff']:.1e} |")
     return "\n".join(lines)
 
 
@@ -209,6 +280,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compiles, allocator)")
     p.add_argument("--micro-batch-tokens", type=int, default=4096)
     p.add_argument("--peft-adapters", type=int, default=4, help="adapters PEFT trains to measure its rate")
+    p.add_argument("--no-base-only", dest="base_only", action="store_false",
+                   help="skip the frozen base's forward + backward alone (the LoRA ceiling; once per run)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto", choices=("auto", "paged", "torch"))
