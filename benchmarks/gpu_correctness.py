@@ -205,7 +205,9 @@ def run(directory: str, results_dir: str, runner: str | None = None,
         print("$", " ".join(cmd), flush=True)
         if os.path.exists(part):  # left by an interrupted run: not this run's rows
             os.remove(part)
-        rc = subprocess.call(cmd)
+        # faulthandler: an abnormal exit (the compressed eager run aborted at exit on the H100,
+        # 2026-12-06) prints every thread's Python stack, of this child and its engine process
+        rc = subprocess.call(cmd, env=dict(os.environ, PYTHONFAULTHANDLER="1"))
         if rc != 0:  # still a failure, but rows written before an abnormal exit are kept
             print(f"run with enforce_eager={eager} FAILED (exit {rc})", flush=True)
             rows.append(dict(adapter="*", cudagraphs=not eager, error=f"exit status {rc}"))

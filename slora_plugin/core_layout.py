@@ -56,8 +56,18 @@ def pack_cores(layout: CoreLayout, cores: Mapping[str, torch.Tensor], out: torch
         shape = (k,) if layout.diagonal else (k, k)
         if core is not None and tuple(core.shape) != shape:
             raise ValueError(f"{m}: expected a core of shape {shape}, got {tuple(core.shape)}")
-        rows = torch.zeros(len(offsets), k, dtype=out.dtype, device=out.device) if core is None \
-            else core.reshape(len(offsets), k).to(out.dtype)
+        n = len(offsets)
+        if offsets[-1] - offsets[0] == (n - 1) * k:
+            # rows are increasing and never overlap, so this span holds exactly them, back to
+            # back (always so when K divides the page): one slice copy, no index tensor
+            span = flat[offsets[0]:offsets[0] + n * k]
+            if core is None:
+                span.zero_()
+            else:
+                span.copy_(core.reshape(-1))
+            continue
+        rows = torch.zeros(n, k, dtype=out.dtype, device=out.device) if core is None \
+            else core.reshape(n, k).to(out.dtype)
         index = (torch.tensor(offsets, dtype=torch.int64, device=out.device)[:, None]
                  + torch.arange(k, device=out.device))
         flat[index] = rows

@@ -10,9 +10,13 @@ What the host gives for one:
   - `CompressedSpec` (config level: the manifest and two stats, no tensor read): its page need
     from `core_layout.plan_cores` over the modules it adapts, so the scheduler's page accounting
     (`spec(name).num_pages`) works unchanged;
-  - `CompressedAdapter`: its cores in raw host form, one record per layer, already placed as they
-    go into its KV pages ((num_layers, num_pages, page_elems) in the serving dtype: a plain row
-    copy writes them), and its cluster's bases (read once per collection and cluster, cached).
+  - its host form (`read_cores`, which the host cache calls in its loader threads, into pinned
+    memory, like a plain adapter's raw form): its cores, one record per layer, already placed as
+    they go into its KV pages ((num_layers, num_pages, page_elems) in the serving dtype: a plain
+    row copy writes them);
+  - its cluster's bases (`read_cluster_bases`), which the worker holds on the device from the
+    engine's start (`worker/compressed_bases.py`), and `CollectionBases`, which reads them once
+    per collection and cluster for the command-line check.
 Every error is an `AdapterError` naming the adapter, the file and the reason.
 """
 
@@ -29,6 +33,7 @@ import torch
 from safetensors import safe_open
 
 from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
+from slora_plugin.adapters.loader import rows_not_finite
 from slora_plugin.adapters.spec import StatKey, stat_key
 from slora_plugin.compress.collection import MANIFEST, Manifest, tensor_key
 from slora_plugin.core_layout import CoreLayout, pack_cores, plan_cores
@@ -64,15 +69,33 @@ def split_path(path: str) -> tuple[str, str] | None:
     return None
 
 
+#: Parsed manifests by path, with the stat they were read at. A collection of 1,000 adapters has a
+#: manifest of ~1.4 MB that took ~18 ms to parse on a CI core, and every adapter's first spec
+#: needs it: parsed once per change instead of once per adapter (H100, 1,000 compressed adapters
+#: at once: the scheduler parsed it ~600 times on the engine's thread).
+_manifests: dict[str, tuple[StatKey, Manifest]] = {}
+_manifests_lock = threading.Lock()
+
+
 def read_manifest(collection: str, adapter: str) -> Manifest:
-    """The parsed manifest of `collection`; AdapterError naming `adapter` and the file."""
+    """The parsed manifest of `collection` (parsed again only when its file changed);
+    AdapterError naming `adapter` and the file."""
     path = os.path.join(collection, MANIFEST)
+    stamp = stat_key(path)
+    with _manifests_lock:
+        cached = _manifests.get(path)
+    if stamp is not None and cached is not None and cached[0] == stamp:
+        return cached[1]
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-        return Manifest.from_json(data, path)
+        manifest = Manifest.from_json(data, path)
     except (OSError, json.JSONDecodeError, ValueError) as e:
         raise AdapterError(adapter, path, f"cannot be read as a compressed collection ({e})") from None
+    if stamp is not None and stat_key(path) == stamp:  # not replaced while it was being read
+        with _manifests_lock:
+            _manifests[path] = (stamp, manifest)
+    return manifest
 
 
 def member_names(collection: str, prefix: str) -> list[str]:
@@ -175,18 +198,6 @@ def build_compressed_spec(name: str, path: str, collection: str, member: str, di
                           content_id=digest.hexdigest()[:16], layout=layout, manifest=manifest)
 
 
-@dataclass(frozen=True, eq=False)
-class CompressedAdapter:
-    """A compressed adapter read for serving. `cores[l]` is layer l's record: its pages
-    ((num_pages, page_elems), serving dtype) exactly as they go into the KV pool; `bases` its
-    cluster's U (d_out, K) and V (d_in, K) by `tensor_key`, shared by every adapter of the
-    cluster (the same tensors, not copies)."""
-
-    spec: CompressedSpec
-    cores: torch.Tensor
-    bases: Mapping[str, torch.Tensor]
-
-
 class CollectionBases:
     """Each (collection, cluster)'s bases, read once and kept (in the serving dtype) while the
     collection's manifest is unchanged. Thread-safe; a read in progress is not repeated."""
@@ -237,27 +248,45 @@ def read_cluster_bases(name: str, collection: str, manifest: Manifest, cluster: 
     return out
 
 
-def read_cores(spec: CompressedSpec, dtype: torch.dtype) -> torch.Tensor:
-    """The adapter's raw host form: (num_layers, num_pages, page_elems) in `dtype`, layer l's
-    cores placed by `spec.layout` (zero rows where it has no core)."""
+def core_bytes(spec: CompressedSpec, dtype: torch.dtype) -> int:
+    """Host bytes of the adapter's cores in page form (what `read_cores` fills)."""
+    return spec.manifest.num_layers * spec.layout.num_pages * spec.layout.page_elems * dtype.itemsize
+
+
+def read_cores(spec: CompressedSpec, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The adapter's host form: (num_layers, num_pages, page_elems) in `dtype`, layer l's cores
+    placed by `spec.layout` (zeros wherever it has no core), written into `out` when given (the
+    host cache's pinned block). Every core the manifest lists must be there with its shape and
+    be finite in `dtype` (one check over the result; the first bad core is then named)."""
     path, k = spec.cores_file, spec.manifest.rank
     tensors = _read_file(spec.name, path)
     shape = (k,) if spec.manifest.diagonal else (k, k)
-    out = torch.zeros(spec.manifest.num_layers, spec.layout.num_pages, spec.layout.page_elems,
-                      dtype=dtype)
+    want = (spec.manifest.num_layers, spec.layout.num_pages, spec.layout.page_elems)
+    if out is None:
+        out = torch.empty(want, dtype=dtype)
+    elif tuple(out.shape) != want or out.dtype != dtype:
+        raise ValueError(f"out must be {want} of {dtype}, got {tuple(out.shape)} of {out.dtype}")
+    out.zero_()  # a page's tail past its last row is never written below
+    adapted = {m: frozenset(spec.layers[m]) for m in spec.modules}
     for layer in range(spec.manifest.num_layers):
-        cores = {}
-        for m in spec.modules:
-            if layer not in spec.layers[m]:
-                continue
-            t = _checked(tensors, tensor_key(layer, m, "core"), shape, spec.name, path,
-                         " (the manifest lists it)")
-            if not torch.isfinite(t).all():
-                raise AdapterError(spec.name, path, f"{tensor_key(layer, m, 'core')} has "
-                                                    f"non-finite values")
-            cores[m] = t
+        cores = {m: _checked(tensors, tensor_key(layer, m, "core"), shape, spec.name, path,
+                             " (the manifest lists it)")
+                 for m in spec.modules if layer in adapted[m]}
         pack_cores(spec.layout, cores, out[layer])
+    if rows_not_finite(out.view(out.shape[0], -1)):
+        raise AdapterError(spec.name, path, f"{_first_not_finite(spec, tensors, dtype)} has "
+                                            f"non-finite values (in {dtype})")
     return out
+
+
+def _first_not_finite(spec: CompressedSpec, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> str:
+    """The first core (layer, then module order) with a NaN or Inf once in `dtype`."""
+    for layer in range(spec.manifest.num_layers):
+        for m in spec.modules:
+            key = tensor_key(layer, m, "core")
+            if layer in spec.layers[m] and not bool(torch.isfinite(tensors[key].to(dtype)).all()):
+                return key
+    raise AssertionError("the packed cores are not finite but every core is")
 
 
 def _checked(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], adapter: str, path: str,

@@ -1,10 +1,11 @@
-"""Raw adapters in one pinned host buffer: LRU under a byte budget, loaded by a thread pool.
+"""Adapters' host forms in one pinned host buffer: LRU under a byte budget, loaded by a thread pool.
 
 The worker copies an adapter to the GPU from here, so the bytes must be pinned (for an
-asynchronous, full-speed DMA). They are in the adapter's raw form (`slora_plugin/raw_format.py`:
-one record per layer, A and B as the file has them) -- a plain copy of the file, so loading is
-memcpy-bound; the GPU writes the pages from it. One buffer is pinned once (see `arena.py`); each
-adapter gets one contiguous block of it.
+asynchronous, full-speed DMA). A plain adapter is held in its raw form
+(`slora_plugin/raw_format.py`: one record per layer, A and B as the file has them) -- a plain copy
+of the file, so loading is memcpy-bound; the GPU writes the pages from it. An adapter of a
+compressed collection is held as its cores already in page form (`compressed.read_cores`). One
+buffer is pinned once (see `arena.py`); each adapter gets one contiguous block of it.
 
 Rules that keep a busy server healthy:
   - concurrent requests for one adapter share one load (the others wait for it);
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from slora_plugin.adapters.arena import Arena
+from slora_plugin.adapters.compressed import CompressedSpec, core_bytes, read_cores
 from slora_plugin.adapters.errors import AdapterError, HostCacheFullError
 from slora_plugin.adapters.loader import read_raw
 from slora_plugin.adapters.spec import AdapterSpec
@@ -34,25 +36,33 @@ from slora_plugin.layout import ModelDims
 from slora_plugin.raw_format import RawAdapter, raw_layout
 
 Key = tuple[str, str]  # (real path, content_id)
+AnySpec = AdapterSpec | CompressedSpec
+#: What a lease holds: a plain adapter's raw form, or a compressed adapter's cores
+#: ((num_layers, num_pages, page_elems), serving dtype).
+HostForm = RawAdapter | torch.Tensor
 
 
 @dataclass(eq=False)
 class _Entry:
     key: Key
-    spec: AdapterSpec
+    spec: AnySpec
     offset: int
-    raw: RawAdapter
+    nbytes: int
+    raw: HostForm
     refs: int = 0
 
 
 class Lease:
-    """A raw adapter pinned in the host cache until `release()` (or the end of `with`)."""
+    """An adapter's host form pinned in the host cache until `release()` (or the end of `with`)."""
 
     def __init__(self, cache: "HostCache", entry: _Entry, waited_s: float = 0.0) -> None:
         self._cache, self._entry = cache, entry
-        self.spec: AdapterSpec = entry.spec
-        #: The adapter's raw form (buffer pinned when CUDA is there, and its layout).
-        self.raw: RawAdapter = entry.raw
+        self.spec: AnySpec = entry.spec
+        #: The adapter's host form (pinned when CUDA is there): a `RawAdapter` (buffer and
+        #: layout) for a `AdapterSpec`, the cores tensor for a `CompressedSpec`.
+        self.raw: HostForm = entry.raw
+        #: Host bytes the lease holds.
+        self.nbytes: int = entry.nbytes
         #: Seconds `get()` blocked for a load to finish; 0.0 when the copy was already cached.
         #: (The worker's step blocks this long: it is what admission by readiness avoids.)
         self.waited_s = waited_s
@@ -70,8 +80,10 @@ class Lease:
         self.release()
 
 
-def raw_bytes(spec: AdapterSpec, dims: ModelDims, dtype: torch.dtype) -> int:
-    """Host bytes of an adapter's raw form."""
+def host_bytes(spec: AnySpec, dims: ModelDims, dtype: torch.dtype) -> int:
+    """Host bytes of an adapter's host form."""
+    if isinstance(spec, CompressedSpec):
+        return core_bytes(spec, dtype)
     return raw_layout(spec.layout, dims.num_hidden_layers, dtype).nbytes
 
 
@@ -122,7 +134,7 @@ class HostCache:
                               loads=0, bytes_loaded=0, load_seconds_total=0.0, load_seconds_max=0.0)
 
     # ---- public -------------------------------------------------------------------------------
-    def get(self, spec: AdapterSpec) -> Lease:
+    def get(self, spec: AnySpec) -> Lease:
         """The raw adapter, loading it (once, however many callers) if it is not cached."""
         key = (spec.path, spec.content_id)
         # A call counts once: as a hit, a miss (it started the load) or a join. It waited from
@@ -149,7 +161,7 @@ class HostCache:
                     since = time.perf_counter()
             future.result()  # raises the load's error; on success, loop to lease the entry
 
-    def prefetch(self, spec: AdapterSpec) -> None:
+    def prefetch(self, spec: AnySpec) -> None:
         """Start loading `spec` in the background unless it is cached, loading or known bad."""
         key = (spec.path, spec.content_id)
         with self._cv:
@@ -184,7 +196,7 @@ class HostCache:
             return (path in self._latest or path in self._loading_paths
                     or path in self._failed_paths)
 
-    def failed(self, spec: AdapterSpec) -> AdapterError | None:
+    def failed(self, spec: AnySpec) -> AdapterError | None:
         with self._cv:
             return self._failed.get((spec.path, spec.content_id))
 
@@ -210,7 +222,7 @@ class HostCache:
         if self._closed:
             raise RuntimeError("the adapter host cache is closed")
 
-    def _start(self, spec: AdapterSpec, key: Key) -> Future:
+    def _start(self, spec: AnySpec, key: Key) -> Future:
         future = self._pool.submit(self._load, spec, key)
         self._loading[key] = future
         self._loading_paths[key[0]] = self._loading_paths.get(key[0], 0) + 1
@@ -230,10 +242,9 @@ class HostCache:
             entry.refs -= 1
             self._cv.notify_all()
 
-    def _load(self, spec: AdapterSpec, key: Key) -> None:
+    def _load(self, spec: AnySpec, key: Key) -> None:
         t0 = time.perf_counter()
-        layout = raw_layout(spec.layout, self.dims.num_hidden_layers, self.dtype)
-        nbytes = layout.nbytes
+        nbytes = host_bytes(spec, self.dims, self.dtype)
         try:
             if Arena.rounded(nbytes) > self.arena.capacity:
                 raise AdapterError(spec.name, None, f"needs {nbytes} host bytes, more than the whole "
@@ -241,9 +252,8 @@ class HostCache:
                                                     f"slora.host_cache_bytes")
             with self._cv:
                 offset = self._allocate(spec, nbytes)
-            raw = RawAdapter(self.buffer[offset:offset + nbytes], layout)
             try:
-                read_raw(spec, self.dims, raw, self._readers, self._read_parts)
+                raw = self._read(spec, self.buffer[offset:offset + nbytes])
             except BaseException:
                 with self._cv:
                     self.arena.free(offset)
@@ -261,7 +271,7 @@ class HostCache:
         dt = time.perf_counter() - t0
         with self._cv:
             self._forget_path(spec.path)  # older contents of the same directory are stale
-            self._entries[key] = _Entry(key, spec, offset, raw)
+            self._entries[key] = _Entry(key, spec, offset, nbytes, raw)
             self._latest[spec.path] = key
             self._done_loading(key)
             c = self._counters
@@ -271,7 +281,18 @@ class HostCache:
             c["load_seconds_max"] = max(c["load_seconds_max"], dt)
             self._cv.notify_all()
 
-    def _allocate(self, spec: AdapterSpec, nbytes: int) -> int:
+    def _read(self, spec: AnySpec, block: torch.Tensor) -> HostForm:
+        """Fill `block` (uint8, `host_bytes(spec)` long, 4 KiB-aligned) with the adapter's host
+        form, validated; AdapterError for anything wrong with its files."""
+        if isinstance(spec, CompressedSpec):
+            layout = spec.layout
+            cores = block.view(self.dtype).view(spec.manifest.num_layers, layout.num_pages, layout.page_elems)
+            return read_cores(spec, self.dtype, out=cores)
+        raw = RawAdapter(block, raw_layout(spec.layout, self.dims.num_hidden_layers, self.dtype))
+        read_raw(spec, self.dims, raw, self._readers, self._read_parts)
+        return raw
+
+    def _allocate(self, spec: AnySpec, nbytes: int) -> int:
         """A block of the arena, evicting least-recently-used unleased entries as needed; waits
         (bounded) while everything that could make room is leased. Called with the lock held."""
         deadline = time.monotonic() + self.wait_timeout_s

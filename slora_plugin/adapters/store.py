@@ -3,14 +3,16 @@
 Who uses what:
   - the scheduler: `spec(name).num_pages` (config only, cheap, cached);
   - the worker: `get(name)` -> a `Lease` whose `.raw` (a `RawAdapter`: pinned buffer + layout,
-    see raw_format.py) it copies to the GPU, which writes the adapter's KV blocks from it; it
-    releases the lease once the copy is done; `prefetch(names)` for queued requests;
+    see raw_format.py; for a compressed adapter its cores in page form) it copies to the GPU,
+    which writes the adapter's KV blocks from it; it releases the lease once the copy is done;
+    `prefetch(names)` for queued requests;
   - the scheduler, when it shares the worker's process (`pool/worker_link.py`): `ready(name)`
     and `start(name)`, the readiness oracle of admission (`pool/admission.py`), cheap enough for
     every waiting request of every step.
 An adapter of a compressed collection (`<collection>/<adapter>`, `adapters/compressed.py`) has a
-`CompressedSpec` (its `num_pages` places its cores) and is read with `read_compressed` (cores in
-raw host form, its cluster's bases cached once per collection); the host cache never holds it.
+`CompressedSpec` (its `num_pages` places its cores) and goes through the same host cache,
+prefetch and readiness as a plain one (its host form is its cores: a few pages; its cluster's
+bases are the worker's, resident on the device from the engine's start).
 A name is directory-relative (`org/name`), else a Hugging Face Hub id found in the local HF
 cache; an absolute path to an adapter directory (what `LoRARequest.lora_path` carries) is
 accepted too. Errors are `AdapterError`s, remembered until the files change.
@@ -24,20 +26,16 @@ from typing import Iterable, Sequence
 import torch
 
 from slora_plugin.adapters.compressed import (
-    CollectionBases, CompressedAdapter, CompressedSpec, build_compressed_spec, compressed_key,
-    read_cores, split_path)
+    CompressedSpec, build_compressed_spec, compressed_key, split_path)
 from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
-from slora_plugin.adapters.host_cache import HostCache, Lease, raw_bytes
+from slora_plugin.adapters.host_cache import AnySpec, HostCache, Lease, host_bytes
 from slora_plugin.adapters.sources import AdapterSources
 from slora_plugin.adapters.spec import AdapterSpec, build_spec, files_key
 from slora_plugin.adapters.targets import check_wrapped, check_wrapped_modules, wrapped_modules
 from slora_plugin.compress.collection import MANIFEST
 from slora_plugin.layout import ModelDims
 
-#: What `AdapterStore.spec` gives: a plain adapter's spec or a compressed collection's adapter's.
-AnySpec = AdapterSpec | CompressedSpec
-
-__all__ = ["AdapterStore", "AdapterSpec", "CompressedSpec", "CompressedAdapter", "AdapterError",
+__all__ = ["AdapterStore", "AdapterSpec", "AnySpec", "CompressedSpec", "AdapterError",
            "AdapterNotFoundError", "Lease"]
 
 
@@ -58,7 +56,6 @@ class AdapterStore:
         self.sources = AdapterSources(adapter_dir, hf_cache_dir, hub_download)
         self.index = self.sources.index
         self.cache = HostCache(dims, dtype, host_cache_bytes, loader_threads, wait_timeout_s)
-        self.bases = CollectionBases(dims, dtype)
         self._specs: dict[str, tuple[tuple, AnySpec | AdapterError]] = {}
         self._located: dict[str, str] = {}  # name or path asked for -> real directory path
         self._unloadable: set[str] = set()  # names whose spec failed in start()
@@ -109,22 +106,9 @@ class AdapterStore:
 
     # ---- raw adapters -------------------------------------------------------------------------
     def get(self, name_or_path: str) -> Lease:
-        """The raw pinned adapter (loaded once, however many callers); release the lease
-        (or use `with`) once it is copied to the GPU. Plain adapters only."""
-        spec = self.spec(name_or_path)
-        if isinstance(spec, CompressedSpec):
-            raise AdapterError(spec.name, None, "is an adapter of a compressed collection: read it "
-                                                "with read_compressed, not get")
-        return self.cache.get(spec)
-
-    def read_compressed(self, name_or_path: str) -> CompressedAdapter:
-        """An adapter of a compressed collection, read: its cores in raw host form (read now)
-        and its cluster's bases (read once per collection and cluster, then shared)."""
-        spec = self.spec(name_or_path)
-        if not isinstance(spec, CompressedSpec):
-            raise AdapterError(spec.name, None, "is a plain adapter, not one of a compressed "
-                                                "collection: read it with get")
-        return CompressedAdapter(spec, read_cores(spec, self.dtype), self.bases.get(spec))
+        """The adapter's pinned host form (loaded once, however many callers); release the
+        lease (or use `with`) once it is copied to the GPU."""
+        return self.cache.get(self.spec(name_or_path))
 
     @property
     def step_share_bytes(self) -> int:
@@ -145,10 +129,8 @@ class AdapterStore:
                 spec = self.spec(name)
             except AdapterError:
                 continue
-            if isinstance(spec, CompressedSpec):
-                continue  # never in the host cache
             if not self.cache.path_busy(spec.path):
-                need = raw_bytes(spec, self.dims, self.dtype)
+                need = host_bytes(spec, self.dims, self.dtype)
                 if need > half:
                     continue
                 if need > room:
@@ -196,8 +178,7 @@ class AdapterStore:
             with self._lock:
                 self._unloadable.add(name_or_path)
             return
-        if not isinstance(spec, CompressedSpec):
-            self.cache.prefetch(spec)
+        self.cache.prefetch(spec)
 
     def stats(self) -> dict[str, float | int]:
         s = self.cache.stats()

@@ -9,10 +9,11 @@ the copy is seen done (pinned pages may then be reused), with two bounds that ke
 from waiting on itself (`AdapterCopies`). A load that fails is reported to the scheduler
 (`worker_link.LoadFailures`), not raised: the engine keeps serving the other adapters.
 
-An adapter of a compressed collection (`adapters/compressed.py`) is read with
-`AdapterStore.read_compressed` (no host cache, no lease: its cores are a few pages) and its
-cores are copied as they are into its blocks (`PageLoader.load_cores`); the manager then
-points its slot at them with the key of its cluster's resident bases.
+An adapter of a compressed collection (`adapters/compressed.py`) is leased the same way (its
+host form is its cores, already in page form, read and prefetched by the host cache's loader
+threads like a plain adapter's) and its cores are copied as they are into its blocks
+(`PageLoader.load_cores`); the manager then points its slot at them with the key of its
+cluster's resident bases.
 
 No vLLM import: the LoRA manager is anything with `evict(lora_id)` and
 `mark_resident(lora_id, layout, block_ids, group)` (`lora_manager.SLoRAModelManager` in the
@@ -69,8 +70,7 @@ class AdapterCopies:
 
     `copy_stream` None: copies run on the current stream (CPU, tests) and are done when issued.
     `compressed_groups`: the (collection, cluster) keys whose bases the engine holds resident
-    (`compressed_bases.directory_bases`); empty (an engine of plain adapters) no load's spec is
-    looked at before its lease, so such an engine does exactly what it did before.
+    (`compressed_bases.directory_bases`); a compressed adapter of another cluster is refused.
     """
 
     def __init__(self, store: AdapterStore, page_elems: int, page_loader: PageLoader,
@@ -107,10 +107,13 @@ class AdapterCopies:
 
     def _load(self, load: LoadAdapter, manager: AdapterPages, pools: list[torch.Tensor]) -> None:
         try:
-            if self.compressed_groups and isinstance(self.store.spec(load.path), CompressedSpec):
-                self._load_compressed(load, manager, pools)
-                return
-            lease_cm = self._lease(load)
+            lease = self._lease(load)
+            if isinstance(lease.spec, CompressedSpec):
+                try:
+                    check_served(lease.spec, self.compressed_groups)
+                except AdapterError:
+                    lease.release()
+                    raise
         except AdapterError as e:
             # Admitted, but its weights cannot be read (e.g. truncated after the config check)
             # or it cannot fit the host cache: the engine must keep serving the others. It is
@@ -122,35 +125,27 @@ class AdapterCopies:
             manager.mark_resident(load.lora_id, no_rows, tuple(load.block_ids))
             return
         lease_stack = ExitStack()
-        lease = lease_stack.enter_context(lease_cm)
+        lease_stack.enter_context(lease)
         self._host_waits.record(lease.waited_s)
+        spec = lease.spec
         try:
-            _check_pages(load, lease.spec.num_pages)
+            _check_pages(load, spec.num_pages)
             event = None
             with self._on_copy_stream():
-                self._page_loader.load(pools, lease.raw, lease.spec.layout, load.block_ids)
+                if isinstance(spec, CompressedSpec):
+                    self._page_loader.load_cores(pools, lease.raw, load.block_ids)
+                else:
+                    self._page_loader.load(pools, lease.raw, spec.layout, load.block_ids)
                 if self._copy_stream is not None:
                     event = torch.cuda.Event()
                     event.record(self._copy_stream)
         except BaseException:
             lease_stack.close()
             raise
-        self._in_flight.append(_InFlight(event, lease_stack, lease.raw.layout.nbytes))
-        manager.mark_resident(load.lora_id, lease.spec.layout, tuple(load.block_ids))
+        self._in_flight.append(_InFlight(event, lease_stack, lease.nbytes))
+        group = (spec.collection, spec.cluster) if isinstance(spec, CompressedSpec) else None
+        manager.mark_resident(load.lora_id, spec.layout, tuple(load.block_ids), group)
         self._bound_leased_bytes()
-
-    def _load_compressed(self, load: LoadAdapter, manager: AdapterPages,
-                         pools: list[torch.Tensor]) -> None:
-        """Read the adapter's cores (errors propagate to `_load`'s report) and copy them into
-        its blocks, ordered like a plain load; no host lease (nothing is cached)."""
-        adapter = self.store.read_compressed(load.path)
-        spec = adapter.spec
-        check_served(spec, self.compressed_groups)
-        _check_pages(load, spec.num_pages)
-        with self._on_copy_stream():
-            self._page_loader.load_cores(pools, adapter.cores, load.block_ids)
-        manager.mark_resident(load.lora_id, spec.layout, tuple(load.block_ids),
-                              (spec.collection, spec.cluster))
 
     def _on_copy_stream(self) -> AbstractContextManager:
         """Issue on the copy stream (CUDA), or on the current one when there is none."""

@@ -7,7 +7,7 @@ adapters, so they stay on the device for the engine's life: one `CompressedBases
 block). Built once, before CUDA graphs are captured (the GEMMs' operands are baked into them),
 from the collections of the adapter directory (`directory_bases`, at engine start: the worker's
 `load_model`, which adds `nbytes` to the model's memory so vLLM's profile takes it from the KV
-budget) or from the host store's `CompressedAdapter.bases` (`adapters/compressed.py`). No vLLM.
+budget) or from bases read by `adapters/compressed.read_cluster_bases`. No vLLM.
 """
 
 from __future__ import annotations

@@ -94,16 +94,17 @@ class PageLoader:
 
     def load_cores(self, pools: Sequence[torch.Tensor], cores: torch.Tensor,
                    block_ids: Sequence[int]) -> None:
-        """Write a compressed adapter's cores (`CompressedAdapter.cores`: (num_layers,
-        num_pages, page_elems), serving dtype, each layer's record its pages as they are) into
-        layer l's pool at blocks `block_ids`: a plain row copy, no packing. CUDA: on the current
-        (copy) stream; the device copy of `cores` is kept until that stream is done with it."""
+        """Write a compressed adapter's cores (its host form, `compressed.read_cores`:
+        (num_layers, num_pages, page_elems), serving dtype, each layer's record its pages as they
+        are) into layer l's pool at blocks `block_ids`: a plain row copy, no packing. CUDA: on the
+        current (copy) stream, asynchronously from pinned `cores` (the caller holds them until
+        that stream is past this copy); the device copy is kept until the stream is done with it."""
         layers, num_pages, page_elems = cores.shape
         if layers != len(pools):
             raise ValueError(f"the adapter has {layers} layers but there are {len(pools)} pools")
         if len(block_ids) != num_pages:
             raise ValueError(f"the adapter needs {num_pages} pages but got {len(block_ids)} blocks")
-        src = cores.to(self.device)
+        src = cores.to(self.device, non_blocking=cores.is_pinned())
         if self.cuda:
             src.record_stream(torch.cuda.current_stream(self.device))
         for layer, pool in enumerate(pools):

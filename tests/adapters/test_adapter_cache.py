@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from slora_plugin.adapters import AdapterStore
 from slora_plugin.adapters.arena import ALIGN, Arena
 from slora_plugin.adapters.errors import HostCacheFullError
-from slora_plugin.adapters.host_cache import raw_bytes
+from slora_plugin.adapters.host_cache import host_bytes
 from slora_plugin.adapters.peft_format import write_random_adapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -70,7 +70,7 @@ def test_lru_eviction_respects_leases_and_budget(tmp_path, tiny_dims):
         write_random_adapter(str(tmp_path / f"a{i}"), tiny_dims, 8, TARGETS, seed=i)
     probe = AdapterStore(tiny_dims, 512, torch.float16, adapter_dir=str(tmp_path), max_rank=16,
                          host_cache_bytes=1 << 20, loader_threads=1)
-    one = Arena.rounded(raw_bytes(probe.spec("a0"), tiny_dims, torch.float16))
+    one = Arena.rounded(host_bytes(probe.spec("a0"), tiny_dims, torch.float16))
     probe.close()
     store = AdapterStore(tiny_dims, 512, torch.float16, adapter_dir=str(tmp_path), max_rank=16,
                          host_cache_bytes=3 * one, loader_threads=2, wait_timeout_s=0.5)

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from slora_plugin.adapters.cli import check_directory
-from slora_plugin.adapters.compressed import CompressedSpec
+from slora_plugin.adapters.compressed import CollectionBases, CompressedSpec
 from slora_plugin.adapters.errors import AdapterError, AdapterNotFoundError
 from slora_plugin.adapters.index import AdapterIndex
 from slora_plugin.adapters.peft_format import tensor_name, write_random_adapter
@@ -74,37 +74,93 @@ def test_spec_gives_the_page_need_and_plain_specs_are_unchanged(mixed, tiny_dims
         assert store.spec(req.lora_path) is store.spec("coll/a")
 
 
-def test_read_compressed_gives_cores_in_page_form_and_bases_once(mixed, tiny_dims):
+def test_get_leases_cores_in_page_form_through_the_host_cache(mixed, tiny_dims):
+    """A compressed adapter's lease holds its cores as they go into its pages; with its
+    cluster's bases (read once, `CollectionBases`) they give the adapter's own update."""
     src, root = mixed
     coll = CompressedCollection(str(root / "coll"))
+    bases = CollectionBases(tiny_dims, torch.float32)
     with store_of(root, tiny_dims) as store:
-        got = {n: store.read_compressed(f"coll/{n}") for n in RANKS}
-        assert store.bases.reads == 1  # one cluster, read once for both adapters
-        assert got["a"].bases is got["org/b"].bases
-        for name, rank in RANKS.items():
-            ad = got[name]
-            layout = ad.spec.layout
-            assert ad.cores.shape == (tiny_dims.num_hidden_layers, layout.num_pages, PAGE)
-            stored = coll.cores(name)
-            for layer in range(tiny_dims.num_hidden_layers):
-                flat = ad.cores[layer].reshape(-1)
-                for m in MODULES:
-                    rows = torch.stack([flat[o:o + 5] for o in layout.rows[m]])
-                    assert torch.equal(rows, stored[tensor_key(layer, m, "core")])
-                    # K >= sum of ranks: U Σ Vᵀ is the adapter's own scale * B A
-                    u = ad.bases[tensor_key(layer, m, "U")].double()
-                    v = ad.bases[tensor_key(layer, m, "V")].double()
-                    with safe_open(os.path.join(src, name, "adapter_model.safetensors"), "pt") as f:
-                        a = f.get_tensor(tensor_name(layer, m, "A")).double()
-                        b = f.get_tensor(tensor_name(layer, m, "B")).double()
-                    ref = 2.0 * b @ a  # alpha = 2 r
-                    assert torch.allclose(u @ rows.double() @ v.T, ref, atol=1e-5, rtol=1e-4)
-        with pytest.raises(AdapterError, match="read_compressed"):
-            store.get("coll/a")
-        with pytest.raises(AdapterError, match="plain adapter"):
-            store.read_compressed("plain")
-        with store.get("plain") as lease:  # plain adapters still load through the host cache
+        for name in RANKS:
+            with store.get(f"coll/{name}") as lease:
+                spec, cores = lease.spec, lease.raw
+                layout = spec.layout
+                assert isinstance(spec, CompressedSpec)
+                assert cores.shape == (tiny_dims.num_hidden_layers, layout.num_pages, PAGE)
+                assert lease.nbytes == cores.numel() * cores.element_size()
+                assert cores.data_ptr() == store.cache.buffer[lease._entry.offset:].data_ptr()
+                stored = coll.cores(name)
+                for layer in range(tiny_dims.num_hidden_layers):
+                    flat = cores[layer].reshape(-1)
+                    for m in MODULES:
+                        rows = torch.stack([flat[o:o + 5] for o in layout.rows[m]])
+                        assert torch.equal(rows, stored[tensor_key(layer, m, "core")])
+                        # K >= sum of ranks: U Σ Vᵀ is the adapter's own scale * B A
+                        u = bases.get(spec)[tensor_key(layer, m, "U")].double()
+                        v = bases.get(spec)[tensor_key(layer, m, "V")].double()
+                        with safe_open(os.path.join(src, name, "adapter_model.safetensors"), "pt") as f:
+                            a = f.get_tensor(tensor_name(layer, m, "A")).double()
+                            b = f.get_tensor(tensor_name(layer, m, "B")).double()
+                        ref = 2.0 * b @ a  # alpha = 2 r
+                        assert torch.allclose(u @ rows.double() @ v.T, ref, atol=1e-5, rtol=1e-4)
+        assert bases.reads == 1  # one cluster, read once for both adapters
+        assert store.stats()["loads"] == 2
+        with store.get("coll/a"):  # cached: no second read
+            assert store.stats()["loads"] == 2 and store.stats()["hits"] == 1
+        with store.get("plain") as lease:  # plain adapters load as before
             assert lease.spec.name == "plain"
+
+
+def test_prefetch_and_readiness_cover_compressed_adapters(mixed, tiny_dims):
+    _, root = mixed
+    with store_of(root, tiny_dims) as store:
+        store.spec("coll/org/b")
+        assert not store.ready("coll/org/b")
+        store.prefetch(["coll/org/b"])
+        with store.get("coll/org/b") as lease:  # joins the prefetch's load, or finds it done
+            assert lease.spec.name == "coll/org/b"
+        assert store.ready("coll/org/b") and store.stats()["loads"] == 1
+        store.start("coll/a")
+        with store.get("coll/a"):
+            assert store.stats()["loads"] == 2
+
+
+def test_a_manifest_is_parsed_once_until_it_changes(mixed, tiny_dims, monkeypatch):
+    from slora_plugin.adapters import compressed
+
+    _, root = mixed
+    parsed = []
+    real = compressed.Manifest.from_json
+    monkeypatch.setattr(compressed.Manifest, "from_json",
+                        classmethod(lambda cls, data, where: parsed.append(where) or real(data, where)))
+    with store_of(root, tiny_dims) as store:
+        store.spec("coll/a")
+        store.spec("coll/org/b")
+    assert parsed == [str(root / "coll" / MANIFEST)]  # once for both adapters
+    manifest = root / "coll" / MANIFEST
+    os.utime(manifest, ns=(manifest.stat().st_atime_ns, manifest.stat().st_mtime_ns + 10**9))
+    parsed.clear()
+    with store_of(root, tiny_dims) as store:
+        store.spec("coll/a")
+        store.spec("coll/org/b")
+    assert parsed == [str(manifest)]
+
+
+def test_non_finite_cores_are_refused_naming_the_core(mixed, tiny_dims):
+    from safetensors.torch import load_file, save_file
+
+    _, root = mixed
+    path = root / "coll" / "cores" / "a.safetensors"
+    tensors = load_file(str(path))
+    key = tensor_key(1, "v_proj", "core")
+    tensors[key] = tensors[key].clone()
+    tensors[key][2, 3] = 1e6  # finite in fp32, Inf in the fp16 the store serves
+    save_file(tensors, str(path))
+    store = AdapterStore(tiny_dims, PAGE, torch.float16, adapter_dir=str(root), max_rank=16,
+                         host_cache_bytes=1 << 22, loader_threads=1)
+    with store, pytest.raises(AdapterError, match="non-finite") as e:
+        store.get("coll/a")
+    assert e.value.adapter == "coll/a" and e.value.file == str(path) and key in e.value.reason
 
 
 def test_errors_name_the_adapter_the_file_and_the_reason(mixed, tiny_dims):
@@ -116,7 +172,7 @@ def test_errors_name_the_adapter_the_file_and_the_reason(mixed, tiny_dims):
         cores = root / "coll" / "cores" / "a.safetensors"
         cores.write_bytes(b"\x00" * 16)
         with pytest.raises(AdapterError) as e:
-            store.read_compressed("coll/a")
+            store.get("coll/a")
         assert e.value.adapter == "coll/a" and e.value.file == str(cores)
         assert "cannot be read" in e.value.reason
     other = dataclasses.replace(tiny_dims, num_hidden_layers=tiny_dims.num_hidden_layers + 1)

@@ -15,7 +15,7 @@ import slora_plugin.adapters.host_cache as host_cache
 from slora_plugin.adapters import AdapterStore
 from slora_plugin.adapters.arena import Arena
 from slora_plugin.adapters.errors import AdapterError
-from slora_plugin.adapters.host_cache import raw_bytes
+from slora_plugin.adapters.host_cache import host_bytes
 from slora_plugin.adapters.peft_format import write_random_adapter
 
 TARGETS = ["q_proj", "v_proj"]
@@ -100,7 +100,7 @@ def test_joining_a_prefetch_counts_as_a_wait(gated_store):
 def test_evicted_copy_is_no_longer_ready_and_a_ready_check_protects_it(tmp_path, tiny_dims):
     names = ["a", "b", "c"]
     store = make_store(tmp_path, tiny_dims, names)
-    one = raw_bytes(store.spec("a"), tiny_dims, torch.float16)
+    one = host_bytes(store.spec("a"), tiny_dims, torch.float16)
     store.close()
     store = make_store(tmp_path, tiny_dims, names, capacity=2 * Arena.rounded(one), threads=1)
     try:
@@ -185,7 +185,7 @@ def test_prefetch_starts_only_what_fits_half_the_host_cache(tmp_path, tiny_dims)
     evict the first ones, or make the loader threads wait for room the step's leases hold."""
     names = ["a", "b", "c", "d"]
     store = make_store(tmp_path, tiny_dims, names)
-    one = raw_bytes(store.spec("a"), tiny_dims, torch.float16)
+    one = host_bytes(store.spec("a"), tiny_dims, torch.float16)
     store.close()
     store = make_store(tmp_path, tiny_dims, names, capacity=5 * Arena.rounded(one), threads=1)
     try:
@@ -205,8 +205,8 @@ def test_prefetch_skips_an_adapter_larger_than_half_the_cache(tmp_path, tiny_dim
     store = make_store(tmp_path, tiny_dims, ["small"])
     write_random_adapter(str(tmp_path / "big"), tiny_dims, 16,
                          ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    small = raw_bytes(store.spec("small"), tiny_dims, torch.float16)
-    big = raw_bytes(store.spec("big"), tiny_dims, torch.float16)
+    small = host_bytes(store.spec("small"), tiny_dims, torch.float16)
+    big = host_bytes(store.spec("big"), tiny_dims, torch.float16)
     store.close()
     assert big > 2 * small
     capacity = Arena.rounded(big) + Arena.rounded(small)  # half of it < big, >= small

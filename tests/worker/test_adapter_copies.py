@@ -20,8 +20,8 @@ PAGE = 64
 class Lease:
     def __init__(self, path, num_pages, nbytes, log, waited_s):
         self.spec = SimpleNamespace(num_pages=num_pages, layout=f"layout {path}")
-        self.raw = SimpleNamespace(layout=SimpleNamespace(nbytes=nbytes), path=path)
-        self.path, self.log, self.waited_s = path, log, waited_s
+        self.raw = SimpleNamespace(path=path)
+        self.path, self.log, self.waited_s, self.nbytes = path, log, waited_s, nbytes
 
     def __enter__(self):
         return self
@@ -56,13 +56,15 @@ class Manager:
     def __init__(self, log):
         self.log = log
         self.resident: dict[int, tuple] = {}
+        self.groups: dict[int, object] = {}
 
     def evict(self, lora_id):
         self.log.append(f"evict {lora_id}")
 
-    def mark_resident(self, lora_id, layout, block_ids):
+    def mark_resident(self, lora_id, layout, block_ids, group=None):
         self.log.append(f"resident {lora_id}")
         self.resident[lora_id] = (layout, block_ids)
+        self.groups[lora_id] = group
 
 
 class Loader:
@@ -178,3 +180,52 @@ def _closing(log, name):
     stack = ExitStack()
     stack.callback(log.append, f"release {name}")
     return stack
+
+
+def test_compressed_loads_lease_their_cores_and_unserved_clusters_are_refused(tmp_path, tiny_dims):
+    """The real host store and CPU page loader: a compressed adapter's cores (leased from the
+    host cache like a plain adapter's raw form) land in its blocks of every layer, its slot is
+    marked with its cluster's group; one whose bases the engine does not hold is reported and
+    its lease given back."""
+    import torch
+
+    from slora_plugin.adapters.peft_format import write_random_adapter
+    from slora_plugin.adapters.store import AdapterStore
+    from slora_plugin.compress.api import compress_collection
+    from slora_plugin.worker.page_loader import PageLoader
+
+    src, root = tmp_path / "src", tmp_path / "root"
+    for i, name in enumerate(("c1", "c2")):
+        write_random_adapter(str(src / name), tiny_dims, 2, ["q_proj", "v_proj"], seed=i, dtype=torch.float32)
+    compress_collection(str(src), str(root / "coll"), 4, dims=tiny_dims, dtype=torch.float32)
+    log: list[str] = []
+    mgr, failures = Manager(log), LoadFailures()
+    layers, blocks = tiny_dims.num_hidden_layers, 6
+    pools = [torch.full((blocks * PAGE,), float("nan")) for _ in range(layers)]
+    with AdapterStore(tiny_dims, PAGE, torch.float32, adapter_dir=str(root), max_rank=8,
+                      host_cache_bytes=1 << 20, loader_threads=1) as store:
+        spec = store.spec("coll/c1")
+        group = (spec.collection, spec.cluster)
+        copies = AdapterCopies(store, PAGE, PageLoader("cpu", 1 << 16), None, "cpu", HostLoadWaits(),
+                               failures, compressed_groups=frozenset({group}))
+        ids = tuple(range(2, 2 + spec.num_pages))
+        apply_commands(StepCommands(load=(LoadAdapter(5, "coll/c1", spec.path, ids),)), mgr, copies,
+                       lambda: pools)
+        with store.get("coll/c1") as lease:
+            want = lease.raw
+        for layer, pool in enumerate(pools):
+            got = pool.view(blocks, PAGE)[list(ids)]
+            assert torch.equal(got, want[layer])
+        layout, block_ids = mgr.resident[5]
+        assert layout is spec.layout and block_ids == ids and failures.take() == {}
+        assert mgr.groups[5] == group
+        assert store.stats()["loads"] == 1  # the load was the host cache's, leased, then given back
+        copies.drain()
+        assert store.stats()["leased"] == 0
+
+        refusing = AdapterCopies(store, PAGE, PageLoader("cpu", 1 << 16), None, "cpu", HostLoadWaits(),
+                                 failures, compressed_groups=frozenset())
+        apply_commands(StepCommands(load=(LoadAdapter(6, "coll/c2", store.spec("coll/c2").path, ids),)),
+                       mgr, refusing, lambda: pools)
+        assert "did not load at start" in failures.take()[6]
+        assert store.stats()["leased"] == 0

@@ -242,6 +242,7 @@ def test_op_without_pool_leaves_output_unchanged(vllm_cpu):
 class _Lease:
     def __init__(self, spec, raw, log):
         self.spec, self.raw, self.log = spec, raw, log
+        self.nbytes = raw.layout.nbytes
         self.waited_s = 0.25  # as if the step had waited for the disk
 
     def __enter__(self):
@@ -440,8 +441,11 @@ def test_mixed_batch_of_plain_and_compressed_adapters(vllm_cpu, tiny_dims, monke
     and no adapter. Each token's output is the base layer plus its adapter's delta: the
     collection's U Σ Vᵀ (the compressed op's contract) and, K being the sum of the ranks, the
     uncompressed PEFT adapter's s B A within fp32 tolerance."""
+    from types import SimpleNamespace
+
     from safetensors import safe_open
 
+    from slora_plugin.adapters.compressed import read_cluster_bases
     from slora_plugin.adapters.peft_format import tensor_name, write_random_adapter
     from slora_plugin.adapters.store import AdapterStore
     from slora_plugin.compress.api import compress_collection
@@ -464,9 +468,13 @@ def test_mixed_batch_of_plain_and_compressed_adapters(vllm_cpu, tiny_dims, monke
     w7 = _install_adapter(mgr, pools, tiny_dims, 7, {"q_proj": 4, "o_proj": 8, "up_proj": 3}, free[:20], g)
     with AdapterStore(tiny_dims, PAGE, torch.float32, adapter_dir=str(root), max_rank=16,
                       host_cache_bytes=1 << 20, loader_threads=1) as store:
-        read = {lid: store.read_compressed(f"coll/{n}") for lid, n in ((11, "c1"), (12, "c2"))}
+        read = {}
+        for lid, n in ((11, "c1"), (12, "c2")):
+            with store.get(f"coll/{n}") as lease:
+                read[lid] = SimpleNamespace(spec=lease.spec, cores=lease.raw.clone())
     spec = read[11].spec
-    rb = resident_bases([((spec.collection, spec.cluster), read[11].bases)], spec.manifest.modules,
+    bases = read_cluster_bases(spec.name, spec.collection, spec.manifest, spec.cluster, torch.float32)
+    rb = resident_bases([((spec.collection, spec.cluster), bases)], spec.manifest.modules,
                         tiny_dims.num_hidden_layers, spec.manifest.rank, torch.float32, "cpu")
     assert rb.nbytes > 0
     mgr.runtime.serve_compressed(rb, diagonal=False, dtype=torch.float32)
