@@ -10,21 +10,15 @@ basename; the harness's default is llama-2-7b) and the adapters' modules.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from typing import Any, Iterable, Mapping
 
 from slora_plugin.bench.report import load_results, shape_key
-from slora_plugin.bench.roofline_rows import model_arg
+from slora_plugin.bench.command import model_name
 
 #: Keys of every row of compress-*.json (issue 15), in this order.
 ROW_KEYS = ("workload", "n_adapters", "rank_k", "clusters", "rel_error_mean", "rel_error_max",
             "output_tok_per_s", "base_output_tok_per_s", "uncompressed_output_tok_per_s",
             "of_base", "uncompressed_of_base")
-
-
-def model_name(command: str) -> str:
-    """The --model the harness command ran (its basename), 'llama-2-7b' by default."""
-    return os.path.basename(model_arg(command).rstrip("/"))
 
 
 def compress_rows(paths: Iterable[str]) -> dict[str, Any]:

@@ -20,6 +20,12 @@ also have `adapter_modules`, `roofline_out_tok_per_s`, `pct_of_roofline`,
 `kv_tokens_per_step_mean` and `roofline` (how it was computed); the table shows the roofline
 next to the measured throughput and `plot_roofline` draws both.
 
+Rows are comparable when they share a model (the command's `--model`) and a trace shape
+(`shape_key`): one table group and one plot panel each. A row that served a compressed collection
+(`compressed` in the row) is its own system, "plugin compressed K=<k>". The table lists every row;
+the plots draw only each system's newest run in a panel (the newest file that has it), so runs of
+other days and settings do not zigzag into one line.
+
 A row with `profiled: true` ran (partly) under the torch profiler (`bench.run`, `--profile`): its
 throughput and latencies are perturbed, so the table marks it, it is never the "vs base"
 reference, the plots leave it out, and its `profile` summary (`bench.profile`) gets a table of
@@ -36,6 +42,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from slora_plugin.bench.profile import CATEGORIES
+from slora_plugin.bench.command import model_name
 
 ROW_KEYS = ("system", "trace", "workload", "n_adapters", "ranks", "req_per_s", "output_tok_per_s", "ttft_p50_s",
             "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "settings", "init_s")
@@ -131,25 +138,43 @@ def shape_key(workload: Mapping[str, Any]) -> str:
             f"in {lens(i)} / out {lens(o)}")
 
 
+def system_label(row: Mapping[str, Any]) -> str:
+    """The row's system, and its compression when it served a compressed collection."""
+    compressed = row.get("compressed")
+    return f"{row['system']} compressed K={compressed['rank_k']}" if compressed else row["system"]
+
+
 def all_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of every file, with `_shape` (see shape_key) and the file's device and date."""
+    """Rows of every file, with `_shape` (the model and `shape_key`: what makes rows comparable),
+    `_system` (`system_label`) and the file's device, date and name."""
     rows = []
     for res in results:
+        model = model_name(res["command"])
         for row in res["rows"]:
-            rows.append({**row, "_shape": shape_key(row["workload"]), "_device": res["device"],
-                         "_date": res["date"], "_file": res["_file"]})
+            rows.append({**row, "_shape": f"{model}: {shape_key(row['workload'])}", "_system": system_label(row),
+                         "_device": res["device"], "_date": res["date"], "_file": res["_file"]})
     return rows
+
+
+def newest_runs(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Of each (`_shape`, `_system`), the rows of its newest file (by date, then file name, whose
+    time stamp orders runs of one day)."""
+    newest: dict[tuple[str, str], tuple[str, str]] = {}
+    for r in rows:
+        key = (r["_shape"], r["_system"])
+        newest[key] = max(newest.get(key, ("", "")), (r["_date"], r["_file"]))
+    return [r for r in rows if newest[(r["_shape"], r["_system"])] == (r["_date"], r["_file"])]
 
 
 _SYSTEM_ORDER = {"base": 0, "stock": 1, "plugin": 2}
 
 
 def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
-    """One table over all files, grouped by trace shape; 'vs base' divides output tok/s by the
-    base row of the same shape (if any)."""
+    """One table over all files, grouped by model and trace shape; 'vs base' divides output tok/s
+    by the newest unprofiled base row of the same model and shape (if any)."""
     rows = sorted(all_rows(results), key=lambda r: (r["_shape"], _SYSTEM_ORDER.get(r["system"], 9),
-                                                    r["n_adapters"]))
-    base = {r["_shape"]: r["output_tok_per_s"] for r in rows
+                                                    r["_system"], r["n_adapters"], r["_date"], r["_file"]))
+    base = {r["_shape"]: r["output_tok_per_s"] for r in sorted(rows, key=lambda r: (r["_date"], r["_file"]))
             if r["system"] == "base" and not r.get("profiled")}
     head = ["trace", "system", "adapters", "ranks", "done/req", "req/s", "out tok/s", "vs base",
             "roofline tok/s (% of it)", "TTFT p50/p99 s", "TPOT p50/p99 ms", "SLO TTFT", "preempt", "loads / evictions",
@@ -159,7 +184,7 @@ def markdown_table(results: Sequence[Mapping[str, Any]]) -> str:
         ref = base.get(r["_shape"])
         slo = r.get("slo_attainment")
         cells = [
-            r["_shape"], r["system"], f"{r['n_adapters']:,}",
+            r["_shape"], r["_system"], f"{r['n_adapters']:,}",
             "/".join(str(k) for k in r.get("ranks") or []) or "-",
             f"{r.get('completed', '?')}/{r.get('requests', '?')}" + (" (cut)" if r.get("truncated") else ""),
             _num(r["req_per_s"], 2), _num(r["output_tok_per_s"], 1),
@@ -201,7 +226,7 @@ def profile_table(rows: Sequence[Mapping[str, Any]]) -> str:
         p = r["profile"]
         busy = p["gpu_busy_s"]
         top = p["top"][0] if p["top"] else None
-        cells = [r["_shape"], r["system"], f"{r['n_adapters']:,}", f"{p['start_s']:g}-{p['stop_s']:g} s",
+        cells = [r["_shape"], r["_system"], f"{r['n_adapters']:,}", f"{p['start_s']:g}-{p['stop_s']:g} s",
                  _num(p["window_s"], 2), f"{100 * p['gpu_idle_fraction']:.1f}%",
                  *[f"{100 * p['categories'][c]['share_of_busy']:.1f}" for c in CATEGORIES],
                  f"{p['kernel_launches']:,}",
@@ -232,18 +257,18 @@ def _settings(s: Mapping[str, Any], profiled: bool = False) -> str:
 
 
 def plot_throughput(results: Sequence[Mapping[str, Any]], path: str) -> str:
-    """Output tok/s against the number of adapters, one panel per trace shape, one line per
-    system; the base model (no adapters) is a dashed horizontal line."""
+    """Output tok/s against the number of adapters, one panel per model and trace shape, one line
+    per system (its newest run); the base model (no adapters) is a dashed horizontal line."""
     plt = _pyplot()
-    rows = [r for r in all_rows(results) if not r.get("profiled")]
+    rows = newest_runs([r for r in all_rows(results) if not r.get("profiled")])
     shapes = sorted({r["_shape"] for r in rows})
     if not shapes:
         raise ReportError("every row is profiled; nothing to plot")
     fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.2), squeeze=False)
     for ax, shape in zip(axes[0], shapes):
         here = [r for r in rows if r["_shape"] == shape]
-        for system in sorted({r["system"] for r in here}, key=lambda s: _SYSTEM_ORDER.get(s, 9)):
-            pts = sorted((r["n_adapters"], r["output_tok_per_s"]) for r in here if r["system"] == system)
+        for system in sorted({r["_system"] for r in here}, key=lambda s: (_SYSTEM_ORDER.get(s, 9), s)):
+            pts = sorted((r["n_adapters"], r["output_tok_per_s"]) for r in here if r["_system"] == system)
             if system == "base" or all(n == 0 for n, _ in pts):
                 for _, y in pts:
                     ax.axhline(y, linestyle="--", color="gray", label=f"{system} (no LoRA)")
@@ -261,27 +286,29 @@ def plot_throughput(results: Sequence[Mapping[str, Any]], path: str) -> str:
 
 
 def plot_roofline(results: Sequence[Mapping[str, Any]], path: str) -> str:
-    """Measured output tok/s against the row's roofline (`bench.roofline_rows`), one panel per trace
-    shape, one pair of bars per row that has one (profiled rows left out)."""
+    """Measured output tok/s against the row's roofline (`bench.roofline_rows`), one panel per
+    model and trace shape, one pair of bars per row of each system's newest run that has one
+    (profiled rows left out)."""
     plt = _pyplot()
-    rows = [r for r in all_rows(results)
-            if r.get("roofline_out_tok_per_s") is not None and not r.get("profiled")]
+    rows = newest_runs([r for r in all_rows(results)
+                        if r.get("roofline_out_tok_per_s") is not None and not r.get("profiled")])
     shapes = sorted({r["_shape"] for r in rows})
     if not shapes:
         raise ReportError("no unprofiled row has a roofline; nothing to plot")
-    widths = [max(4.0, 0.6 * sum(r["_shape"] == shape for r in rows)) for shape in shapes]
+    widths = [max(4.0, 1.1 * sum(r["_shape"] == shape for r in rows)) for shape in shapes]
     fig, axes = plt.subplots(1, len(shapes), figsize=(sum(widths) + 1, 4.2), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
     for ax, shape in zip(axes[0], shapes):
         here = sorted((r for r in rows if r["_shape"] == shape),
-                      key=lambda r: (_SYSTEM_ORDER.get(r["system"], 9), r["n_adapters"]))
+                      key=lambda r: (_SYSTEM_ORDER.get(r["system"], 9), r["_system"], r["n_adapters"]))
         x = np.arange(len(here))
         ax.bar(x - 0.2, [r["output_tok_per_s"] for r in here], 0.4, label="measured")
         ax.bar(x + 0.2, [r["roofline_out_tok_per_s"] for r in here], 0.4, label="roofline", alpha=0.6)
         for i, r in enumerate(here):
             ax.annotate(f"{r['pct_of_roofline']:.0f}%", (i - 0.2, r["output_tok_per_s"]),
                         ha="center", va="bottom", fontsize=7)
-        ax.set_xticks(x, [f"{r['system']}\nN={r['n_adapters']:,}" for r in here], fontsize=7)
+        ax.set_xticks(x, [f"{r['_system'].replace(' ', chr(10), 1)}\nN={r['n_adapters']:,}" for r in here],
+                      fontsize=7)
         ax.set_ylabel("output tokens / s")
         ax.set_title(shape, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
@@ -292,10 +319,10 @@ def plot_roofline(results: Sequence[Mapping[str, Any]], path: str) -> str:
 
 def plot_latency_cdf(results: Sequence[Mapping[str, Any]], path: str,
                      which: str = "ttft_quantiles_s") -> str:
-    """CDF of time to first token (or `e2e_quantiles_s`), one panel per trace shape, one line
-    per (system, adapters); the SLO is a vertical line."""
+    """CDF of time to first token (or `e2e_quantiles_s`), one panel per model and trace shape,
+    one line per (system, adapters) of each system's newest run; the SLO is a vertical line."""
     plt = _pyplot()
-    rows = [r for r in all_rows(results) if r.get(which) and not r.get("profiled")]
+    rows = newest_runs([r for r in all_rows(results) if r.get(which) and not r.get("profiled")])
     shapes = sorted({r["_shape"] for r in rows})
     if not shapes:
         raise ReportError(f"no row has {which}; nothing to plot")
@@ -303,9 +330,9 @@ def plot_latency_cdf(results: Sequence[Mapping[str, Any]], path: str,
     frac = np.arange(101) / 100
     for ax, shape in zip(axes[0], shapes):
         here = sorted((r for r in rows if r["_shape"] == shape),
-                      key=lambda r: (_SYSTEM_ORDER.get(r["system"], 9), r["n_adapters"]))
+                      key=lambda r: (_SYSTEM_ORDER.get(r["system"], 9), r["_system"], r["n_adapters"]))
         for r in here:
-            ax.plot(r[which], frac, label=f"{r['system']} N={r['n_adapters']}")
+            ax.plot(r[which], frac, label=f"{r['_system']} N={r['n_adapters']}")
         slos = {r["slo_ttft_s"] for r in here if r.get("slo_ttft_s") is not None}
         if which == "ttft_quantiles_s":
             for s in slos:

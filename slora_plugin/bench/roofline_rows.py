@@ -35,11 +35,11 @@ import glob
 import gzip
 import json
 import os
-import shlex
 from dataclasses import replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from slora_plugin.bench.plan import stock_slot_bytes
+from slora_plugin.bench.command import model_arg
 from slora_plugin.bench.report import shape_key
 from slora_plugin.model_config import ModelMemory, load_model_config
 from slora_plugin.roofline import (
@@ -83,18 +83,6 @@ def model_config_of(meta: Mapping[str, Any]) -> dict[str, Any]:
     if meta.get("model_config"):
         return dict(meta["model_config"])
     return load_model_config(model_arg(meta.get("command", "")))
-
-
-def model_arg(command: str) -> str:
-    """The `--model` of a harness command line (`--model X` or `--model=X`), 'llama-2-7b' (the
-    harness's default) when it names none."""
-    argv = shlex.split(command)
-    for i, a in enumerate(argv):
-        if a == "--model" and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--model="):
-            return a.split("=", 1)[1]
-    return "llama-2-7b"
 
 
 def model_bytes(model_cfg: Mapping[str, Any]) -> ModelBytes:

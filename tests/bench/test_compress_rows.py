@@ -8,7 +8,8 @@ import runpy
 
 import pytest
 
-from slora_plugin.bench.compress_rows import ROW_KEYS, compress_rows, model_name
+from slora_plugin.bench.compress_rows import ROW_KEYS, compress_rows
+from slora_plugin.bench.command import model_name
 from slora_plugin.bench.report import write_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

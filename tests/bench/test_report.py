@@ -7,9 +7,11 @@ import os
 
 import pytest
 
-from bench_results import fake_records, fake_results
+from bench_results import fake_records, fake_results, fake_row
 from slora_plugin.bench.cli import main
-from slora_plugin.bench.report import ReportError, load_results, markdown_table, summarize, write_report
+from slora_plugin.bench.report import (ReportError, all_rows, load_results, markdown_table, newest_runs, summarize,
+                                       write_report, write_results)
+from slora_plugin.bench.workload import WorkloadSpec
 
 
 def test_summarize_numbers():
@@ -50,12 +52,12 @@ def test_results_file_shape(tmp_path):
 
 def test_markdown_table_and_ratio_to_base(tmp_path):
     table = markdown_table(load_results(fake_results(tmp_path)))
-    lines = [ln for ln in table.splitlines() if ln.startswith("| all-at-once")]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ") and ": all-at-once" in ln.split("|")[1]]
     assert len(lines) == 8
     stock1000 = next(ln for ln in lines if "| stock | 1,000 |" in ln)
     assert "| 0.113 |" in stock1000        # 818.9 / 7270.7, as in the baseline's d2 row
     assert "max_loras=128" in stock1000
-    gamma = [ln for ln in table.splitlines() if ln.startswith("| gamma rate 4 cv 1")]
+    gamma = [ln for ln in table.splitlines() if ln.startswith("| ") and ": gamma rate 4 cv 1" in ln.split("|")[1]]
     assert any("| stock | 1,000 |" in ln and "| 0.556 |" in ln for ln in gamma)
     assert "NVIDIA H100 80GB HBM3" in table
     plugin2000 = next(ln for ln in lines if "| plugin | 2,000 |" in ln)
@@ -112,3 +114,38 @@ def test_settings_column_shows_the_plugins_own_settings():
     assert _settings(plugin) == "slora.max_lora_rank=128, slora.target_modules=['qkv_proj', 'o_proj']"
     assert _settings({"max_loras": 128}) == "max_loras=128"
     assert _settings({}) == "-"
+
+
+def test_rows_compare_within_their_model_and_compressed_runs_are_their_own_system(tmp_path):
+    """Two models on one trace shape: each row's 'vs base' is its own model's newest base, a
+    compressed run is labelled as such, and the plots take each system's newest run only."""
+    spec = WorkloadSpec(n_adapters=100, arrival="all")
+    meta = {"device": "H100", "vllm_version": "0.26.0", "plugin_version": "x", "workload": [spec.to_dict()]}
+
+    def write(name, date, model, rows):
+        cmd = "python benchmarks/throughput.py" + (f" --model /cfg/{model}/" if model else "")
+        return write_results(str(tmp_path / name), dict(meta, date=date, command=cmd), rows)
+
+    compressed = dict(fake_row("plugin", 100, 1500.0, spec), compressed={"rank_k": 128, "clusters": 1})
+    paths = [write("throughput-base-1.json", "2026-12-01", None, [fake_row("base", 0, 7000.0, spec)]),
+             write("throughput-base-2.json", "2026-12-06", None, [fake_row("base", 0, 8000.0, spec)]),
+             write("throughput-base-3.json", "2026-12-06", "llama-3-8b", [fake_row("base", 0, 12000.0, spec)]),
+             write("throughput-plugin-1.json", "2026-12-01", None, [fake_row("plugin", 100, 2000.0, spec)]),
+             write("throughput-plugin-2.json", "2026-12-06", None, [fake_row("plugin", 100, 4000.0, spec)]),
+             write("throughput-plugin-3.json", "2026-12-06", "llama-3-8b", [fake_row("plugin", 100, 6000.0, spec),
+                                                                          compressed])]
+    table = markdown_table(load_results(paths)).splitlines()
+
+    def line(model, system, tok):
+        return next(ln for ln in table if ln.startswith(f"| {model}: all-at-once")
+                    and f"| {system} | 100 |" in ln and f"| {tok} |" in ln)
+
+    assert "| 0.500 |" in line("llama-2-7b", "plugin", "4,000.0")      # / 8,000, not / 12,000
+    assert "| 0.250 |" in line("llama-2-7b", "plugin", "2,000.0")      # the newest base, 8,000
+    assert "| 0.500 |" in line("llama-3-8b", "plugin", "6,000.0")
+    assert "| 0.125 |" in line("llama-3-8b", "plugin compressed K=128", "1,500.0")
+    drawn = {(r["_shape"].split(":")[0], r["_system"], r["output_tok_per_s"])
+             for r in newest_runs(all_rows(load_results(paths)))}
+    assert drawn == {("llama-2-7b", "base", 8000.0), ("llama-2-7b", "plugin", 4000.0),
+                     ("llama-3-8b", "base", 12000.0), ("llama-3-8b", "plugin", 6000.0),
+                     ("llama-3-8b", "plugin compressed K=128", 1500.0)}
