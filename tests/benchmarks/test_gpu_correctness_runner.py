@@ -42,8 +42,9 @@ def test_run_records_the_runner_and_names_the_file(tmp_path, monkeypatch, runner
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     seen = []
 
-    def child(cmd):  # stands in for one `--run-one` engine process
-        seen.append(os.environ.get("VLLM_USE_V2_MODEL_RUNNER"))
+    def child(cmd, env):  # stands in for one `--run-one` engine process
+        seen.append(env.get("VLLM_USE_V2_MODEL_RUNNER"))
+        assert env["PYTHONFAULTHANDLER"] == "1"  # an abnormal exit prints every thread's stack
         with open(cmd[cmd.index("--out") + 1], "w") as f:
             json.dump([{"adapter": "a", "cudagraphs": "--eager" not in cmd, "model_runner": used,
                         "tokens_equal": True}], f)
@@ -65,7 +66,7 @@ def test_rows_written_before_an_abnormal_exit_are_kept(tmp_path, monkeypatch):
     stale = tmp_path / ".correctness-graphs.json"
     stale.write_text(json.dumps([{"adapter": "stale", "tokens_equal": True}]))
 
-    def child(cmd):
+    def child(cmd, env):
         eager = "--eager" in cmd
         if eager:
             with open(cmd[cmd.index("--out") + 1], "w") as f:
