@@ -8,6 +8,9 @@
 #   teardown     an engine with the plugin and CUDA graphs started and stopped 20 times, each in its
 #                own process, none exiting abnormally (tests/worker/test_teardown_gpu.py; ~20 x 25 s;
 #                SLORA_TEARDOWN_RUNS / SLORA_TEARDOWN_PARALLEL change the count / engines at once)
+#   teardown-compressed  the same, eager, with a compressed collection beside the plain adapters
+#                (the case that aborted at exit twice on 2026-12-06; SLORA_TEARDOWN_COMPRESSED_RUNS,
+#                default 5; ~2.5 min)
 #   smoke        dummy Llama-2-7B generation, plugin off then on (benchmarks/gpu_smoke.py)
 #   kernels      paged-kernel benchmark vs vLLM's LoRA kernels (benchmarks/bench_kernels.py)
 #   compress-kernels  compressed-collection op vs paged op, Llama-3-8B layers (benchmarks/bench_compressed.py)
@@ -103,12 +106,13 @@ for s in "$@"; do
       rc=${PIPESTATUS[0]}  # pytest's, read before the copy below replaces PIPESTATUS
       cp "$OUT/gpu-tests.log" "$RES/gpu-tests-$DAY.log"
       [ "$rc" -eq 0 ] || status=1 ;;
-    teardown)
+    teardown|teardown-compressed)
       step "$s"
-      timeout -k 10 570 $PY -m pytest -m gpu -k engine_restarts -q -p no:cacheprovider --rootdir "$REPO" \
-          "$REPO/tests/worker/test_teardown_gpu.py" 2>&1 | tee "$OUT/teardown.log"
+      which="engine_restarts and not compressed"; [ "$s" = teardown-compressed ] && which="engine_restarts and compressed"
+      timeout -k 10 570 $PY -m pytest -m gpu -k "$which" -q -p no:cacheprovider --rootdir "$REPO" \
+          "$REPO/tests/worker/test_teardown_gpu.py" 2>&1 | tee "$OUT/$s.log"
       rc=${PIPESTATUS[0]}
-      cp "$OUT/teardown.log" "$RES/teardown-$DAY.log"
+      cp "$OUT/$s.log" "$RES/$s-$DAY.log"
       [ "$rc" -eq 0 ] || status=1 ;;
     smoke)
       step smoke
