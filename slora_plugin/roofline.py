@@ -369,6 +369,23 @@ def measured_step_times(spans: Sequence[RequestSpan], step_s: Sequence[float]) -
 
 
 @dataclass(frozen=True)
+class StepKind:
+    """The busy time of one kind of step against its least time: "prefill" (a step that
+    processes some request's prompt: where requests are admitted, their adapters loaded and
+    their prompts run) or "decode" (every sequence generates one token)."""
+
+    steps: int
+    busy_s: float
+    ideal_s: float
+    adapter_ideal_s: float    # the part of ideal_s that is adapter bytes at copy bandwidth
+
+    @property
+    def pct_of_roofline(self) -> float:
+        """Ideal over measured busy time, in percent."""
+        return 100.0 * self.ideal_s / self.busy_s if self.busy_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
 class Roofline:
     """A run's roofline (module docstring) and its per-step statistics."""
 
@@ -382,6 +399,8 @@ class Roofline:
     adapter_bytes_per_step_mean: float
     batch_size_per_step_mean: float
     kv_tokens_per_step_mean: float
+    #: "prefill" and "decode" steps apart (`StepKind`): which kind holds the gap.
+    by_kind: Mapping[str, StepKind]
 
     @property
     def roofline_duration_s(self) -> float:
@@ -409,15 +428,23 @@ def run_roofline(model: ModelBytes, steps: RunSteps, duration_s: float, out_toke
                  base_efficiency: float = 1.0, arrival_bound_s: float = 0.0) -> Roofline:
     """Sum the steps' least times (see `step_time`) against their measured times."""
     n = len(steps.loads)
-    ideal = sum(step_time(model, ld, gbps, tflops, base_efficiency) for ld in steps.loads)
+    ideals = [step_time(model, ld, gbps, tflops, base_efficiency) for ld in steps.loads]
     mean = (lambda f: sum(f(ld) for ld in steps.loads) / n) if n else (lambda f: 0.0)  # noqa: E731
+    kinds: dict[str, list[float]] = {}  # kind -> [steps, busy, ideal, adapter ideal]
+    for ld, measured, ideal in zip(steps.loads, steps.measured_s, ideals):
+        k = kinds.setdefault("prefill" if ld.prefill else "decode", [0, 0.0, 0.0, 0.0])
+        k[0] += 1
+        k[1] += measured
+        k[2] += ideal
+        k[3] += ld.adapter_bytes / (gbps * 1e9)
     return Roofline(
-        steps=n, busy_s=sum(steps.measured_s), ideal_busy_s=ideal, duration_s=duration_s,
+        steps=n, busy_s=sum(steps.measured_s), ideal_busy_s=sum(ideals), duration_s=duration_s,
         out_tokens=out_tokens, arrival_bound_s=arrival_bound_s,
         distinct_adapters_per_step_mean=mean(lambda ld: ld.adapters),
         adapter_bytes_per_step_mean=mean(lambda ld: ld.adapter_bytes),
         batch_size_per_step_mean=mean(lambda ld: ld.batch),
-        kv_tokens_per_step_mean=mean(lambda ld: ld.decode_ctx))
+        kv_tokens_per_step_mean=mean(lambda ld: ld.decode_ctx),
+        by_kind={kind: StepKind(int(v[0]), v[1], v[2], v[3]) for kind, v in sorted(kinds.items())})
 
 
 def arrival_bound(model: ModelBytes, spans: Sequence[RequestSpan],

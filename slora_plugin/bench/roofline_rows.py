@@ -174,6 +174,10 @@ def roofline_fields(row: Mapping[str, Any], records: Sequence[Mapping[str, Any]]
             "calibrated_on": calibrated_on, **how, "steps": rl.steps, "busy_s": round(rl.busy_s, 3),
             "ideal_busy_s": round(rl.ideal_busy_s, 3), "pct_of_roofline_busy": round(rl.pct_of_roofline_busy, 1),
             "bytes_only_out_tok_per_s": round(pure.roofline_out_tok_per_s, 1),
+            "by_step_kind": {kind: {"steps": k.steps, "busy_s": round(k.busy_s, 3), "ideal_s": round(k.ideal_s, 3),
+                                    "adapter_ideal_s": round(k.adapter_ideal_s, 3),
+                                    "pct_of_roofline_busy": round(k.pct_of_roofline, 1)}
+                             for kind, k in rl.by_kind.items()},
         },
     }
 
@@ -249,7 +253,8 @@ def roofline_table(files_rows: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]
     """Markdown: measured against roofline for every row that has one, with what it was made
     of; `files_rows` pairs a results file's base name with its rows (`fill_file`)."""
     head = ["file", "trace", "system", "adapters", "measured out tok/s", "roofline out tok/s",
-            "% of roofline", "% of roofline, busy steps", "base eta (calibrated on)", "batch / step",
+            "% of roofline", "% of roofline, busy steps", "decode-only / prefill steps: s measured (% of roofline)",
+            "base eta (calibrated on)", "batch / step",
             "KV tokens / step", "distinct adapters / step", "adapter GB / step", "steps (source, check)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, rows in files_rows:
@@ -262,9 +267,19 @@ def roofline_table(files_rows: Sequence[tuple[str, Sequence[Mapping[str, Any]]]]
             lines.append("| " + " | ".join([
                 name.replace("throughput-", "").replace(".json", ""), r["trace"] + flags, r["system"],
                 f"{r['n_adapters']:,}", f"{r['output_tok_per_s']:,.0f}", f"{r['roofline_out_tok_per_s']:,.0f}",
-                f"{r['pct_of_roofline']:.1f}", f"{rl['pct_of_roofline_busy']:.1f}",
+                f"{r['pct_of_roofline']:.1f}", f"{rl['pct_of_roofline_busy']:.1f}", _by_kind(rl),
                 f"{rl['base_efficiency']:.3f} ({cal})", f"{r['batch_size_per_step_mean']:.1f}",
                 f"{r['kv_tokens_per_step_mean']:,}", f"{r['distinct_adapters_per_step_mean']:.1f}",
                 f"{r['adapter_bytes_per_step_mean'] / 1e9:.2f}",
                 f"{rl['steps']:,} ({rl['steps_source']}, {rl['step_count_check']})"]) + " |")
     return "\n".join(lines)
+
+
+def _by_kind(rl: Mapping[str, Any]) -> str:
+    """The decode-only and the prefill steps' busy seconds and % of their roofline ("-" for rows
+    recorded before the split was kept)."""
+    kinds = rl.get("by_step_kind")
+    if not kinds:
+        return "-"
+    return " / ".join(f"{kinds[k]['busy_s']:.1f} ({kinds[k]['pct_of_roofline_busy']:.0f}%)" if k in kinds else "-"
+                      for k in ("decode", "prefill"))

@@ -123,7 +123,7 @@ def test_run_steps_by_hand():
 def test_roofline_and_base_efficiency():
     r = Roofline(steps=2, busy_s=2.0, ideal_busy_s=1.0, duration_s=3.0, out_tokens=30, arrival_bound_s=0.0,
                  distinct_adapters_per_step_mean=0, adapter_bytes_per_step_mean=0,
-                 batch_size_per_step_mean=0, kv_tokens_per_step_mean=0)
+                 batch_size_per_step_mean=0, kv_tokens_per_step_mean=0, by_kind={})
     # idle 1 s kept, busy 2 s -> 1 s
     assert (r.roofline_duration_s, r.roofline_out_tok_per_s) == (2.0, 15.0)
     assert r.pct_of_roofline == pytest.approx(200 / 3) and r.pct_of_roofline_busy == 50.0
@@ -137,6 +137,13 @@ def test_roofline_and_base_efficiency():
     assert rl.distinct_adapters_per_step_mean == (1 + 2 + 2 + 0 + 1) / 5
     assert rl.adapter_bytes_per_step_mean == (10 + 110 + 110 + 10) / 5
     assert (rl.batch_size_per_step_mean, rl.kv_tokens_per_step_mean) == ((1 + 2 + 2 + 1) / 5, (5 + 9) / 5)
+    # steps 0, 1 and 4 run a prompt, 2 and 3 only decode (3 is empty, half of it idle)
+    prefill, decode = rl.by_kind["prefill"], rl.by_kind["decode"]
+    assert (prefill.steps, prefill.busy_s, decode.steps, decode.busy_s) == (3, 3.0, 2, 1.5)
+    assert prefill.ideal_s == pytest.approx(ideal[0] + ideal[1] + ideal[4])
+    assert decode.ideal_s == pytest.approx(ideal[2] + ideal[3])
+    assert (prefill.adapter_ideal_s, decode.adapter_ideal_s) == (10 + 110 + 10, 110)
+    assert decode.pct_of_roofline == pytest.approx(100 * decode.ideal_s / 1.5)
     # a base run at twice its bytes roofline has eta 0.5, and charging it at eta gives 100%
     base = run_steps([RequestSpan(-1, 4, 3, 0.0, 1.0, 3.0)], [1.0, 2.0, 3.0], lambda a: None)
     t = sum(step_time(TINY, ld, **UNIT) for ld in base.loads)
@@ -244,6 +251,10 @@ def test_recorded_run_rows_report_and_script(tmp_path, capsys):
     ideal = sum(step_time(mb, ld, **UNIT, base_efficiency=eta) for ld in p_steps.loads)
     assert plugin["roofline_out_tok_per_s"] == round(24 / ideal, 1)
     assert plugin["pct_of_roofline"] == round(100 * ideal / plugin_ends[-1], 1)
+    kinds = plugin["roofline"]["by_step_kind"]  # the busy time split by step kind adds up
+    assert sum(k["steps"] for k in kinds.values()) == 8
+    assert sum(k["ideal_s"] for k in kinds.values()) == pytest.approx(ideal, abs=2e-3)
+    assert "prefill" in kinds and all(k["busy_s"] > 0 for k in kinds.values())
     stock = fill_file(stock_path, candidates, **UNIT)[0]
     assert stock["roofline"]["steps_source"] == "reconstructed" and stock["roofline"]["steps"] == 8
     slot = 16 * 2 * (3 * 64 + 64 + 32 + 32) * 2                 # rank 16 padded, qkv_proj slices
