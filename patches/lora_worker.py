@@ -62,6 +62,7 @@ REQUIRES = (
     Requires("vllm.lora.punica_wrapper.punica_base:PunicaWrapperBase._update_base_metadata",
              ("self", "mapping", "lora_index_to_id", "max_loras", "vocab_size")),
     Requires("vllm.lora.lora_model:LoRAModel", ("lora_model_id", "rank", "loras")),
+    Requires("vllm.lora.layers.utils:LoRAMapping", ("index_mapping",)),
     InstanceAttributes("vllm.v1.worker.gpu_model_runner:GPUModelRunner", ("model_memory_usage",)),
     InstanceAttributes("vllm.v1.worker.gpu.model_runner:GPUModelRunner", ("model_memory_usage",)),
     Requires("vllm.v1.worker.gpu_worker:Worker.determine_available_memory", ("self",)),
@@ -94,6 +95,12 @@ def update_token_slots(model_manager: Any, mapping: Any) -> torch.Tensor:
     wrapper._update_base_metadata(mapping, model_manager.lora_index_to_id,
                                   model_manager.lora_slots + 1, model_manager.vocab_size)
     return wrapper.token_lora_indices
+
+
+def distinct_adapters(mapping: Any) -> int:
+    """The distinct adapters among `mapping`'s tokens (`LoRAMapping.index_mapping`: one LoRA id
+    per token, 0 for none)."""
+    return len(set(mapping.index_mapping) - {0})
 
 
 def check_model_manager(model_manager: Any) -> None:

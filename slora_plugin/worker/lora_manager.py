@@ -153,8 +153,10 @@ class SLoRAModelManager(LRUCacheLoRAModelManager):
 
     def _set_adapter_mapping(self, mapping) -> None:
         """Only the per-token slots, not vLLM's `update_metadata`: its kernel metadata is never
-        read here and costs two host-device syncs per call (`worker_patch.update_token_slots`)."""
-        self.runtime.set_token_slots(worker_patch.update_token_slots(self, mapping))
+        read here and costs two host-device syncs per call (`worker_patch.update_token_slots`);
+        and the step's distinct adapters, counted on the host from the mapping (no sync)."""
+        self.runtime.set_token_slots(worker_patch.update_token_slots(self, mapping),
+                                     worker_patch.distinct_adapters(mapping))
 
 
 class SLoRAWorkerLoRAManager(LRUCacheWorkerLoRAManager):

@@ -81,6 +81,9 @@ class PagedLoRARuntime:
         self.compressed: ResidentBases | None = None
         self._workspace = None
         self._layer_of: dict[str, int] = {}
+        #: Distinct adapters among the current step's tokens, when known (`set_token_slots`):
+        #: picks the kernels' tiles of a batch too large for CUDA graphs (`tiling.choose_config`).
+        self.adapters: int | None = None
 
     def serve_compressed(self, bases: ResidentBases, diagonal: bool, dtype: torch.dtype) -> None:
         """Serve compressed adapters whose clusters are `bases` (before CUDA graphs are
@@ -116,8 +119,10 @@ class PagedLoRARuntime:
         return pool
 
     # -- per step -----------------------------------------------------------------------
-    def set_token_slots(self, slots: torch.Tensor) -> None:
-        """Install this step's token -> slot map (once per step, not per layer)."""
+    def set_token_slots(self, slots: torch.Tensor, adapters: int | None = None) -> None:
+        """Install this step's token -> slot map (once per step, not per layer) and, when the
+        caller knows it, how many distinct adapters its tokens have."""
+        self.adapters = adapters
         n = int(slots.shape[0])
         if n > self.max_tokens:
             raise ValueError(f"{n} tokens in a step but the LoRA metadata holds {self.max_tokens}")
@@ -137,9 +142,11 @@ class PagedLoRARuntime:
         mids, widths = tuple(module_ids), tuple(slice_widths)
         if self.meta is not None and x.is_cuda:
             from slora_plugin.kernels.lora_linear import paged_lora_linear
+            from slora_plugin.kernels.tiling import choose_config
 
+            config = choose_config(x.shape[0], x.shape[1], self.max_rank, self.adapters)
             paged_lora_linear(y, x, pool, self.meta, t.a_addr, t.b_addr, t.ranks, t.scales,
-                              mids, widths, self.max_rank)
+                              mids, widths, self.max_rank, config)
         else:
             from slora_plugin.kernels.lora_linear import lora_linear_ref
 

@@ -19,6 +19,20 @@ def test_decode_split_rule() -> None:
     assert config.max_split == 16
 
 
+def test_large_batches_with_few_tokens_per_adapter_keep_the_decode_tiles() -> None:
+    """Up to DECODE_MAX_TOKENS (CUDA graphs) always decode; past it, decode only while the
+    tokens per distinct adapter average at most one decode tile, else (or unknown) prefill."""
+    decode, prefill = decode_config(4096, MAX_RANK), tiling.prefill_config(4096, MAX_RANK)
+    choose = tiling.choose_config
+    assert choose(512, 4096, MAX_RANK) == decode and choose(512, 4096, MAX_RANK, adapters=1) == decode
+    assert choose(513, 4096, MAX_RANK) == prefill                        # adapters unknown
+    assert choose(609, 4096, MAX_RANK, adapters=82) == decode            # ~7 tokens per adapter
+    assert choose(16 * 40, 4096, MAX_RANK, adapters=40) == decode        # exactly one tile each
+    assert choose(16 * 40 + 1, 4096, MAX_RANK, adapters=40) == prefill
+    assert choose(16384, 4096, MAX_RANK, adapters=64) == prefill         # long prompts
+    assert choose(1024, 4096, MAX_RANK, adapters=0) == prefill           # no adapter: nothing to tile
+
+
 def test_every_tuning_constant_is_tabled_in_notes() -> None:
     """kernels/NOTES.md's "Tuning constants" table names every measured number of tiling.py with
     its value: a retuned constant must say where its new value was measured."""

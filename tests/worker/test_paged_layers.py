@@ -433,6 +433,9 @@ def test_mapping_updates_only_the_token_slots(vllm_cpu, tiny_dims, monkeypatch):
     expect = [slot[i] if i else -1 for i in token_map]
     assert mgr.runtime.token_slot[:4].tolist() == expect
     assert mgr.runtime.token_slot[4:].eq(-1).all()
+    assert mgr.runtime.adapters == 2  # the step's distinct adapters, for the kernels' tiles
+    mgr.set_adapter_mapping(LoRAMapping((0, 0, 0), (0,), is_prefill=False))
+    assert mgr.runtime.adapters == 0
 
 
 def test_mixed_batch_of_plain_and_compressed_adapters(vllm_cpu, tiny_dims, monkeypatch, tmp_path):
