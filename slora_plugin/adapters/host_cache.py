@@ -59,7 +59,7 @@ class Lease:
         self._cache, self._entry = cache, entry
         self.spec: AnySpec = entry.spec
         #: The adapter's host form (pinned when CUDA is there): a `RawAdapter` (buffer and
-        #: layout) for a `AdapterSpec`, the cores tensor for a `CompressedSpec`.
+        #: layout) for an `AdapterSpec`, the cores tensor for a `CompressedSpec`.
         self.raw: HostForm = entry.raw
         #: Host bytes the lease holds.
         self.nbytes: int = entry.nbytes
@@ -135,7 +135,7 @@ class HostCache:
 
     # ---- public -------------------------------------------------------------------------------
     def get(self, spec: AnySpec) -> Lease:
-        """The raw adapter, loading it (once, however many callers) if it is not cached."""
+        """The adapter's host form, loading it (once, however many callers) if it is not cached."""
         key = (spec.path, spec.content_id)
         # A call counts once: as a hit, a miss (it started the load) or a join. It waited from
         # its first look if that found no entry (None: it has not waited).
