@@ -11,12 +11,12 @@ For each N of --n-adapters: N adapters (rank --rank on --targets), each a small 
     nothing, so the sequential rate does not depend on N: min(N, --peft-adapters) of them are
     measured and their rate stands for all N (the row says how many);
   - base only: the frozen base model alone (no LoRA layers, no trainable parameter) running
-    forward + backward, same loss, on adapter 0's micro-batches, with gradients flowing only to the
-    embedding output (detached, requiring grad): the activation gradients through every layer that
-    any frozen-base LoRA trainer must compute, no weight gradient, no optimizer. With one adapter's
-    job already a full micro-batch this is the ceiling of a LoRA trainer's tokens/s. Its
-    micro-batches have the same shape for every N, so it is measured once per run (in the first
-    row's base, --warmup + --steps steps) and repeated in every row; --no-base-only skips it.
+    forward + backward, same loss, on the mixed step's rows (every adapter's, micro-batched as the
+    mixed run packs them), with gradients flowing only to the embedding output (detached,
+    requiring grad): the activation gradients through every layer that any frozen-base LoRA
+    trainer must compute, no weight gradient, no optimizer: the ceiling of the mixed run's
+    tokens/s at that N. Measured for every N (its fresh base, before PEFT and the Trainer touch
+    it; --warmup + --steps steps); --no-base-only skips it.
 Throughput counts the input tokens of the timed steps (after --warmup untimed steps), between
 device synchronizations. `max_rel_loss_diff`: the largest |mixed - PEFT| / PEFT of a step's loss
 over the adapters PEFT trained and every step (fp32 on the CPU: ~1e-6; bf16 rounds differently).
@@ -143,13 +143,21 @@ def frozen_training(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+def mixed_steps(job: TrainJob, vocab: int) -> list[list[Row]]:
+    """The rows of each step with every adapter in it (adapter i's rows as `Row(i, ...)`), as the
+    mixed run takes them."""
+    per_adapter = [adapter_steps(job, slot, vocab) for slot in range(len(job.adapters))]
+    return [[Row(slot, r.sample) for slot, steps in enumerate(per_adapter) for r in steps[step]]
+            for step in range(len(per_adapter[0]))]
+
+
 def base_only(base: nn.Module, job: TrainJob, warmup: int, device: str) -> float:
-    """Tokens/s of the frozen base alone on adapter 0's steps (see the module docstring): the
-    ceiling of any LoRA trainer once one adapter's job fills a micro-batch."""
+    """Tokens/s of the frozen base alone on the mixed run's steps (see the module docstring): the
+    ceiling of any LoRA trainer on these micro-batches."""
     tokens, seconds = 0, 0.0
     with frozen_training(base):
         embed = base.get_input_embeddings()
-        for step, rows in enumerate(adapter_steps(job, 0, base.config.vocab_size)):
+        for step, rows in enumerate(mixed_steps(job, base.config.vocab_size)):
             sync(device)
             t0 = time.perf_counter()
             forward_backward(base, rows, job.micro_batch_tokens, device, embed)
@@ -217,21 +225,19 @@ def mixed(base: nn.Module, job: TrainJob, warmup: int, device: str) -> tuple[flo
 def run(args: argparse.Namespace, write: Callable[[dict], None] = lambda result: None,
         day: str | None = None) -> dict:
     """Every N of --n-adapters in turn; `write(result so far)` after each row, so a run cut
-    by a time limit keeps the rows it finished. The base-only rate is measured in the first row's
-    fresh base, before PEFT and the Trainer touch it, and reused for every row."""
+    by a time limit keeps the rows it finished. The base-only rate is measured in each row's
+    fresh base, before PEFT and the Trainer touch it."""
     dtype = getattr(torch, args.dtype)
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu"
     settings = {k: getattr(args, k) for k in ("config", "seqs_per_adapter", "seq_len", "rank", "alpha", "targets",
                                               "lr", "steps", "warmup", "micro_batch_tokens", "dtype", "backend")}
     result = {"date": day or datetime.date.today().isoformat(), "device": device, "settings": settings, "rows": []}
     rows = result["rows"]
-    base_tps: float | None = None
     for n in (int(v) for v in args.n_adapters.split(",")):
         with tempfile.TemporaryDirectory() as workdir:
             base = build_base(args.config, dtype, args.device)
             job = write_job(workdir, args, n, base.config.vocab_size)
-            if args.base_only and base_tps is None:
-                base_tps = base_only(base, job, args.warmup, args.device)
+            base_tps = base_only(base, job, args.warmup, args.device) if args.base_only else None
             measured = list(range(min(n, args.peft_adapters)))
             peft_tps, peft_losses, base = peft_sequential(base, job, measured, args.warmup, args.device)
             tps, step_s, ours = mixed(base, job, args.warmup, args.device)
@@ -281,7 +287,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch-tokens", type=int, default=4096)
     p.add_argument("--peft-adapters", type=int, default=4, help="adapters PEFT trains to measure its rate")
     p.add_argument("--no-base-only", dest="base_only", action="store_false",
-                   help="skip the frozen base's forward + backward alone (the LoRA ceiling; once per run)")
+                   help="skip the frozen base's forward + backward alone (the LoRA ceiling, for every N)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto", choices=("auto", "paged", "torch"))

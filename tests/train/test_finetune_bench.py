@@ -39,9 +39,21 @@ def test_finetune_bench_smoke(tmp_path, one_thread, bench) -> None:  # noqa: F81
         assert row["fraction_of_base_only"] == pytest.approx(row["tokens_per_s"] / row["base_only_tokens_per_s"],
                                                              abs=1e-3)
     assert [r["peft_adapters_measured"] for r in result["rows"]] == [1, 2]
-    # measured once per run: every row repeats the same number
-    assert len({r["base_only_tokens_per_s"] for r in result["rows"]}) == 1
     assert f"{result['rows'][0]['base_only_tokens_per_s']:,.0f} (" in bench["table"](result)
+
+
+def test_base_only_runs_the_mixed_steps_rows(tmp_path, bench) -> None:
+    """The ceiling of N adapters runs every adapter's rows of each step, as the mixed run does
+    (one adapter's rows would under-fill the micro-batches of small jobs)."""
+    args = bench["parse_args"](TINY + ["--steps", "2"])
+    job = bench["write_job"](str(tmp_path), args, 3, VOCAB)
+    steps = bench["mixed_steps"](job, VOCAB)
+    assert len(steps) == 1 + 2  # warmup + timed
+    for step, rows in enumerate(steps):
+        assert sorted({r.slot for r in rows}) == [0, 1, 2] and len(rows) == 3 * 2  # 2 sequences each
+        for slot in range(3):
+            mine = [r.sample.input_ids for r in rows if r.slot == slot]
+            assert mine == [r.sample.input_ids for r in bench["adapter_steps"](job, slot, VOCAB)[step]]
 
 
 @pytest.mark.slow
