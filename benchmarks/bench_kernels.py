@@ -1,6 +1,8 @@
-"""Paged LoRA kernels vs vLLM 0.26's `lora_shrink`/`lora_expand` on a fused Llama-2-7B qkv_proj (H100).
+"""Paged LoRA kernels vs vLLM 0.26's `lora_shrink`/`lora_expand` on one layer (H100): by default a
+fused Llama-2-7B qkv_proj, or with --layer a Llama-3-8B-shaped (GQA) qkv_proj, o_proj, fused
+gate_up_proj or down_proj (the shapes of adapters on all seven modules).
 
-    python benchmarks/bench_kernels.py [--out-dir benchmarks/results] [--rep-ms 25]
+    python benchmarks/bench_kernels.py [--layer llama-3-8b:gate_up_proj] [--out-dir benchmarks/results] [--rep-ms 25]
 
 Cases: uniform rank 16 and mixed ranks {8,16,32,64,128} (slot j has rank RANKS[j % 5]); 1, 16, 64
 and 256 distinct adapters; decode batches of 1..512 tokens (one token per sequence, adapters
@@ -18,8 +20,8 @@ Bandwidth: bytes that must move at least once over the time: shrink = x + every 
 adapter's real-rank A rows; expand = y + real-rank B rows; both = all of them (y counted once).
 `pct_copy_bw` compares with a device-to-device copy measured in the same run (read + write).
 `no_adapter`: both ops at 1 and 256 tokens none of which has an adapter (the per-layer cost of a
-step without LoRA requests). Writes benchmarks/results/kernels-<date>.json and prints a markdown
-table. ~3 minutes on an H100.
+step without LoRA requests). Writes benchmarks/results/kernels-<date>.json (another --layer:
+kernels-<model>-<layer>-<date>.json) and prints a markdown table. ~3 minutes on an H100.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 import torch
 import triton
@@ -43,7 +45,7 @@ from slora_plugin.kernels.lora_linear import paged_lora_linear
 from slora_plugin.kernels.metadata import SegmentMeta
 from slora_plugin.kernels.shrink import paged_lora_shrink, shrink_buffer
 from slora_plugin.kernels.tiling import choose_config
-from slora_plugin.layout import ModelDims
+from slora_plugin.layout import MODULE_INDEX, ModelDims
 
 try:  # vLLM is optional: without it only our rows are measured
     from vllm.lora.ops.triton_ops import LoRAKernelMeta, lora_expand, lora_shrink
@@ -56,12 +58,52 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 build_synthetic_pool = load_test_module("kernels/synthetic_pool.py").build_synthetic_pool
 
-DIMS = ModelDims(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
-                 intermediate_size=11008, num_hidden_layers=32)        # Llama-2-7B
-MODULE_IDS = (0, 1, 2)                                                  # q, k, v
-WIDTHS = (4096, 4096, 4096)
-K_IN = 4096
-PAGE_ELEMS = 2 * 16 * 32 * 128    # vLLM's fp16 page of one layer, block size 16
+LLAMA_2_7B = ModelDims(hidden_size=4096, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                       intermediate_size=11008, num_hidden_layers=32)
+LLAMA_3_8B = ModelDims(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                       intermediate_size=14336, num_hidden_layers=32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """One fused LoRA call of a model: its modules share the input, their outputs sit side by side."""
+
+    name: str
+    dims: ModelDims
+    modules: tuple[str, ...]
+
+    @property
+    def module_ids(self) -> tuple[int, ...]:
+        return tuple(MODULE_INDEX[m] for m in self.modules)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(self.dims.module_io(m)[1] for m in self.modules)
+
+    @property
+    def k_in(self) -> int:
+        return self.dims.module_io(self.modules[0])[0]
+
+    @property
+    def page_elems(self) -> int:
+        """vLLM's fp16 page of one layer: block size 16, K and V of every KV head."""
+        return 2 * 16 * self.dims.num_key_value_heads * self.dims.head_dim
+
+    def weight_bytes(self, slot_ranks: Sequence[Mapping[str, int]]) -> tuple[int, int]:
+        """(A, B) bytes of these adapters' real-rank rows on this layer's modules, fp16."""
+        a = sum(2 * r[m] * self.k_in for r in slot_ranks for m in self.modules)
+        b = sum(2 * r[m] * w for r in slot_ranks for m, w in zip(self.modules, self.widths))
+        return a, b
+
+
+LAYERS = {layer.name: layer for layer in (
+    Layer("llama-2-7b:qkv_proj", LLAMA_2_7B, ("q_proj", "k_proj", "v_proj")),
+    Layer("llama-3-8b:qkv_proj", LLAMA_3_8B, ("q_proj", "k_proj", "v_proj")),
+    Layer("llama-3-8b:o_proj", LLAMA_3_8B, ("o_proj",)),
+    Layer("llama-3-8b:gate_up_proj", LLAMA_3_8B, ("gate_proj", "up_proj")),
+    Layer("llama-3-8b:down_proj", LLAMA_3_8B, ("down_proj",)),
+)}
+DEFAULT_LAYER = "llama-2-7b:qkv_proj"
 MAX_RANK = 128                    # the plugin's table width (max_lora_rank)
 DTYPE = torch.float16
 DEVICE = "cuda"
@@ -99,8 +141,8 @@ def timed(fn: Callable[[], None], rep_ms: int) -> tuple[float, bool]:
     return ms * 1e3, is_graph
 
 
-def slot_ranks(rank_set: tuple[int, ...]) -> list[dict[str, int]]:
-    return [{m: rank_set[j % len(rank_set)] for m in ("q_proj", "k_proj", "v_proj")} for j in range(MAX_SLOTS)]
+def slot_ranks(layer: Layer, rank_set: tuple[int, ...]) -> list[dict[str, int]]:
+    return [{m: rank_set[j % len(rank_set)] for m in layer.modules} for j in range(MAX_SLOTS)]
 
 
 def token_slots(phase: str, tokens: int, distinct: int) -> torch.Tensor:
@@ -117,11 +159,11 @@ class VllmWeights:
     hit a stale entry.
     """
 
-    def __init__(self, weights: list, pad: int) -> None:
+    def __init__(self, layer: Layer, weights: list, pad: int) -> None:
         self.a, self.b = [], []
-        for m in ("q_proj", "k_proj", "v_proj"):
-            a = torch.zeros(MAX_SLOTS, pad, K_IN, dtype=DTYPE, device=DEVICE)
-            b = torch.zeros(MAX_SLOTS, WIDTHS[0], pad, dtype=DTYPE, device=DEVICE)
+        for m, width in zip(layer.modules, layer.widths):
+            a = torch.zeros(MAX_SLOTS, pad, layer.k_in, dtype=DTYPE, device=DEVICE)
+            b = torch.zeros(MAX_SLOTS, width, pad, dtype=DTYPE, device=DEVICE)
             for j, slot_weights in enumerate(weights):
                 wa, wb = slot_weights[m]
                 if wa.shape[0] <= pad:
@@ -136,7 +178,7 @@ class VllmCase:
 
     def __init__(self, w: VllmWeights, slots: torch.Tensor, tokens: int) -> None:
         self.w = w
-        self.h = torch.empty(len(MODULE_IDS), tokens, w.a[0].shape[1], dtype=torch.float32, device=DEVICE)
+        self.h = torch.empty(len(w.a), tokens, w.a[0].shape[1], dtype=torch.float32, device=DEVICE)
         self.meta = LoRAKernelMeta.make(MAX_SLOTS, tokens, DEVICE)
         self.meta.prepare_tensors(slots)
         self.args = self.meta.meta_args(tokens, True)
@@ -152,14 +194,14 @@ class VllmCase:
         self.expand(y)
 
 
-def run_case(rank_name: str, sp, vllm_weights: dict, phase: str, tokens: int, distinct: int, copy_bw: float,
-             meta: SegmentMeta, rep_ms: int) -> list[dict]:
+def run_case(layer: Layer, rank_name: str, sp, vllm_weights: dict, phase: str, tokens: int, distinct: int,
+             copy_bw: float, meta: SegmentMeta, rep_ms: int) -> list[dict]:
+    module_ids, widths, k_in = layer.module_ids, layer.widths, layer.k_in
     slots = token_slots(phase, tokens, distinct)
-    used_ranks = sorted({int(r) for r in sp.ranks[:distinct, 0].tolist()})
-    rank_sum = int(sp.ranks[:distinct, :3].sum())
-    w_bytes = 2 * rank_sum * K_IN, 2 * rank_sum * WIDTHS[0]          # real-rank A rows, B rows
-    x = torch.randn(tokens, K_IN, dtype=DTYPE, device=DEVICE) / 4
-    y = torch.zeros(tokens, sum(WIDTHS), dtype=DTYPE, device=DEVICE)
+    used_ranks = sorted({int(r) for r in sp.ranks[:distinct, module_ids[0]].tolist()})
+    w_bytes = layer.weight_bytes(slot_ranks(layer, RANK_SETS[rank_name])[:distinct])  # real-rank A, B rows
+    x = torch.randn(tokens, k_in, dtype=DTYPE, device=DEVICE) / 4
+    y = torch.zeros(tokens, sum(widths), dtype=DTYPE, device=DEVICE)
     x_bytes, y_bytes = x.numel() * 2, y.numel() * 2
     op_bytes = {"shrink": x_bytes + w_bytes[0], "expand": y_bytes + w_bytes[1],
                 "both": x_bytes + y_bytes + sum(w_bytes)}
@@ -167,21 +209,21 @@ def run_case(rank_name: str, sp, vllm_weights: dict, phase: str, tokens: int, di
     update_us, update_graph = timed(lambda: meta.update(slots), rep_ms)
     update_eager_us = 1e3 * triton.testing.do_bench(lambda: meta.update(slots), warmup=5, rep=rep_ms,
                                                     return_mode="median")
-    config = choose_config(tokens, K_IN, MAX_RANK)
-    h = shrink_buffer(tokens, len(MODULE_IDS), MAX_RANK, config, DEVICE)
+    config = choose_config(tokens, k_in, MAX_RANK)
+    h = shrink_buffer(tokens, len(module_ids), MAX_RANK, config, DEVICE)
     tables = (sp.a_addr, sp.b_addr, sp.ranks, sp.scales)
     ours = {
-        "shrink": lambda: paged_lora_shrink(h, x, sp.pool, meta, sp.a_addr, sp.ranks, MODULE_IDS, MAX_RANK, config),
-        "expand": lambda: paged_lora_expand(y, h, sp.pool, meta, sp.b_addr, sp.ranks, sp.scales, MODULE_IDS,
-                                            WIDTHS, MAX_RANK, config),
-        "both": lambda: paged_lora_linear(y, x, sp.pool, meta, *tables, MODULE_IDS, WIDTHS, MAX_RANK, config),
+        "shrink": lambda: paged_lora_shrink(h, x, sp.pool, meta, sp.a_addr, sp.ranks, module_ids, MAX_RANK, config),
+        "expand": lambda: paged_lora_expand(y, h, sp.pool, meta, sp.b_addr, sp.ranks, sp.scales, module_ids,
+                                            widths, MAX_RANK, config),
+        "both": lambda: paged_lora_linear(y, x, sp.pool, meta, *tables, module_ids, widths, MAX_RANK, config),
     }
     vllm, max_diff = None, None
     if VLLM_ERROR is None:
         pad = max(used_ranks)
         key = (rank_name, pad)
         if key not in vllm_weights:
-            vllm_weights[key] = VllmWeights(sp.weights, pad)
+            vllm_weights[key] = VllmWeights(layer, sp.weights, pad)
         vllm = VllmCase(vllm_weights[key], slots, tokens)
         y_v = torch.zeros_like(y)
         vllm.both(x, y_v)
@@ -232,20 +274,21 @@ SWEEP = {
 }
 
 
-def sweep(sp, meta: SegmentMeta, rep_ms: int) -> list[dict]:
+def sweep(layer: Layer, sp, meta: SegmentMeta, rep_ms: int) -> list[dict]:
     """Shrink and expand times of config variants on the mixed-rank pool."""
+    module_ids, widths, k_in = layer.module_ids, layer.widths, layer.k_in
     out = []
     for (phase, tokens, distinct), changes in SWEEP.items():
         meta.update(token_slots(phase, tokens, distinct))
-        x = torch.randn(tokens, K_IN, dtype=DTYPE, device=DEVICE) / 4
-        y = torch.zeros(tokens, sum(WIDTHS), dtype=DTYPE, device=DEVICE)
+        x = torch.randn(tokens, k_in, dtype=DTYPE, device=DEVICE) / 4
+        y = torch.zeros(tokens, sum(widths), dtype=DTYPE, device=DEVICE)
         for change in changes:
-            config = dataclasses.replace(choose_config(tokens, K_IN, MAX_RANK), **change)
-            h = shrink_buffer(tokens, len(MODULE_IDS), MAX_RANK, config, DEVICE)
-            shrink_us, _ = timed(lambda: paged_lora_shrink(h, x, sp.pool, meta, sp.a_addr, sp.ranks, MODULE_IDS,
+            config = dataclasses.replace(choose_config(tokens, k_in, MAX_RANK), **change)
+            h = shrink_buffer(tokens, len(module_ids), MAX_RANK, config, DEVICE)
+            shrink_us, _ = timed(lambda: paged_lora_shrink(h, x, sp.pool, meta, sp.a_addr, sp.ranks, module_ids,
                                                            MAX_RANK, config), rep_ms)
             expand_us, _ = timed(lambda: paged_lora_expand(y, h, sp.pool, meta, sp.b_addr, sp.ranks, sp.scales,
-                                                           MODULE_IDS, WIDTHS, MAX_RANK, config), rep_ms)
+                                                           module_ids, widths, MAX_RANK, config), rep_ms)
             out.append({"phase": phase, "tokens": tokens, "distinct_adapters": distinct, "change": change,
                         "shrink_us": round(shrink_us, 2), "expand_us": round(expand_us, 2)})
             print(f"  sweep {phase} T={tokens} D={distinct} {change or 'default'}: shrink {shrink_us:.1f} us, "
@@ -253,16 +296,16 @@ def sweep(sp, meta: SegmentMeta, rep_ms: int) -> list[dict]:
     return out
 
 
-def no_adapter_rows(sp, meta: SegmentMeta, rep_ms: int) -> list[dict]:
+def no_adapter_rows(layer: Layer, sp, meta: SegmentMeta, rep_ms: int) -> list[dict]:
     """Both ops on a batch whose tokens have no adapter: what a step without LoRA requests pays
     (the launches of the persistent grids, each program finding no work)."""
     out = []
     for tokens in (1, 256):
         meta.update(torch.full((tokens,), -1, dtype=torch.int32, device=DEVICE))
-        x = torch.randn(tokens, K_IN, dtype=DTYPE, device=DEVICE)
-        y = torch.zeros(tokens, sum(WIDTHS), dtype=DTYPE, device=DEVICE)
+        x = torch.randn(tokens, layer.k_in, dtype=DTYPE, device=DEVICE)
+        y = torch.zeros(tokens, sum(layer.widths), dtype=DTYPE, device=DEVICE)
         t_us, graphed = timed(lambda: paged_lora_linear(y, x, sp.pool, meta, sp.a_addr, sp.b_addr, sp.ranks,
-                                                        sp.scales, MODULE_IDS, WIDTHS, MAX_RANK), rep_ms)
+                                                        sp.scales, layer.module_ids, layer.widths, MAX_RANK), rep_ms)
         out.append({"op": "both", "tokens": tokens, "time_us": round(t_us, 2), "graph": graphed})
         print(f"  no adapter T={tokens}: both {t_us:.1f} us", file=sys.stderr)
     return out
@@ -285,10 +328,13 @@ def markdown(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--layer", default=DEFAULT_LAYER, choices=sorted(LAYERS),
+                        help="the model's fused LoRA call to measure")
     parser.add_argument("--out-dir", default=os.path.join(HERE, "results"))
     parser.add_argument("--rep-ms", type=int, default=25, help="do_bench measuring time per case (ms)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the config sweep (tuning data)")
     args = parser.parse_args()
+    layer = LAYERS[args.layer]
     if not torch.cuda.is_available():
         sys.exit("bench_kernels.py needs a CUDA GPU")
     started = time.time()
@@ -302,25 +348,26 @@ def main() -> None:
     vllm_weights: dict = {}   # kept alive for the whole run, see VllmWeights
     pools = []
     for rank_name, rank_set in RANK_SETS.items():
-        sp = build_synthetic_pool(DIMS, slot_ranks(rank_set), PAGE_ELEMS, DTYPE, DEVICE, MAX_RANK,
+        sp = build_synthetic_pool(layer.dims, slot_ranks(layer, rank_set), layer.page_elems, DTYPE, DEVICE, MAX_RANK,
                                   generator=torch.Generator(device=DEVICE).manual_seed(0))
         cases = [("decode", t, d) for d in DISTINCT for t in DECODE_TOKENS if d <= t]
         cases += [("prefill", PREFILL_TOKENS, d) for d in DISTINCT]
         for phase, tokens, distinct in cases:
-            rows += run_case(rank_name, sp, vllm_weights, phase, tokens, distinct, copy_bw, meta, args.rep_ms)
+            rows += run_case(layer, rank_name, sp, vllm_weights, phase, tokens, distinct, copy_bw, meta, args.rep_ms)
             r = rows[-1]
             print(f"[{time.time() - started:5.0f}s] {rank_name} {phase} T={tokens} D={distinct}: both "
                   f"{r['time_us']:.1f} us ({r['pct_copy_bw']:.0f}% copy BW), vLLM {r['vllm_time_us']}", file=sys.stderr)
         pools.append(sp)
-    no_adapter = no_adapter_rows(pools[-1], meta, args.rep_ms)
-    sweep_rows = [] if args.no_sweep else sweep(pools[-1], meta, args.rep_ms)
+    no_adapter = no_adapter_rows(layer, pools[-1], meta, args.rep_ms)
+    sweep_rows = [] if args.no_sweep else sweep(layer, pools[-1], meta, args.rep_ms)
     date = datetime.date.today().isoformat()
     result = {"date": date, "device": device, "copy_gbps": round(copy_bw, 1), "dtype": str(DTYPE),
-              "layer": "llama-2-7b qkv_proj", "vllm": VLLM_ERROR or "vllm.lora.ops.triton_ops",
+              "layer": layer.name.replace(":", " "), "vllm": VLLM_ERROR or "vllm.lora.ops.triton_ops",
               "seconds": round(time.time() - started, 1), "rows": rows, "no_adapter": no_adapter,
               "sweep": sweep_rows}
     os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"kernels-{date}.json")
+    tag = "" if layer.name == DEFAULT_LAYER else layer.name.replace(":", "-") + "-"
+    path = os.path.join(args.out_dir, f"kernels-{tag}{date}.json")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=1)
     print(markdown(rows))

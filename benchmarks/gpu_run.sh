@@ -13,6 +13,8 @@
 #                default 5; ~2.5 min)
 #   smoke        dummy Llama-2-7B generation, plugin off then on (benchmarks/gpu_smoke.py)
 #   kernels      paged-kernel benchmark vs vLLM's LoRA kernels (benchmarks/bench_kernels.py)
+#   kernels-gqa  the same on the GQA model's four fused calls (llama-3-8b: qkv_proj, o_proj,
+#                gate_up_proj, down_proj), no config sweep (~2 min each; kernels-<layer>-DATE.json)
 #   compress-kernels  compressed-collection op vs paged op, Llama-3-8B layers (benchmarks/bench_compressed.py)
 #   store        host store: pinned host -> GPU bandwidth (benchmarks/bench_store.py)
 #   correctness  token-for-token check vs merged weights (benchmarks/gpu_correctness.py)
@@ -125,6 +127,13 @@ for s in "$@"; do
     kernels)
       step kernels
       $PY "$REPO/benchmarks/bench_kernels.py" 2>&1 | tee "$OUT/kernels.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+    kernels-gqa)
+      step "$s"
+      for layer in qkv_proj o_proj gate_up_proj down_proj; do
+        $PY "$REPO/benchmarks/bench_kernels.py" --layer "llama-3-8b:$layer" --no-sweep 2>&1 \
+            | tee -a "$OUT/kernels-gqa.log"
+        [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      done ;;
     compress-kernels)
       step compress-kernels
       $PY "$REPO/benchmarks/bench_compressed.py" 2>&1 | tee "$OUT/compress-kernels.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
