@@ -50,8 +50,11 @@
 #                trace); own adapter directory /dev/shm/slora-s1 (~4-8 min each)
 #   throughput-s2-plugin  S2 (ranks 8/16/32/64) at 20 req/s, 100 / 1000 / 2000 adapters (~5 min)
 #   throughput-report  markdown table + 2 PNG plots from every throughput-*.json in results/
-#   finetune     mLoRA training: mixed batches vs PEFT one adapter after another, N = 1, 4, 16, 64
-#                (benchmarks/finetune_bench.py, needs peft; results in finetune-DATE.json; ~4-6 min)
+#   finetune     mLoRA training: mixed batches vs PEFT one adapter after another, N = 1, 4, 16, 64,
+#                and the frozen base's own forward + backward on the mixed batches (the ceiling)
+#                (benchmarks/finetune_bench.py, needs peft, not vLLM; finetune-DATE.json; ~5-7 min)
+#   finetune-small  the same with jobs of one 512-token sequence a step per adapter, which leave the
+#                GPU idle when trained one after another (finetune-small-jobs-DATE.json; ~3 min)
 #   soak-rate    the highest request rate stock vLLM sustains on Llama-2-7B (dummy weights, base
 #                model, the soak's lengths; benchmarks/gpu_soak.py --measure-only) -> results/
 #                soak-rate-DATE.json (~5 min, at most 9)
@@ -213,9 +216,10 @@ for s in "$@"; do
       step "$s"
       $PY "$REPO/benchmarks/report.py" --out-dir "$RES" 2>&1 | tee "$OUT/throughput-report.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
-    finetune)
-      step finetune
-      timeout -k 10 590 $PY "$REPO/benchmarks/finetune_bench.py" --out "$RES" 2>&1 | tee "$OUT/finetune.log"
+    finetune|finetune-small)
+      step "$s"
+      small=(); [ "$s" = finetune-small ] && small=(--seqs-per-adapter 1 --tag small-jobs)
+      timeout -k 10 590 $PY "$REPO/benchmarks/finetune_bench.py" --out "$RES" "${small[@]}" 2>&1 | tee "$OUT/$s.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     soak-rate)
       step "$s"
