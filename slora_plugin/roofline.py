@@ -172,7 +172,12 @@ def step_time(model: ModelBytes, load: StepLoad, gbps: float, tflops: float,
     if not (gbps > 0 and tflops > 0 and 0 < base_efficiency):
         raise ValueError(f"bandwidth, peak and efficiency must be > 0, got {gbps}, {tflops}, {base_efficiency}")
     base = max(base_step_bytes(model, load) / (gbps * 1e9), step_flops(model, load) / (tflops * 1e12))
-    return base / base_efficiency + load.adapter_bytes / (gbps * 1e9)
+    return base / base_efficiency + adapter_time(load, gbps)
+
+
+def adapter_time(load: StepLoad, gbps: float) -> float:
+    """The step's adapter bytes at copy bandwidth: the adapters' part of `step_time`."""
+    return load.adapter_bytes / (gbps * 1e9)
 
 
 # ----------------------------------------------------------------------------- a run's steps
@@ -436,7 +441,7 @@ def run_roofline(model: ModelBytes, steps: RunSteps, duration_s: float, out_toke
         k[0] += 1
         k[1] += measured
         k[2] += ideal
-        k[3] += ld.adapter_bytes / (gbps * 1e9)
+        k[3] += adapter_time(ld, gbps)
     return Roofline(
         steps=n, busy_s=sum(steps.measured_s), ideal_busy_s=sum(ideals), duration_s=duration_s,
         out_tokens=out_tokens, arrival_bound_s=arrival_bound_s,

@@ -273,20 +273,13 @@ def read_cores(spec: CompressedSpec, dtype: torch.dtype, out: torch.Tensor | Non
                              " (the manifest lists it)")
                  for m in spec.modules if layer in adapted[m]}
         pack_cores(spec.layout, cores, out[layer])
-    if rows_not_finite(out.view(out.shape[0], -1)):
-        raise AdapterError(spec.name, path, f"{_first_not_finite(spec, tensors, dtype)} has "
-                                            f"non-finite values (in {dtype})")
+    bad_layers = rows_not_finite(out.view(out.shape[0], -1))
+    if bad_layers:  # name the first bad layer's first module whose core is not finite in dtype
+        layer = bad_layers[0]
+        keys = [tensor_key(layer, m, "core") for m in spec.modules if layer in adapted[m]]
+        key = next(k for k in keys if not bool(torch.isfinite(tensors[k].to(dtype)).all()))
+        raise AdapterError(spec.name, path, f"{key} has non-finite values (in {dtype})")
     return out
-
-
-def _first_not_finite(spec: CompressedSpec, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype) -> str:
-    """The first core (layer, then module order) with a NaN or Inf once in `dtype`."""
-    for layer in range(spec.manifest.num_layers):
-        for m in spec.modules:
-            key = tensor_key(layer, m, "core")
-            if layer in spec.layers[m] and not bool(torch.isfinite(tensors[key].to(dtype)).all()):
-                return key
-    raise AssertionError("the packed cores are not finite but every core is")
 
 
 def _checked(tensors: dict[str, torch.Tensor], key: str, shape: tuple[int, ...], adapter: str, path: str,

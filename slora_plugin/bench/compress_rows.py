@@ -12,8 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any, Iterable, Mapping
 
-from slora_plugin.bench.report import load_results, shape_key
-from slora_plugin.bench.command import model_name
+from slora_plugin.bench.report import all_rows, load_results, shape_key
 
 #: Keys of every row of compress-*.json (issue 15), in this order.
 ROW_KEYS = ("workload", "n_adapters", "rank_k", "clusters", "rel_error_mean", "rel_error_max",
@@ -29,15 +28,15 @@ def compress_rows(paths: Iterable[str]) -> dict[str, Any]:
     devices = {r["device"] for r in results}
     if len(devices) != 1:
         raise ValueError(f"results from {len(devices)} devices ({sorted(devices)}): compare one device's runs")
-    flat = [{**row, "_model": model_name(res.get("command", "")), "_shape": shape_key(row["workload"])}
-            for res in results for row in res["rows"] if not row.get("profiled")]
+    flat = [row for row in all_rows(results) if not row.get("profiled")]
     for row in flat:
         if row["system"] != "plugin" or not row.get("compressed"):
             continue
-        same = lambda other: other["_model"] == row["_model"] and other["_shape"] == row["_shape"]  # noqa: E731
+        shape = shape_key(row["workload"])
+        same = lambda other: other["_shape"] == row["_shape"]  # noqa: E731 - same model and trace shape
         base = _newest(o for o in flat if o["system"] == "base" and same(o))
         if base is None:
-            raise ValueError(f"no base row of {row['_model']}, {row['_shape']} for the compressed row {row['trace']}")
+            raise ValueError(f"no base row of {row['_model']}, {shape} for the compressed row {row['trace']}")
         plain = _newest(o for o in flat if o["system"] == "plugin" and not o.get("compressed") and same(o)
                         and o["n_adapters"] == row["n_adapters"] and o["ranks"] == row["ranks"]
                         and o["adapter_modules"] == row["adapter_modules"])
@@ -45,7 +44,7 @@ def compress_rows(paths: Iterable[str]) -> dict[str, Any]:
         u = plain["output_tok_per_s"] if plain else None
         rows.append({
             "workload": f"{row['_model']}, {','.join(row['adapter_modules'])}, ranks "
-                        f"{min(row['ranks'])}-{max(row['ranks'])}, {row['_shape']}",
+                        f"{min(row['ranks'])}-{max(row['ranks'])}, {shape}",
             "n_adapters": row["n_adapters"], "rank_k": c["rank_k"], "clusters": c["clusters"],
             "rel_error_mean": c["rel_error_mean"], "rel_error_max": c["rel_error_max"],
             "output_tok_per_s": out, "base_output_tok_per_s": b, "uncompressed_output_tok_per_s": u,

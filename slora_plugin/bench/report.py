@@ -145,14 +145,16 @@ def system_label(row: Mapping[str, Any]) -> str:
 
 
 def all_rows(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Rows of every file, with `_shape` (the model and `shape_key`: what makes rows comparable),
-    `_system` (`system_label`) and the file's device, date and name."""
+    """Rows of every file, with `_model` (the command's `--model`), `_shape` (the model and
+    `shape_key`: what makes rows comparable), `_system` (`system_label`) and the file's device,
+    date and name."""
     rows = []
     for res in results:
         model = model_name(res["command"])
         for row in res["rows"]:
-            rows.append({**row, "_shape": f"{model}: {shape_key(row['workload'])}", "_system": system_label(row),
-                         "_device": res["device"], "_date": res["date"], "_file": res["_file"]})
+            rows.append({**row, "_model": model, "_shape": f"{model}: {shape_key(row['workload'])}",
+                         "_system": system_label(row), "_device": res["device"], "_date": res["date"],
+                         "_file": res["_file"]})
     return rows
 
 
