@@ -1,6 +1,8 @@
 """The compressed-collection op against the paged LoRA op, per fused layer of Llama-3-8B (GPU).
 
     python benchmarks/bench_compressed.py [--out-dir benchmarks/results] [--rep-ms 25]
+    python benchmarks/bench_compressed.py --tokens 2048,8192 --distinct 16,128 --ranks-k 128 \
+        --clusters 1 --tag prefill                # prefill-sized steps (compress-kernels-prefill-...)
     python benchmarks/bench_compressed.py --tiny     # CPU smoke run (interpreter, tiny shapes)
 
 Why: compression pays off in serving only if a step with many distinct adapters costs about what
@@ -12,7 +14,9 @@ it costs with one. This measures, for qkv_proj (4096 -> 4096 + 2 x 1024) and gat
 Times: `triton.testing.do_bench` median of a CUDA-graph replay of one call (`SegmentMeta.update`,
 once per step for all layers, is not in it). Bytes that must move at least once: x, y, and the
 weights (paged: every distinct adapter's A and B rows; compressed: every cluster's bases once
-plus every distinct adapter's cores). Writes compress-kernels-<date>.json and a markdown table.
+plus every distinct adapter's cores). Writes compress-kernels-<date>.json (with --tag T:
+compress-kernels-T-<date>.json) and a markdown table. The prefill sizes ask why a step admitting
+~128 compressed adapters (thousands of prompt tokens) ran 1-1.9 s on the H100 (2026-12-06).
 """
 
 from __future__ import annotations
@@ -139,6 +143,21 @@ def _row(layer: str, op: str, tokens: int, distinct: int, rank: int, clusters: i
             "gbps": round(nbytes / (us * 1e-6) / 1e9, 1)}
 
 
+def _ints(text: str) -> tuple[int, ...]:
+    """A comma-separated list of positive integers (argparse type)."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _csv(values: tuple[int, ...]) -> str:
+    return ",".join(map(str, values))
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| layer | tokens | distinct | op | K / r | clusters | us | GB/s |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]
@@ -153,20 +172,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=RESULTS)
     p.add_argument("--rep-ms", type=int, default=25)
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (Triton interpreter): a smoke run")
+    p.add_argument("--tokens", type=_ints, help=f"tokens a step (default {_csv(TOKENS)}; --tiny: 4,17)")
+    p.add_argument("--distinct", type=_ints, help=f"distinct adapters a step (default {_csv(DISTINCT)}; --tiny: 1,3)")
+    p.add_argument("--ranks-k", type=_ints, help=f"compressed ranks K (default {_csv(RANKS_K)}; --tiny: 8)")
+    p.add_argument("--clusters", type=_ints, help=f"clusters (default {_csv(CLUSTERS)}; --tiny: 1,2)")
+    p.add_argument("--tag", help="names the results file compress-kernels-TAG-<date>.json")
     args = p.parse_args(argv)
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-        rows = run(TINY_LAYERS, (4, 17), (1, 3), (8,), (1, 2), 512, torch.float16, torch.device("cpu"), 1)
+        sizes = (args.tokens or (4, 17), args.distinct or (1, 3), args.ranks_k or (8,), args.clusters or (1, 2))
+        rows = run(TINY_LAYERS, *sizes, 512, torch.float16, torch.device("cpu"), 1)
         device_name = "cpu (smoke)"
     else:
         if not torch.cuda.is_available():
             raise SystemExit("needs a CUDA GPU (or --tiny for a CPU smoke run)")
-        rows = run(LAYERS, TOKENS, DISTINCT, RANKS_K, CLUSTERS, PAGE_ELEMS, torch.float16, torch.device("cuda"),
-                   args.rep_ms)
+        sizes = (args.tokens or TOKENS, args.distinct or DISTINCT, args.ranks_k or RANKS_K, args.clusters or CLUSTERS)
+        rows = run(LAYERS, *sizes, PAGE_ELEMS, torch.float16, torch.device("cuda"), args.rep_ms)
         device_name = torch.cuda.get_device_name(0)
     date = datetime.date.today().isoformat()
     os.makedirs(args.out_dir, exist_ok=True)
-    path = os.path.join(args.out_dir, f"compress-kernels-{date}.json")
+    name = f"compress-kernels-{args.tag}-{date}.json" if args.tag else f"compress-kernels-{date}.json"
+    path = os.path.join(args.out_dir, name)
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"date": date, "device": device_name, "lora_rank": LORA_RANK, "rows": rows}, f, indent=1)
     print(markdown(rows))

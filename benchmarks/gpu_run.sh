@@ -15,7 +15,8 @@
 #   kernels      paged-kernel benchmark vs vLLM's LoRA kernels (benchmarks/bench_kernels.py)
 #   kernels-gqa  the same on the GQA model's four fused calls (llama-3-8b: qkv_proj, o_proj,
 #                gate_up_proj, down_proj), no config sweep (~2 min each; kernels-<layer>-DATE.json)
-#   compress-kernels  compressed-collection op vs paged op, Llama-3-8B layers (benchmarks/bench_compressed.py)
+#   compress-kernels  compressed-collection op vs paged op, Llama-3-8B layers (benchmarks/bench_compressed.py):
+#                decode sizes, then prefill sizes at K = 128 (compress-kernels-prefill-DATE.json)
 #   store        host store: pinned host -> GPU bandwidth (benchmarks/bench_store.py)
 #   correctness  token-for-token check vs merged weights (benchmarks/gpu_correctness.py)
 #   compress-correctness  the fixture's adapters compressed exactly (K = 50, the largest sum of
@@ -58,8 +59,9 @@
 #   soak-rate    the highest request rate stock vLLM sustains on Llama-2-7B (dummy weights, base
 #                model, the soak's lengths; benchmarks/gpu_soak.py --measure-only) -> results/
 #                soak-rate-DATE.json (~5 min, at most 9)
-#   soak         the serving soak of issue 17 at that rate (measured first if soak-rate has not
-#                run today): the plugin over 2,000 synth adapters, Poisson load, chaos on the
+#   soak         the serving soak of issue 17 at that rate (the newest results/soak-rate-*.json,
+#                committed from an earlier session or measured today; measured first if there is
+#                none): the plugin over 2,000 synth adapters, Poisson load, chaos on the
 #                adapter directory, for SOAK_DURATION_S (default 600) -> results/soak-DATE.json
 #                and .png, server log in $OUT/soak-server.log. Takes ~4 min more than the load
 #                itself: longer than one 10-minute device command, so start it detached
@@ -139,7 +141,9 @@ for s in "$@"; do
       done ;;
     compress-kernels)
       step compress-kernels
-      $PY "$REPO/benchmarks/bench_compressed.py" 2>&1 | tee "$OUT/compress-kernels.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+      $PY "$REPO/benchmarks/bench_compressed.py" 2>&1 | tee "$OUT/compress-kernels.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+      $PY "$REPO/benchmarks/bench_compressed.py" --tokens 2048,8192 --distinct 16,128 --ranks-k 128 --clusters 1 \
+          --tag prefill 2>&1 | tee -a "$OUT/compress-kernels.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     store)
       step store
       $PY "$REPO/benchmarks/bench_store.py" 2>&1 | tee "$OUT/store.log"; [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
@@ -228,7 +232,9 @@ for s in "$@"; do
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     soak)
       step "$s"
-      rate_from=(); [ -f "$RES/soak-rate-$DAY.json" ] && rate_from=(--rate-from "$RES/soak-rate-$DAY.json")
+      # the newest measured rate (committed from an earlier session, or measured today)
+      newest_rate=$(ls -1 "$RES"/soak-rate-*.json 2>/dev/null | sort | tail -n 1)
+      rate_from=(); [ -n "$newest_rate" ] && rate_from=(--rate-from "$newest_rate")
       dur=${SOAK_DURATION_S:-600}
       timeout -k 10 $((dur + 900)) $PY "$REPO/benchmarks/gpu_soak.py" --work-dir /dev/shm/slora-soak \
           --duration-s "$dur" "${rate_from[@]}" --log "$OUT/soak-server.log" 2>&1 | tee "$OUT/soak.log"

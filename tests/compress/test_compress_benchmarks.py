@@ -29,6 +29,18 @@ def test_kernel_benchmark_smoke_run(tmp_path, capsys, script):
     assert "| qkv_proj |" in capsys.readouterr().out
 
 
+def test_kernel_benchmark_sizes_and_tag(tmp_path, script):
+    main = script("bench_compressed.py")["main"]
+    assert main(["--tiny", "--out-dir", str(tmp_path), "--tokens", "9", "--distinct", "2,5",
+                 "--ranks-k", "4", "--clusters", "1", "--tag", "prefill"]) == 0
+    (path,) = tmp_path.glob("compress-kernels-prefill-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert {(r["tokens"], r["distinct_adapters"]) for r in rows} == {(9, 2), (9, 5)}
+    assert {(r["rank"], r["clusters"]) for r in rows if r["op"] == "compressed"} == {(4, 1)}
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--out-dir", str(tmp_path), "--tokens", "0"])
+
+
 def test_quality_task_labels_are_the_mapped_symbols(script):
     ns = script("compress_quality.py")
     perm = torch.randperm(ns["SYMBOLS"], generator=torch.Generator().manual_seed(0))
