@@ -58,15 +58,19 @@
 #                GPU idle when trained one after another (finetune-small-jobs-DATE.json; ~3 min)
 #   soak-rate    the highest request rate stock vLLM sustains on Llama-2-7B (dummy weights, base
 #                model, the soak's lengths; benchmarks/gpu_soak.py --measure-only) -> results/
-#                soak-rate-DATE.json (~5 min, at most 9)
+#                soak-rate-DATE.json, written as each probe ends; no probe starts after 480 s
+#                (~5 min, at most 9); stock server log in $OUT/soak-rate-server.log
 #   soak         the serving soak of issue 17 at that rate (the newest results/soak-rate-*.json,
 #                committed from an earlier session or measured today; measured first if there is
 #                none): the plugin over 2,000 synth adapters, Poisson load, chaos on the
 #                adapter directory, for SOAK_DURATION_S (default 600) -> results/soak-DATE.json
-#                and .png, server log in $OUT/soak-server.log. Takes ~4 min more than the load
-#                itself: longer than one 10-minute device command, so start it detached
-#                (`setsid nohup bash benchmarks/gpu_run.sh soak > /tmp/soak.out 2>&1 &`) and
-#                collect results/soak-*.json in a later call
+#                and .png, server log and soak.log in SOAK_LOG_DIR (default $OUT), the result
+#                copied there too. Takes ~4 min more than the load itself: longer than one
+#                10-minute device command, so start it detached with a log folder outside $OUT
+#                ($OUT is emptied before every device command):
+#                `mkdir -p /tmp/soak; SOAK_LOG_DIR=/tmp/soak setsid nohup bash benchmarks/gpu_run.sh
+#                soak > /tmp/soak/run.out 2>&1 &`, keep the machine busy (it is given back when
+#                idle) and collect with `cp -r /tmp/soak "$OUT"/` in a later call
 # BENCH_ARGS="..." is appended to every throughput step's command (later flags win), e.g.
 # BENCH_ARGS="--n-adapters 100,1000 --gamma none --copy-gbps 4100" on another GPU.
 # Each throughput step is one engine in one process, stops starting traces after --deadline-s
@@ -228,7 +232,8 @@ for s in "$@"; do
     soak-rate)
       step "$s"
       timeout -k 10 540 $PY "$REPO/benchmarks/gpu_soak.py" --measure-only --work-dir /dev/shm/slora-soak \
-          --probe-rates 4,8,12,16,24,32 --probe-s 30 --out "$RES/soak-rate-$DAY.json" 2>&1 | tee "$OUT/soak-rate.log"
+          --probe-rates 4,8,12,16,24,32 --probe-s 30 --deadline-s 480 --log "$OUT/soak-rate-server.log" \
+          --out "$RES/soak-rate-$DAY.json" 2>&1 | tee "$OUT/soak-rate.log"
       [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
     soak)
       step "$s"
@@ -236,9 +241,12 @@ for s in "$@"; do
       newest_rate=$(ls -1 "$RES"/soak-rate-*.json 2>/dev/null | sort | tail -n 1)
       rate_from=(); [ -n "$newest_rate" ] && rate_from=(--rate-from "$newest_rate")
       dur=${SOAK_DURATION_S:-600}
+      logs=${SOAK_LOG_DIR:-$OUT}; mkdir -p "$logs"
       timeout -k 10 $((dur + 900)) $PY "$REPO/benchmarks/gpu_soak.py" --work-dir /dev/shm/slora-soak \
-          --duration-s "$dur" "${rate_from[@]}" --log "$OUT/soak-server.log" 2>&1 | tee "$OUT/soak.log"
-      [ "${PIPESTATUS[0]}" -eq 0 ] || status=1 ;;
+          --duration-s "$dur" "${rate_from[@]}" --log "$logs/soak-server.log" 2>&1 | tee "$logs/soak.log"
+      rc=${PIPESTATUS[0]}
+      cp "$RES/soak-$DAY".* "$logs"/ 2>/dev/null
+      [ "$rc" -eq 0 ] || status=1 ;;
     *) echo "unknown step $s"; status=2 ;;
   esac
 done

@@ -119,10 +119,19 @@ def test_tally_and_windows():
 
 def test_sustained():
     ok = [_rec(i * 0.1, "completed", latency=1.0) for i in range(100)]
-    assert soak.sustained(10.0, ok, 10.0, slo_s=5.0)
-    assert not soak.sustained(10.0, ok, 10.0, slo_s=0.5)
-    assert not soak.sustained(10.0, ok[:50] + [_rec(9, "no_answer")] * 50, 10.0, slo_s=5.0)
-    assert not soak.sustained(10.0, [], 10.0, slo_s=5.0)
+    assert soak.sustained(ok, slo_s=5.0)
+    assert not soak.sustained(ok, slo_s=0.5)
+    assert not soak.sustained(ok[:50] + [_rec(9, "no_answer")] * 50, slo_s=5.0)
+    assert not soak.sustained([], slo_s=5.0)
+    # fewer Poisson arrivals than rate x window (by chance) all served: sustained
+    few = soak.poisson_arrivals(4.0, 30.0, random.Random(0))
+    assert len(few) < 0.9 * 4.0 * 30.0
+    assert soak.sustained([_rec(t, "completed", latency=1.0) for t in few], slo_s=5.0)
+    # the mix's hang-ups (5 % of requests: half streamed, a tenth of those hung up) are the
+    # client's doing: a server that completes every other request sustains the rate
+    hung = [soak.Record(i * 0.1, "base", True, "disconnected", 200, latency_s=0.1) for i in range(5)]
+    assert soak.sustained(ok[:95] + hung, slo_s=5.0)
+    assert not soak.sustained(hung, slo_s=5.0)
 
 
 @pytest.fixture
@@ -197,6 +206,24 @@ def test_chaos_thread_stops(fleet, tiny_dims):
 def test_synth_adapters_runs_the_cli(tmp_path, tiny_model_dir):
     names = soak.synth_adapters(str(tmp_path / "a"), tiny_model_dir, 6, 2)
     assert len(names) == 6 and all(os.path.isfile(tmp_path / "a" / n / "adapter_config.json") for n in names)
+
+
+def test_synth_adapters_never_reuses_a_chaos_damaged_directory(tmp_path, tiny_model_dir, tiny_dims):
+    """A second soak in the same work dir (a retry in the same session) gets the adapters whole:
+    the first one's chaos truncated, deleted and added some, whose failures would count as
+    `failed_untouched` in a run whose chaos never touched them."""
+    from slora_plugin.adapters.peft_format import WEIGHTS_NAME
+
+    root = str(tmp_path / "a")
+    names = soak.synth_adapters(root, tiny_model_dir, 6, 2)
+    weights = os.path.join(root, names[0], WEIGHTS_NAME)
+    size = os.path.getsize(weights)
+    chaos = soak.Chaos(root, tiny_dims, random.Random(0), soak.Popularity(names, 1.0))
+    chaos.truncate(names[0], 0.0)
+    chaos.add(0.0)  # the count stays at 6: a count check alone would keep the damage
+    chaos.delete(names[1], 0.0)
+    again = soak.synth_adapters(root, tiny_model_dir, 6, 2)
+    assert again == names and os.path.getsize(weights) == size
 
 
 def test_compare_tokens():
@@ -334,6 +361,53 @@ def test_load_generator_against_a_fake_server():
     assert all(r.latency_s is not None for r in records)
 
 
+class _OddStreamServer(_FakeServer):
+    """Streams an event of a shape the client does not expect for "odd"."""
+
+    async def handle(self, request):
+        from aiohttp import web
+
+        body = await request.json()
+        if body["model"] != "odd":
+            return await super().handle(request)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"error": "not an object"}\n\ndata: [DONE]\n\n')
+        return resp
+
+
+def test_an_unforeseen_answer_fails_its_request_not_the_load():
+    plans = [soak.Planned(0.0, "odd", (1, 2), 4, True, None), soak.Planned(0.01, "good", (1, 2), 4, False, None)]
+
+    async def go():
+        fake = _OddStreamServer()
+        url = await fake.start()
+        try:
+            return await soak.run_load(url, lambda t, rng: plans[int(round(t * 100))], [p.t for p in plans],
+                                       seed=0, timeout_s=10)
+        finally:
+            await fake.runner.cleanup()
+
+    odd, good = asyncio.run(go())
+    assert odd.outcome == "failed_without_reason" and "unreadable answer" in odd.message
+    assert good.outcome == "completed"
+
+
+def test_open_files_limit_is_raised(tmp_path):
+    """The load's sockets: thousands in flight when the server falls behind, past a soft limit
+    of 1024 (the refused connections would count as the server's no_answer)."""
+    import subprocess
+
+    code = ("import resource, sys; soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE); "
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+            f"sys.path.insert(0, {os.path.join(REPO, 'benchmarks')!r}); import gpu_soak; "
+            "got = gpu_soak.raise_open_files_limit(); "
+            "want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard); "
+            "print(got, want); assert got == want")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_soak_command_parses_into_vllm_serve_args(tmp_path, tiny_model_dir, cpu_platform):
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -354,8 +428,11 @@ def test_soak_command_parses_into_vllm_serve_args(tmp_path, tiny_model_dir, cpu_
 def test_verdict_and_result_fields():
     good = {"server_crashes": 0, "failed_without_reason": 0, "no_answer": 0, "failed_untouched": 0,
             "failed_base_model": 0, "token_mismatches": 0, "leaked_pages": 0, "pool": {"ok": True},
-            "memory": {"ok": True}}
+            "memory": {"ok": True}, "replay": {"equal": 5, "mismatch": 0, "unanswered": 0, "examples": []}}
     assert soak.verdict(good) == []
+    # replays that were not answered checked nothing: not a silent pass
+    unanswered = {**good, "replay": {"equal": 0, "mismatch": 0, "unanswered": 5, "examples": [{"solo": "400"}]}}
+    assert [f for f in soak.verdict(unanswered) if f.startswith("replay unanswered = 5")]
     assert soak.verdict({**good, "failed_without_reason": 2}) == ["failed_without_reason = 2 (want 0)"]
     assert any("leaked_pages" in f for f in soak.verdict({**good, "leaked_pages": None}))
 
@@ -463,6 +540,98 @@ def test_soak_end_to_end_on_a_fake_server(tmp_path, tiny_model_dir, monkeypatch)
     assert "--additional-config" in started[0]
 
 
+def _measure_args(tmp_path, *extra):
+    return soak.parse_args(["--work-dir", str(tmp_path / "w"), "--probe-s", "1", "--slo-s", "5",
+                            "--prompt-len", "2-4", "--output-len", "2-6", *extra])
+
+
+def test_stock_rate_is_kept_as_each_probe_ends(tmp_path, monkeypatch):
+    """gpu_run.sh kills soak-rate at 540 s: the probes done by then must stay in the result (the
+    soak step reads stock_rate.rate from it), so `stock` is filled as each probe ends."""
+    fake = _FakeVLLMServer()
+    monkeypatch.setattr(soak, "start_server", lambda *a: (fake, fake.url, soak.serve.Check("r", "", "", True)))
+    real_run_load, calls = soak.run_load, []
+
+    async def killed_in_the_second_probe(*a, **kw):
+        calls.append(kw["timeout_s"])
+        if len(calls) == 2:
+            raise SystemExit(143)  # what _terminate raises on SIGTERM
+        return await real_run_load(*a, **kw)
+
+    monkeypatch.setattr(soak, "run_load", killed_in_the_second_probe)
+    stock: dict = {}
+    mix = soak.Mix(prompt_len=(2, 4), output_len=(2, 6), vocab_size=256)
+    with pytest.raises(SystemExit):
+        soak.measure_stock_rate(str(tmp_path), "m", [4.0, 8.0, 16.0], 1.0, mix, 5.0, _measure_args(tmp_path),
+                                stock, str(tmp_path / "log"))
+    assert stock["rate"] == 4.0 and [p["rate"] for p in stock["probes"]] == [4.0]
+    assert calls == [15.0, 15.0]  # a probe's requests wait 3 x the SLO at most (its drain is bounded)
+
+
+def test_stock_rate_stops_at_the_deadline_and_names_a_failed_start(tmp_path, monkeypatch):
+    import time
+
+    fake = _FakeVLLMServer()
+    timeouts = []
+
+    def start_server(cmd, env, log_path, cwd, start_timeout_s):
+        timeouts.append(start_timeout_s)
+        return fake, fake.url, soak.serve.Check("r", "", "", True)
+
+    monkeypatch.setattr(soak, "start_server", start_server)
+    real_run_load = soak.run_load
+
+    async def probe_of_2_s(*a, **kw):
+        records = await real_run_load(*a, **kw)
+        await asyncio.sleep(2.0)
+        return records
+
+    monkeypatch.setattr(soak, "run_load", probe_of_2_s)
+    mix = soak.Mix(prompt_len=(2, 4), output_len=(2, 6), vocab_size=256)
+    stock: dict = {}
+    # room for one probe (1 s + its 15 s of request timeout), not for a second one 2 s later
+    soak.measure_stock_rate(str(tmp_path), "m", [4.0, 8.0], 1.0, mix, 5.0, _measure_args(tmp_path), stock,
+                            str(tmp_path / "log"), deadline=time.monotonic() + 17.0)
+    assert [p["rate"] for p in stock["probes"]] == [4.0] and stock["rate"] == 4.0 and "deadline" in stock["stopped"]
+    assert timeouts[0] <= 1.01  # the start waits no longer than leaves room for a probe
+
+    fake = _FakeVLLMServer()
+    fake.log_text = lambda: "line\nCUDA out of memory"
+    monkeypatch.setattr(soak, "start_server", lambda *a: (fake, fake.url, soak.serve.Check("r", "", "exited", False)))
+    stock = {}
+    soak.measure_stock_rate(str(tmp_path), "m", [4.0], 1.0, mix, 5.0, _measure_args(tmp_path), stock,
+                            str(tmp_path / "log"))
+    assert stock["rate"] is None and stock["why"] == "exited" and stock["server_log_tail"][-1] == "CUDA out of memory"
+
+
+def test_measure_only_without_a_rate_fails(tmp_path, monkeypatch):
+    """soak-rate must not say "all checks passed" (exit 0) when it found no rate: the soak
+    step would then stop at once on it."""
+    def measure(work, model_dir, rates, probe_s, mix, slo_s, args, stock, log_path, deadline=None):
+        stock.update(rate=None, probes=[], why="server exited")
+
+    monkeypatch.setattr(soak.serve, "missing_modules", lambda names: [])
+    monkeypatch.setattr(soak, "measure_stock_rate", measure)
+    out = tmp_path / "rate.json"
+    assert soak.main(["--measure-only", "--work-dir", str(tmp_path / "w"), "--out", str(out)]) == 1
+    data = json.loads(out.read_text())
+    assert data["failed_checks"][0].startswith("no sustained rate") and data["stock_rate"]["rate"] is None
+
+    def found(work, model_dir, rates, probe_s, mix, slo_s, args, stock, log_path, deadline=None):
+        stock.update(rate=8.0, probes=[])
+        assert log_path == "/x/stock.log" and deadline is not None
+
+    monkeypatch.setattr(soak, "measure_stock_rate", found)
+    assert soak.main(["--measure-only", "--work-dir", str(tmp_path / "w"), "--out", str(out),
+                      "--log", "/x/stock.log", "--deadline-s", "480"]) == 0
+    data = json.loads(out.read_text())
+    assert data["rate"] == 8.0 and data["failed_checks"] == []
+    soak_args = ["--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "s.json"), "--rate-from", str(out)]
+    monkeypatch.setattr(soak, "soak", lambda args, result: result.update(ran_at=args.rate))
+    soak.main(soak_args)
+    assert json.loads((tmp_path / "s.json").read_text())["ran_at"] == 8.0
+
+
 def test_gpu_run_soak_steps_parse():
     """The arguments benchmarks/gpu_run.sh gives gpu_soak.py (shell variables as placeholders)."""
     import re
@@ -475,4 +644,8 @@ def test_gpu_run_soak_steps_parse():
         call = call.replace('"${rate_from[@]}"', "--rate-from R.json")
         args = soak.parse_args([a if not a.startswith("$") else "1" for a in shlex.split(call)])
         assert args.work_dir == "/dev/shm/slora-soak"
-    assert soak.parse_args(shlex.split(calls[0])).measure_only
+    rate_step = soak.parse_args([a if not a.startswith("$") else "1" for a in shlex.split(calls[0])])
+    assert rate_step.measure_only and rate_step.deadline_s is not None and rate_step.log
+    # the deadline leaves a probe's longest drain and the server's stop inside `timeout 540`
+    limit = int(re.search(r"timeout -k 10 (\d+) \$PY \"\$REPO/benchmarks/gpu_soak.py\" --measure-only", text)[1])
+    assert rate_step.deadline_s + 30 <= limit
