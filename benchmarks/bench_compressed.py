@@ -31,6 +31,8 @@ from typing import Callable
 
 import torch
 
+from slora_plugin.bench.cli import int_list
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
 
@@ -143,17 +145,6 @@ def _row(layer: str, op: str, tokens: int, distinct: int, rank: int, clusters: i
             "gbps": round(nbytes / (us * 1e-6) / 1e9, 1)}
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    """A comma-separated list of positive integers (argparse type)."""
-    try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers separated by commas, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def _csv(values: tuple[int, ...]) -> str:
     return ",".join(map(str, values))
 
@@ -172,12 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=RESULTS)
     p.add_argument("--rep-ms", type=int, default=25)
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (Triton interpreter): a smoke run")
-    p.add_argument("--tokens", type=_ints, help=f"tokens a step (default {_csv(TOKENS)}; --tiny: 4,17)")
-    p.add_argument("--distinct", type=_ints, help=f"distinct adapters a step (default {_csv(DISTINCT)}; --tiny: 1,3)")
-    p.add_argument("--ranks-k", type=_ints, help=f"compressed ranks K (default {_csv(RANKS_K)}; --tiny: 8)")
-    p.add_argument("--clusters", type=_ints, help=f"clusters (default {_csv(CLUSTERS)}; --tiny: 1,2)")
+    p.add_argument("--tokens", help=f"tokens a step (default {_csv(TOKENS)}; --tiny: 4,17)")
+    p.add_argument("--distinct", help=f"distinct adapters a step (default {_csv(DISTINCT)}; --tiny: 1,3)")
+    p.add_argument("--ranks-k", help=f"compressed ranks K (default {_csv(RANKS_K)}; --tiny: 8)")
+    p.add_argument("--clusters", help=f"clusters (default {_csv(CLUSTERS)}; --tiny: 1,2)")
     p.add_argument("--tag", help="names the results file compress-kernels-TAG-<date>.json")
     args = p.parse_args(argv)
+    for flag in ("tokens", "distinct", "ranks_k", "clusters"):
+        text = getattr(args, flag)
+        try:
+            setattr(args, flag, tuple(int_list(text, "--" + flag.replace("_", "-"))) if text else None)
+        except ValueError as e:
+            p.error(str(e))
     if args.tiny:
         os.environ.setdefault("TRITON_INTERPRET", "1")
         sizes = (args.tokens or (4, 17), args.distinct or (1, 3), args.ranks_k or (8,), args.clusters or (1, 2))

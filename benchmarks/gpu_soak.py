@@ -649,10 +649,10 @@ def start_server(cmd: list[str], env: dict[str, str], log_path: str, cwd: str, s
 
 def measure_stock_rate(work: str, model_dir: str, rates: list[float], probe_s: float, mix: Mix,
                        slo_s: float, args: argparse.Namespace, stock: dict[str, Any], log_path: str,
-                       deadline: float | None = None) -> dict[str, Any]:
-    """The highest of `rates` stock vLLM sustains on the base model (each tried for `probe_s`
-    with the soak's lengths), stopping at the first it does not. `stock` (the result's
-    "stock_rate") is filled as each probe ends, so that a run killed by its time limit still
+                       deadline: float | None = None) -> None:
+    """Find the highest of `rates` stock vLLM sustains on the base model (each tried for `probe_s`
+    with the soak's lengths), stopping at the first it does not, into `stock` (the result's
+    "stock_rate"), filled as each probe ends, so that a run killed by its time limit still
     leaves the best rate so far for `--rate-from`; no probe starts that could end past
     `deadline` (time.monotonic()): start-up and the probes are what fills gpu_run.sh's limit."""
     stock.update(rate=None, probes=[], slo_s=slo_s, probe_s=probe_s)
@@ -668,7 +668,7 @@ def measure_stock_rate(work: str, model_dir: str, rates: list[float], probe_s: f
         if not ready.ok:
             stock["why"] = ready.got
             stock["server_log_tail"] = server.log_text().splitlines()[-40:]
-            return stock
+            return
         for rate in rates:
             if left() < probe_s + timeout_s:
                 stock["stopped"] = f"deadline: {left():.0f} s left, a probe takes up to {probe_s + timeout_s:.0f} s"
@@ -686,7 +686,6 @@ def measure_stock_rate(work: str, model_dir: str, rates: list[float], probe_s: f
             stock["rate"] = rate
     finally:
         server.stop()
-    return stock
 
 
 def plot_windows(windows: list[dict[str, Any]], path: str) -> str | None:

@@ -163,12 +163,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         if args.adapter_dir:
             adapters = adapter_ranks_from_dir(args.adapter_dir)
         else:
-            adapters = ranks_from_mix(args.adapters, _ints(args.ranks, "--ranks"),
+            adapters = ranks_from_mix(args.adapters, int_list(args.ranks, "--ranks"),
                                       [m for m in args.modules.split(",") if m])
         plan = make_plan(cfg, adapters, model_name=os.path.basename(args.model.rstrip("/")),
                          gpu_gib=args.gpu_gib, utilization=args.utilization,
                          overhead_gib=args.overhead_gib, kv_gib=args.kv_gib,
-                         block_size=args.block_size, resident=_ints(args.resident, "--resident"))
+                         block_size=args.block_size, resident=int_list(args.resident, "--resident"))
     except (PlanError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -208,7 +208,7 @@ def _traces(args: argparse.Namespace) -> list:
     if args.trace:
         return [load_trace(t) if os.path.isfile(t) else generate(parse_spec(t, base)) for t in args.trace]
     ns = args.n_adapters or ("0" if args.system == "base" else "1,100,1000")
-    counts = [] if ns.lower() == "none" else _ints(ns, "--n-adapters", 0)
+    counts = [] if ns.lower() == "none" else int_list(ns, "--n-adapters", 0)
     traces = [generate(parse_spec(f"n={n},arrival=all", base)) for n in counts]
     if args.gamma.lower() != "none":
         traces.append(generate(parse_spec(args.gamma, base)))
@@ -233,7 +233,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _ints(text: str, flag: str, minimum: int = 1) -> list[int]:
+def int_list(text: str, flag: str, minimum: int = 1) -> list[int]:
+    """Comma-separated integers of `flag`, each >= `minimum`; ValueError naming the flag."""
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:

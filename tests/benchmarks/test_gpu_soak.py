@@ -508,17 +508,24 @@ class _FakeVLLMServer:
         return "fake server log"
 
 
+def _serve_fake(monkeypatch, fake: _FakeVLLMServer, ready: bool = True) -> list[tuple[list[str], float]]:
+    """`soak.start_server` answers with `fake` (started, or exited when not `ready`); the
+    (command, start timeout) of each start, in order."""
+    starts: list[tuple[list[str], float]] = []
+
+    def start_server(cmd, env, log_path, cwd, start_timeout_s):
+        starts.append((cmd, start_timeout_s))
+        return fake, fake.url, soak.serve.Check("ready", "200", "200" if ready else "exited", ready)
+
+    monkeypatch.setattr(soak, "start_server", start_server)
+    return starts
+
+
 def test_soak_end_to_end_on_a_fake_server(tmp_path, tiny_model_dir, monkeypatch):
     """The whole soak (synth through the CLI, load, chaos, replay, pool and memory checks,
     result file, plot) in a few seconds against the fake server."""
     fake = _FakeVLLMServer()
-    started = []
-
-    def start_server(cmd, env, log_path, cwd, start_timeout_s):
-        started.append(cmd)
-        return fake, fake.url, soak.serve.Check("ready", "200", "200", True)
-
-    monkeypatch.setattr(soak, "start_server", start_server)
+    starts = _serve_fake(monkeypatch, fake)
     out = tmp_path / "soak-test.json"
     rc = soak.main(["--work-dir", str(tmp_path / "w"), "--out", str(out), "--rate", "40",
                     "--duration-s", "3", "--model-config", tiny_model_dir, "--adapters", "12",
@@ -537,7 +544,7 @@ def test_soak_end_to_end_on_a_fake_server(tmp_path, tiny_model_dir, monkeypatch)
     assert sum(data["chaos"]["ops"].values()) >= 5 and data["adapters"] == 12
     assert data["pool"]["ok"] and data["memory"]["ok"] and len(data["latency_windows"]) >= 3
     assert len(data["memory_samples"]) >= 4 and data["health_failures"] == 0
-    assert "--additional-config" in started[0]
+    assert "--additional-config" in starts[0][0]
 
 
 def _measure_args(tmp_path, *extra):
@@ -549,7 +556,7 @@ def test_stock_rate_is_kept_as_each_probe_ends(tmp_path, monkeypatch):
     """gpu_run.sh kills soak-rate at 540 s: the probes done by then must stay in the result (the
     soak step reads stock_rate.rate from it), so `stock` is filled as each probe ends."""
     fake = _FakeVLLMServer()
-    monkeypatch.setattr(soak, "start_server", lambda *a: (fake, fake.url, soak.serve.Check("r", "", "", True)))
+    _serve_fake(monkeypatch, fake)
     real_run_load, calls = soak.run_load, []
 
     async def killed_in_the_second_probe(*a, **kw):
@@ -572,13 +579,7 @@ def test_stock_rate_stops_at_the_deadline_and_names_a_failed_start(tmp_path, mon
     import time
 
     fake = _FakeVLLMServer()
-    timeouts = []
-
-    def start_server(cmd, env, log_path, cwd, start_timeout_s):
-        timeouts.append(start_timeout_s)
-        return fake, fake.url, soak.serve.Check("r", "", "", True)
-
-    monkeypatch.setattr(soak, "start_server", start_server)
+    starts = _serve_fake(monkeypatch, fake)
     real_run_load = soak.run_load
 
     async def probe_of_2_s(*a, **kw):
@@ -593,11 +594,11 @@ def test_stock_rate_stops_at_the_deadline_and_names_a_failed_start(tmp_path, mon
     soak.measure_stock_rate(str(tmp_path), "m", [4.0, 8.0], 1.0, mix, 5.0, _measure_args(tmp_path), stock,
                             str(tmp_path / "log"), deadline=time.monotonic() + 17.0)
     assert [p["rate"] for p in stock["probes"]] == [4.0] and stock["rate"] == 4.0 and "deadline" in stock["stopped"]
-    assert timeouts[0] <= 1.01  # the start waits no longer than leaves room for a probe
+    assert starts[0][1] <= 1.01  # the start waits no longer than leaves room for a probe
 
     fake = _FakeVLLMServer()
     fake.log_text = lambda: "line\nCUDA out of memory"
-    monkeypatch.setattr(soak, "start_server", lambda *a: (fake, fake.url, soak.serve.Check("r", "", "exited", False)))
+    _serve_fake(monkeypatch, fake, ready=False)
     stock = {}
     soak.measure_stock_rate(str(tmp_path), "m", [4.0], 1.0, mix, 5.0, _measure_args(tmp_path), stock,
                             str(tmp_path / "log"))

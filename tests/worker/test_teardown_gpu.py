@@ -144,22 +144,22 @@ def compressed_adapter_dir(root: str, log_dir: str) -> str:
     return adapters
 
 
+def _live_group(pid: int) -> int | None:
+    """The process group of `pid` while it runs; None once it ended. Zombies count as ended:
+    where the machine's init never reaps an orphan that vLLM killed, signalling it would always
+    succeed."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    state, _ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
+    return None if state in ("Z", "X") else int(pgrp)
+
+
 def _live_members(pgid: int) -> list[int]:
-    """Processes of group `pgid` not yet ended. Zombies do not count: where the machine's init
-    never reaps an orphan that vLLM killed, signalling it would always succeed."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        state, _ppid, pgrp = stat[stat.rindex(")") + 2:].split()[:3]
-        if int(pgrp) == pgid and state not in ("Z", "X"):
-            found.append(int(entry))
-    return found
+    """Processes of group `pgid` not yet ended."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _live_group(int(e)) == pgid]
 
 
 def _end_group(pgid: int, grace_s: float) -> int:
@@ -298,10 +298,22 @@ def verdict(results: list[Run], runs: int, budget_s: float) -> str | None:
     return "\n".join(lines)
 
 
-def _restarts(tmp_path, log_dir: str, cmd: list[str], runs: int, parallel: int, expected: str,
-              started: float) -> None:
+def _log_dir(tmp_path) -> str:
+    log_dir = os.environ.get("SLORA_TEARDOWN_LOG_DIR") or str(tmp_path / "runs")
+    os.makedirs(log_dir, exist_ok=True)
+    return log_dir
+
+
+def _restarts(tmp_path, log_dir: str, adapters: str, eager: bool, runs: int, started: float) -> None:
+    """`runs` engines over every adapter of `adapters`, SLORA_TEARDOWN_PARALLEL at once, each
+    clean, within what is left of the budget since `started`. cwd tmp_path, not the repository
+    root: its folders would shadow the installed packages."""
+    parallel = env_int("SLORA_TEARDOWN_PARALLEL", 1)
+    names = served_names(adapters)
+    cmd = child_cmd(os.path.join(FIXTURE, "model"), adapters, eager, parallel, names)
     budget_s = env_int("SLORA_TEARDOWN_BUDGET_S", BUDGET_S) - (time.monotonic() - started)
-    results = run_engines(cmd, runs, parallel, expected, cwd=str(tmp_path), log_dir=log_dir, budget_s=budget_s)
+    results = run_engines(cmd, runs, parallel, f"GENERATED {len(names) + 1}\n", cwd=str(tmp_path),
+                          log_dir=log_dir, budget_s=budget_s)
     message = verdict(results, runs, budget_s)
     assert message is None, message
 
@@ -309,13 +321,8 @@ def _restarts(tmp_path, log_dir: str, cmd: list[str], runs: int, parallel: int, 
 @pytest.mark.gpu
 def test_engine_restarts_with_cuda_graphs_exit_cleanly(tmp_path):
     started = time.monotonic()
-    runs, parallel = env_int("SLORA_TEARDOWN_RUNS", 20), env_int("SLORA_TEARDOWN_PARALLEL", 1)
-    log_dir = os.environ.get("SLORA_TEARDOWN_LOG_DIR") or str(tmp_path / "runs")
-    adapters = os.path.join(FIXTURE, "adapters")
-    names = served_names(adapters)
-    cmd = child_cmd(os.path.join(FIXTURE, "model"), adapters, False, parallel, names)
-    # cwd tmp_path, not the repository root: its folders would shadow the installed packages
-    _restarts(tmp_path, log_dir, cmd, runs, parallel, f"GENERATED {len(names) + 1}\n", started)
+    _restarts(tmp_path, _log_dir(tmp_path), os.path.join(FIXTURE, "adapters"), False,
+              env_int("SLORA_TEARDOWN_RUNS", 20), started)
 
 
 @pytest.mark.gpu
@@ -323,29 +330,19 @@ def test_engine_restarts_compressed_eager_exit_cleanly(tmp_path):
     """The fixture's adapters beside a collection compressed from them (K = 50, exact, as
     `gpu_run.sh compress-correctness` makes it), served eagerly: plain and `coll/<name>` in one batch."""
     started = time.monotonic()
-    runs, parallel = env_int("SLORA_TEARDOWN_COMPRESSED_RUNS", 5), env_int("SLORA_TEARDOWN_PARALLEL", 1)
-    log_dir = os.environ.get("SLORA_TEARDOWN_LOG_DIR") or str(tmp_path / "runs")
-    os.makedirs(log_dir, exist_ok=True)
+    runs = env_int("SLORA_TEARDOWN_COMPRESSED_RUNS", 5)
+    log_dir = _log_dir(tmp_path)
     adapters = compressed_adapter_dir(str(tmp_path), log_dir)
-    names = served_names(adapters)
     plain = served_names(os.path.join(FIXTURE, "adapters"))
+    names = served_names(adapters)
     assert names == sorted(plain + [f"coll/{n}" for n in plain]), names  # each adapter also from the collection
-    cmd = child_cmd(os.path.join(FIXTURE, "model"), adapters, True, parallel, names)
-    _restarts(tmp_path, log_dir, cmd, runs, parallel, f"GENERATED {len(names) + 1}\n", started)
+    _restarts(tmp_path, log_dir, adapters, True, runs, started)
 
 
 # --------------------------------------------------------------------------- the harness on the CPU
 def _engine(body: str) -> list[str]:
     """A stand-in engine process running the Python `body`."""
     return [sys.executable, "-c", "import os, subprocess, sys, time\n" + body]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def _engines(tmp_path, body: str, runs: int = 1, parallel: int = 1, **kw) -> list[Run]:
@@ -404,7 +401,7 @@ def test_a_process_outliving_its_run_is_killed_and_fails_it(tmp_path):
     [run] = _engines(tmp_path, body, grace_s=0.3)
     assert "still running" in run.problem
     time.sleep(0.2)
-    assert not _alive(int(pid_file.read_text()))
+    assert _live_group(int(pid_file.read_text())) is None
 
 
 def test_a_hung_run_is_killed_with_its_whole_group(tmp_path):
@@ -414,7 +411,7 @@ def test_a_hung_run_is_killed_with_its_whole_group(tmp_path):
     [run] = _engines(tmp_path, body, run_timeout_s=1.0)
     assert run.problem.startswith(HUNG) and time.monotonic() - started < 20
     time.sleep(0.2)
-    assert not _alive(int(pid_file.read_text()))
+    assert _live_group(int(pid_file.read_text())) is None
 
 
 def test_no_run_starts_that_would_end_after_the_budget(tmp_path):
@@ -445,7 +442,7 @@ def test_sigterm_kills_the_runs_in_flight(tmp_path):
     out, _ = proc.communicate(timeout=30)
     assert "TERMINATED SIGTERM" in out and proc.returncode == 0
     time.sleep(0.2)
-    assert not _alive(int(pid_file.read_text()))
+    assert _live_group(int(pid_file.read_text())) is None
 
 
 @pytest.mark.parametrize("parallel", [1, 2])
